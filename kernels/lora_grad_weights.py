@@ -1,0 +1,165 @@
+"""LoRA backward, weight side: products that reduce over the M tokens.
+
+Every weight gradient of the layer has the form  out = c * L^T @ Q  with L and
+Q tall (M rows) and out small:
+
+    dA^T = (s / (1 - p)) * (x * m)^T @ G      L = x (masked),  Q = G = dY @ B
+    dB   = s * dY^T @ h                        L = dY,          Q = h = drop(x) @ A^T
+    dW   = dY^T @ x       (only if W trains)   L = dY,          Q = x
+    db   = sum over rows of dY                 the column sums of L = dY
+
+so one kernel serves them all: a program owns a BLOCK_P x BLOCK_Q tile of out
+and a slice of the M rows. When the output has too few tiles to fill the
+device, the rows are split: each slice writes an fp32 partial and the partials
+are summed afterwards (deterministic, no atomics). dA is written through
+transposed strides, so A's (R, K) layout is filled directly.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from dataclasses import dataclass
+
+from ._common import (INTERPRET, dot_precision, dropout_keep, empty, launch_counts, mma,
+                      target_programs)
+
+
+@triton.jit
+def _tn_matmul_kernel(
+    # pointers
+    l_ptr, q_ptr, out_ptr, colsum_ptr,
+    # sizes
+    M, P, Q, rows_per_split,
+    # strides
+    stride_lm, stride_lp, stride_qm, stride_qq,
+    stride_os, stride_op, stride_oq, stride_cs, stride_cp,
+    # scalars
+    scale, dropout_p, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_m = tl.arange(0, BLOCK_M)
+    in_p = offs_p < P
+    in_q = offs_q < Q
+    m_start = pid_s * rows_per_split
+    m_end = min(M, m_start + rows_per_split)
+    compute_dtype = l_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        ms = m0 + offs_m
+        in_m = ms < m_end
+        rows = ms.to(tl.int64)
+        # L is read transposed, (BLOCK_P, BLOCK_M), so the dot needs no tl.trans
+        l_t = tl.load(l_ptr + rows[None, :] * stride_lm + offs_p[:, None] * stride_lp,
+                      mask=in_p[:, None] & in_m[None, :], other=0.0)
+        if HAS_COLSUM:
+            colsum += tl.sum(l_t.to(tl.float32), axis=1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, ms[None, :], offs_p[:, None], dropout_p)
+            l_t = tl.where(keep, l_t, 0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_q[None, :] * stride_qq,
+                    mask=in_m[:, None] & in_q[None, :], other=0.0).to(compute_dtype)
+        acc = mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
+
+    out = out_ptr + pid_s * stride_os
+    tl.store(out + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :] * stride_oq,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=in_p[:, None] & in_q[None, :])
+    if HAS_COLSUM:
+        colsum_cols = tl.where(pid_q == 0, P, 0)  # only the first Q block writes it
+        tl.store(colsum_ptr + pid_s * stride_cs + offs_p * stride_cp,
+                 colsum.to(colsum_ptr.dtype.element_ty), mask=offs_p < colsum_cols)
+
+
+@dataclass(frozen=True)
+class TnConfig:
+    block_m: int
+    block_p: int
+    block_q: int
+    num_warps: int
+    num_stages: int
+
+
+def tn_config(rank_block):
+    """Tiles for an output of width ``rank_block`` (dA^T, dB), or for dW (None).
+
+    Rank-wide outputs take the whole padded rank as BLOCK_Q; dW tiles both sides.
+    """
+    if INTERPRET:
+        return TnConfig(16, 16, rank_block or 32, num_warps=1, num_stages=1)
+    return tn_config_gpu(rank_block)
+
+
+def tn_config_gpu(rank_block):
+    if rank_block is None:
+        return TnConfig(32, 128, 128, num_warps=8, num_stages=3)
+    if rank_block >= 128:
+        # a 128 x 256 fp32 accumulator would spill: halve the P side
+        return TnConfig(64, 64, rank_block, num_warps=8, num_stages=3)
+    return TnConfig(64, 128, rank_block, num_warps=4, num_stages=3)
+
+
+def tn_candidates():
+    """Every config the launcher can pick on a GPU (rank blocks and dW)."""
+    return sorted({tn_config_gpu(b) for b in (16, 32, 64, 128, 256, None)}, key=repr)
+
+
+def _split_rows(m, block_m, tiles, device):
+    """Row slices so that tiles * slices roughly fills the device; slice length
+    is a multiple of block_m."""
+    wanted = max(1, min(triton.cdiv(target_programs(device), tiles), triton.cdiv(m, block_m)))
+    rows_per_split = triton.cdiv(triton.cdiv(max(m, 1), wanted), block_m) * block_m
+    return triton.cdiv(max(m, 1), rows_per_split), rows_per_split
+
+
+def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
+              dropout_p=0.0, seed=0):
+    """out[P, Q] = scale * lhs[M, P]^T @ rhs[M, Q]; colsum[P] = lhs.sum(0) if given.
+
+    ``out`` may be any strided (P, Q) view (dA is passed as A's grad transposed).
+    With dropout_p > 0, lhs is masked by the keep-mask of element (m, p).
+    """
+    m, p = lhs.shape
+    q = rhs.shape[1]
+    if p == 0 or q == 0:
+        out.zero_()
+        if colsum is not None:
+            colsum.copy_(lhs.sum(0, dtype=torch.float32))
+        return out
+    cfg = tn_config(rank_block)
+    tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
+    splits, rows_per_split = _split_rows(m, cfg.block_m, tiles, lhs.device)
+    if splits == 1:
+        target, target_colsum = out, colsum
+    else:
+        target = empty((splits, p, q), torch.float32, lhs.device)
+        target_colsum = None if colsum is None else empty((splits, p), torch.float32, lhs.device)
+    has_colsum = colsum is not None
+    grid = (triton.cdiv(p, cfg.block_p), triton.cdiv(q, cfg.block_q), splits)
+    _tn_matmul_kernel[grid](
+        lhs, rhs, target, target_colsum if has_colsum else target,
+        m, p, q, rows_per_split,
+        lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+        target.stride(0) if splits > 1 else 0, target.stride(-2), target.stride(-1),
+        target_colsum.stride(0) if has_colsum and splits > 1 else 0,
+        target_colsum.stride(-1) if has_colsum else 0,
+        float(scale), float(dropout_p), seed,
+        BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
+        HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=has_colsum,
+        UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lhs.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    launch_counts["tn_matmul"] += 1
+    if splits > 1:
+        out.copy_(target.sum(0))
+        if colsum is not None:
+            colsum.copy_(target_colsum.sum(0))
+    return out

@@ -1,0 +1,92 @@
+"""The one place that decides whether a call runs the Triton kernels or the
+PyTorch reference.
+
+- ``LORAKERN_BACKEND=reference``: the reference, on any device.
+- CUDA tensors: the kernels; when they cannot serve the call (triton missing,
+  float64), the reference, with a warning that says why, once per reason.
+- CPU tensors: the reference, unless ``TRITON_INTERPRET=1`` or
+  ``LORAKERN_BACKEND=triton``, which run the kernels in Triton's interpreter.
+"""
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+import torch
+
+log = logging.getLogger("lorakern")
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("", "auto", "triton", "reference")
+_said = set()
+
+
+def say_once(message):
+    """A slower or unusual path is taken: warn once per distinct message."""
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def requested_backend():
+    value = os.environ.get("LORAKERN_BACKEND", "").strip().lower()
+    if value not in _BACKENDS:
+        raise ValueError(f"LORAKERN_BACKEND={value!r}; expected 'triton', 'reference' or "
+                         f"'auto' (unset)")
+    return value
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unsupported_dtypes(tensors):
+    return sorted({str(t.dtype) for t in tensors if t.dtype not in KERNEL_DTYPES})
+
+
+def select_backend(x, *others):
+    """'triton' or 'reference' for a call on these (validated) tensors."""
+    requested = requested_backend()
+    if requested == "reference":
+        return "reference"
+    tensors = (x,) + tuple(t for t in others if t is not None)
+    on_cpu_by_request = x.device.type == "cpu" and (requested == "triton" or _interpreting())
+    if x.device.type != "cuda" and not on_cpu_by_request:
+        if requested == "triton":
+            raise ValueError(f"LORAKERN_BACKEND=triton, but the Triton kernels run on CUDA "
+                             f"tensors (or CPU under the interpreter), got {x.device}")
+        return "reference"
+    bad_dtypes = _unsupported_dtypes(tensors)
+    if bad_dtypes:
+        reason = (f"lorakern: the Triton kernels take float16, bfloat16 and float32, got "
+                  f"{', '.join(bad_dtypes)}")
+        if requested == "triton":
+            raise TypeError(reason + " with LORAKERN_BACKEND=triton")
+        say_once(reason + "; this call runs the slower PyTorch reference")
+        return "reference"
+    if importlib.util.find_spec("triton") is None:
+        if requested == "triton" or on_cpu_by_request:
+            raise RuntimeError("lorakern: the Triton kernels were requested but triton is "
+                               "not installed")
+        say_once("lorakern: triton is not installed; CUDA calls run the slower PyTorch "
+                 "reference")
+        return "reference"
+    return "triton"
+
+
+def load_kernels(device):
+    """Import ``lorakern.kernels``; for CPU tensors, in interpreter mode.
+
+    Triton fixes a kernel's mode when it is decorated, so the interpreter is
+    switched on before the first import, or not at all.
+    """
+    name = "lorakern.kernels"
+    if device.type == "cpu" and not _interpreting():
+        if name in sys.modules and not sys.modules[name]._common.INTERPRET:
+            raise RuntimeError("lorakern: the Triton kernels were compiled for the GPU in this "
+                               "process; set TRITON_INTERPRET=1 before importing lorakern to "
+                               "run them on CPU tensors")
+        os.environ["TRITON_INTERPRET"] = "1"
+        log.info("lorakern: running the Triton kernels on CPU in Triton's interpreter")
+    return importlib.import_module(name)

@@ -1,0 +1,73 @@
+"""Argument checks shared by every backend: they run before any kernel does."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def check_tensors(x, weight, lora_A, lora_B, bias):
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; lorakern takes float16, bfloat16, "
+                            f"float32 or float64")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape "
+                         f"{_shape(weight)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x of shape {_shape(x)} does not match weight of shape "
+                         f"{_shape(weight)}: x's last dimension must be in_features="
+                         f"{in_features}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be (r, in_features={in_features}), got shape "
+                         f"{_shape(lora_A)}")
+    rank = lora_A.shape[0]
+    if rank == 0:
+        raise ValueError(f"LoRA rank r must be at least 1, got r=0 (lora_A shape "
+                         f"{_shape(lora_A)})")
+    if _shape(lora_B) != (out_features, rank):
+        raise ValueError(f"lora_B must be (out_features={out_features}, r={rank}) to match "
+                         f"weight {_shape(weight)} and lora_A {_shape(lora_A)}, got shape "
+                         f"{_shape(lora_B)}")
+    if bias is not None and _shape(bias) != (out_features,):
+        raise ValueError(f"bias must be (out_features={out_features},), got shape "
+                         f"{_shape(bias)}")
+
+
+def check_base_dtypes(x, weight, bias):
+    """x, weight and bias share one dtype, as nn.Linear requires (after autocast)."""
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        bias_part = "" if bias is None else f", bias {bias.dtype}"
+        raise TypeError(f"x, weight and bias must share one dtype, got x {x.dtype}, weight "
+                        f"{weight.dtype}{bias_part} (lora_A and lora_B may differ)")
+
+
+def check_scalars(scale, dropout_p):
+    """Returns (scale, dropout_p) as Python floats."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(scale), float(dropout_p)

@@ -1,0 +1,55 @@
+"""``lora_linear``: validation, autocast, then the backend chosen by _backend."""
+import torch
+
+from . import reference
+from ._backend import select_backend
+from ._validation import check_base_dtypes, check_scalars, check_tensors
+from .function import FusedLoRALinear
+
+
+def _autocast_dtype(device_type):
+    """The autocast dtype if autocast is on for this device type, else None."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        enabled = (torch.is_autocast_enabled() if device_type == "cuda"
+                   else torch.is_autocast_cpu_enabled())
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return (torch.get_autocast_gpu_dtype() if device_type == "cuda"
+            else torch.get_autocast_cpu_dtype())
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
+    """y = x W^T + bias + scale * (drop(x) A^T) B^T, fused.
+
+    Args:
+        x: ``[..., in_features]``, any strides, float16/bfloat16/float32.
+        weight: ``[out_features, in_features]`` (nn.Linear layout), x's dtype.
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]`` (PEFT layout),
+            any float dtype (their grads come back in their own dtypes).
+        scale: s, e.g. alpha / r (or alpha / sqrt(r) for rsLoRA).
+        bias: optional ``[out_features]``, x's dtype.
+        dropout_p: dropout probability on the LoRA input (PEFT's semantics,
+            scaled by 1 / (1 - p)); applied whenever > 0.
+    Returns:
+        ``[..., out_features]`` in x's dtype (the autocast dtype under autocast).
+
+    CUDA tensors run the Triton kernels; CPU tensors the PyTorch reference
+    (see ``lorakern._backend`` for the overrides).
+    """
+    check_tensors(x, weight, lora_A, lora_B, bias)
+    scale, dropout_p = check_scalars(scale, dropout_p)
+    autocast_dtype = _autocast_dtype(x.device.type)
+    if autocast_dtype is not None:
+        # as nn.Linear under autocast: every matmul operand in the autocast dtype
+        x, weight, lora_A, lora_B = (t.to(autocast_dtype) for t in (x, weight, lora_A, lora_B))
+        bias = None if bias is None else bias.to(autocast_dtype)
+    check_base_dtypes(x, weight, bias)
+    if select_backend(x, weight, lora_A, lora_B, bias) == "reference":
+        return reference.lora_linear_unchecked(x, weight, lora_A, lora_B, scale, bias,
+                                               dropout_p)
+    with torch.autocast(x.device.type, enabled=False):
+        return FusedLoRALinear.apply(x, weight, lora_A, lora_B, bias, scale, dropout_p)

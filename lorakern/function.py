@@ -1,0 +1,79 @@
+"""FusedLoRALinear: the autograd Function over the Triton kernels.
+
+Saved for the backward: x (only when dA or dW is wanted), h = drop(x) A^T
+(M x r, only when dB is wanted), the dropout seed (an int), and references to
+W, A and B. Neither the dropout mask nor a dropped copy of x is stored: the
+kernels regenerate the mask from the seed.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._backend import load_kernels
+
+
+def _flatten(t):
+    return t.reshape(-1, t.shape[-1])
+
+
+def draw_seed():
+    """A dropout seed from torch's CPU generator: follows torch.manual_seed and
+    the RNG state that torch.utils.checkpoint restores, and never syncs a GPU."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    """``FusedLoRALinear.apply(x, weight, lora_A, lora_B, bias, scale, dropout_p)``.
+
+    Inputs are expected validated (``lorakern.lora_linear`` does it); x may have
+    any leading dimensions and strides. Returns ``[..., out_features]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scale, dropout_p):
+        kernels = load_kernels(x.device)
+        seed = draw_seed() if dropout_p > 0.0 else 0
+        y, h = kernels.lora_forward(_flatten(x), weight, lora_A, lora_B, bias,
+                                    scale, dropout_p, seed)
+        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+        ctx.save_for_backward(x if (need_a or need_w) else None, weight, lora_A, lora_B,
+                              h if need_b else None)
+        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        kernels = load_kernels(grad_y.device)
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        scale, dropout_p, seed = ctx.scale, ctx.dropout_p, ctx.seed
+        rank = lora_A.shape[0]
+        rank_block = kernels.rank_block(rank)
+        dy = _flatten(grad_y)
+        device = dy.device
+        grad_x = grad_w = grad_a = grad_b = grad_bias = None
+
+        if need_x or need_a:
+            dx, g = kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
+                                            need_dx=need_x)
+            if need_x:
+                grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
+        if need_bias:
+            grad_bias = kernels.empty(weight.shape[0], ctx.bias_dtype, device)
+        if need_a:
+            grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
+            # dA^T (K, r) is written straight into dA's (r, K) storage
+            kernels.tn_matmul(_flatten(x), g, grad_a.t(), scale / (1.0 - dropout_p),
+                              rank_block=rank_block, dropout_p=dropout_p, seed=seed)
+        if need_b:
+            grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)
+            kernels.tn_matmul(dy, h, grad_b, scale, rank_block=rank_block,
+                              colsum=grad_bias)
+        if need_w:
+            grad_w = kernels.empty(weight.shape, weight.dtype, device)
+            kernels.tn_matmul(dy, _flatten(x), grad_w, 1.0,
+                              colsum=grad_bias if not need_b else None)
+        if need_bias and not (need_b or need_w):
+            grad_bias.copy_(dy.sum(0, dtype=torch.float32))
+        return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None

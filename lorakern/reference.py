@@ -1,0 +1,51 @@
+"""The pure-PyTorch LoRA linear: the CPU backend and the oracle of the tests.
+
+    y = x W^T + b + s * (drop(x) A^T) B^T,    drop(x) = x * m / (1 - p)
+
+The rank product runs in the promoted dtype of x, A and B (fp32 adapters on a
+bf16 base compute their branch in fp32, as PEFT does); y has x's dtype.
+Gradients come from autograd.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._validation import check_base_dtypes, check_scalars, check_tensors
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
+    """LoRA linear in plain PyTorch; same signature and checks as ``lorakern.lora_linear``.
+
+    Args:
+        x: ``[..., in_features]`` input.
+        weight: ``[out_features, in_features]`` base weight (nn.Linear layout).
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]`` (PEFT layout).
+        scale: s, e.g. alpha / r (or alpha / sqrt(r) for rsLoRA).
+        bias: optional ``[out_features]``.
+        dropout_p: dropout probability on the LoRA input; applied whenever > 0.
+    Returns:
+        ``[..., out_features]`` in x's dtype.
+    """
+    check_tensors(x, weight, lora_A, lora_B, bias)
+    check_base_dtypes(x, weight, bias)
+    scale, dropout_p = check_scalars(scale, dropout_p)
+    return lora_linear_unchecked(x, weight, lora_A, lora_B, scale, bias, dropout_p)
+
+
+def lora_linear_unchecked(x, weight, lora_A, lora_B, scale, bias, dropout_p):
+    keep_mask = None
+    if dropout_p > 0.0:
+        keep_mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        keep_mask.bernoulli_(1.0 - dropout_p)
+    return lora_linear_masked(x, weight, lora_A, lora_B, scale, bias, keep_mask, dropout_p)
+
+
+def lora_linear_masked(x, weight, lora_A, lora_B, scale, bias, keep_mask, dropout_p):
+    """The layer with an explicit boolean keep-mask (broadcastable to x), or none."""
+    base = F.linear(x, weight, bias)
+    lora_dtype = torch.promote_types(torch.promote_types(x.dtype, lora_A.dtype), lora_B.dtype)
+    lora_in = x.to(lora_dtype)
+    if keep_mask is not None:
+        # where, not a product: a dropped inf must not turn into NaN
+        lora_in = torch.where(keep_mask, lora_in, 0.0) / (1.0 - dropout_p)
+    lora = F.linear(F.linear(lora_in, lora_A.to(lora_dtype)), lora_B.to(lora_dtype))
+    return base + (scale * lora).to(x.dtype)
