@@ -1,0 +1,263 @@
+"""The Triton kernels, through ``lorakern.lora_linear``, against the float64 oracle.
+
+On a machine without CUDA these run in Triton's interpreter (see conftest), so
+shapes stay small; every case checks the output and every gradient asked for.
+"""
+import pytest
+import torch
+
+import lorakern
+import lorakern.function
+from lorakern import kernels
+from oracle import assert_matches_oracle, oracle
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SEED = 20261123
+
+
+def _make_x(lead, k, layout, dtype, device):
+    if layout == "contiguous":
+        x = torch.randn(*lead, k)
+    elif layout == "transposed":  # (M, K) view of a (K, M) tensor
+        x = torch.randn(k, *lead).movedim(0, -1)
+    elif layout == "sliced":  # every other column of a wider tensor
+        x = torch.randn(*lead, 2 * k)[..., ::2]
+    else:
+        raise ValueError(layout)
+    return x.to(device=device, dtype=dtype)
+
+
+def _make_grad(shape, layout, dtype, device):
+    if layout == "contiguous":
+        g = torch.randn(shape)
+    elif layout == "transposed":
+        g = torch.randn(shape[-1], *shape[:-1]).movedim(0, -1)
+    elif layout == "expanded":  # what y.sum() hands back: stride 0 everywhere
+        g = torch.randn(()).expand(shape)
+    else:
+        raise ValueError(layout)
+    return g.to(device=device, dtype=dtype)
+
+
+def make_layer(lead, k, n, r, dtype, device, *, bias=True, x_layout="contiguous",
+               adapter_dtype=None, train_weight=False):
+    adapter_dtype = adapter_dtype or dtype
+    x = _make_x(lead, k, x_layout, dtype, device).requires_grad_()
+    weight = torch.randn(n, k, dtype=dtype, device=device).requires_grad_(train_weight)
+    lora_A = (torch.randn(r, k, device=device) / k**0.5).to(adapter_dtype).requires_grad_()
+    lora_B = torch.randn(n, r, device=device).to(adapter_dtype).requires_grad_()
+    b = torch.randn(n, dtype=dtype, device=device).requires_grad_() if bias else None
+    return {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": b}
+
+
+def run_and_check(layer, scale, dropout_p, grad_layout, dtype, monkeypatch):
+    """Forward + backward through the kernels; compare all against the oracle."""
+    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    launches_before = sum(kernels.launch_counts.values())
+    y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
+                             scale, layer["bias"], dropout_p)
+    grad_y = _make_grad(y.shape, grad_layout, y.dtype, y.device)
+    y.backward(grad_y)
+    if layer["x"].numel() or y.numel():
+        assert sum(kernels.launch_counts.values()) > launches_before, "no kernel launched"
+
+    x = layer["x"]
+    keep = None
+    if dropout_p > 0:
+        m = x.numel() // x.shape[-1]
+        keep = kernels.dropout_keep_mask(m, x.shape[-1], dropout_p, SEED, x.device)
+        keep = keep.reshape(x.shape)
+    y_ref, grads_ref = oracle(x, layer["weight"], layer["lora_A"], layer["lora_B"], scale,
+                              layer["bias"], keep, dropout_p, grad_y)
+    assert y.dtype == x.dtype
+    assert_matches_oracle(y.cpu(), y_ref, dtype, "y")
+    for name, tensor in layer.items():
+        if tensor is None:
+            continue
+        if tensor.requires_grad:
+            assert tensor.grad is not None, f"d{name} was not computed"
+            assert tensor.grad.dtype == tensor.dtype, f"d{name} dtype {tensor.grad.dtype}"
+            assert_matches_oracle(tensor.grad.cpu(), grads_ref[name], dtype, f"d{name}")
+        else:
+            assert tensor.grad is None
+
+
+# (leading dims, in, out, rank, bias, dropout_p, x layout, dY layout): every value
+# of M {0, 1, 7, 33}, in {1, 19, 70}, out {1, 23, 64}, r {1, 3, 8, 16, 20, 64},
+# bias on/off, dropout on/off, strided x and dY, and 3-D x, each appears.
+CASES = [
+    ((0,), 19, 23, 8, True, 0.0, "contiguous", "contiguous"),
+    ((1,), 1, 1, 1, False, 0.0, "contiguous", "contiguous"),
+    ((1,), 70, 64, 16, True, 0.25, "contiguous", "contiguous"),
+    ((7,), 19, 23, 3, False, 0.5, "transposed", "transposed"),
+    ((7,), 70, 1, 20, True, 0.0, "sliced", "contiguous"),
+    ((33,), 70, 64, 3, True, 0.0, "contiguous", "contiguous"),
+    ((33,), 1, 23, 64, False, 0.1, "contiguous", "transposed"),
+    ((33,), 19, 64, 8, True, 0.0, "sliced", "expanded"),
+    ((3, 11), 19, 23, 16, True, 0.3, "contiguous", "contiguous"),
+    ((2, 5), 70, 64, 1, False, 0.0, "transposed", "transposed"),
+    ((0, 4), 19, 1, 20, True, 0.2, "contiguous", "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n,r,bias,dropout_p,x_layout,grad_layout", CASES,
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_output_and_every_gradient_match_the_float64_oracle(
+        lead, k, n, r, bias, dropout_p, x_layout, grad_layout, dtype, device, monkeypatch):
+    torch.manual_seed(hash((lead, k, n, r)) % 2**31)
+    layer = make_layer(lead, k, n, r, dtype, device, bias=bias, x_layout=x_layout)
+    run_and_check(layer, 0.75, dropout_p, grad_layout, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_trainable_weight_gets_its_gradient(dtype, dropout_p, device, monkeypatch):
+    torch.manual_seed(1)
+    layer = make_layer((21,), 40, 37, 5, dtype, device, train_weight=True)
+    run_and_check(layer, 2.0, dropout_p, "contiguous", dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapters_on_a_half_precision_base(dtype, device, monkeypatch):
+    """PEFT's default: fp32 A and B on a bf16/fp16 model. y in x's dtype, grads
+    of A and B in fp32."""
+    torch.manual_seed(2)
+    layer = make_layer((5, 7), 48, 33, 12, dtype, device, adapter_dtype=torch.float32)
+    run_and_check(layer, 0.5, 0.1, "contiguous", dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("wanted", [("x",), ("lora_A",), ("lora_B",), ("bias",),
+                                    ("weight", "lora_B"), ("weight",), ("x", "lora_A")])
+def test_only_the_requested_gradients_are_computed(wanted, device, monkeypatch):
+    torch.manual_seed(3)
+    layer = make_layer((19,), 26, 30, 6, torch.float32, device)
+    for name, tensor in layer.items():
+        tensor.requires_grad_(name in wanted)
+    run_and_check(layer, 1.5, 0.2, "contiguous", torch.float32, monkeypatch)
+
+
+def test_dropout_keeps_about_one_minus_p_and_scales_the_kept(device):
+    keep = kernels.dropout_keep_mask(256, 300, 0.3, 7, device)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+    again = kernels.dropout_keep_mask(256, 300, 0.3, 7, device)
+    other_seed = kernels.dropout_keep_mask(256, 300, 0.3, 8, device)
+    assert torch.equal(keep, again)
+    assert not torch.equal(keep, other_seed)
+
+
+def test_dropout_draws_a_new_mask_each_call_following_torch_manual_seed(device):
+    torch.manual_seed(4)
+    layer = make_layer((16,), 32, 24, 4, torch.float32, device)
+    args = (layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"], 1.0, None, 0.5)
+    first, second = lorakern.lora_linear(*args), lorakern.lora_linear(*args)
+    assert not torch.equal(first, second)
+    torch.manual_seed(11)
+    replay_a = lorakern.lora_linear(*args)
+    torch.manual_seed(11)
+    replay_b = lorakern.lora_linear(*args)
+    assert torch.equal(replay_a, replay_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_in_x_propagate_to_their_rows(dtype, device):
+    torch.manual_seed(5)
+    layer = make_layer((9,), 20, 18, 4, dtype, device)
+    x = layer["x"].detach().clone()
+    x[2, 3] = float("nan")
+    x[6, 0] = float("inf")
+    y = lorakern.lora_linear(x, layer["weight"], layer["lora_A"], layer["lora_B"], 1.0,
+                             layer["bias"], 0.0)
+    bad_rows = ~torch.isfinite(y).all(dim=1)
+    assert bad_rows.tolist() == [i in (2, 6) for i in range(9)]
+    assert torch.isnan(y[2]).all()
+
+
+def test_nan_in_the_incoming_gradient_reaches_every_gradient(device):
+    torch.manual_seed(6)
+    layer = make_layer((8,), 20, 18, 4, torch.float32, device)
+    y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
+                             1.0, layer["bias"], 0.0)
+    grad_y = torch.randn_like(y)
+    grad_y[3, 5] = float("nan")
+    y.backward(grad_y)
+    assert torch.isnan(layer["x"].grad[3]).all()
+    for name in ("lora_A", "lora_B", "bias"):
+        assert torch.isnan(layer[name].grad).any(), name
+
+
+def test_saved_for_backward_is_x_xAt_and_the_weights_only(device):
+    """Neither the dropout mask nor a dropped copy of x is stored."""
+    torch.manual_seed(7)
+    m, k, n, r = 24, 40, 36, 5
+    layer = make_layer((m,), k, n, r, torch.float32, device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
+                                 1.0, layer["bias"], 0.5)
+    y.sum().backward()
+    inputs = {id(t) for t in (layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"])}
+    new = [t for t in saved if id(t) not in inputs]
+    assert len(saved) == 5, [tuple(t.shape) for t in saved]
+    assert [tuple(t.shape) for t in new] == [(m, r)], [tuple(t.shape) for t in new]
+    assert sum(t.numel() for t in new) == m * r
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(dtype, device, monkeypatch):
+    torch.manual_seed(8)
+    layer = make_layer((10,), 24, 20, 4, torch.float32, device)
+    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    with torch.autocast(device.type, dtype=dtype):
+        y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
+                                 1.0, layer["bias"], 0.0)
+        base = torch.nn.functional.linear(layer["x"], layer["weight"], layer["bias"])
+    assert y.dtype == base.dtype == dtype
+    y.float().sum().backward()
+    assert layer["lora_A"].grad.dtype == torch.float32
+    cast = {k: (None if v is None else v.detach().to(dtype)) for k, v in layer.items()}
+    y_ref, _ = oracle(cast["x"], cast["weight"], cast["lora_A"], cast["lora_B"], 1.0,
+                      cast["bias"])
+    assert_matches_oracle(y.cpu(), y_ref, dtype, "y under autocast")
+
+
+def test_cpu_calls_go_through_the_kernels_under_the_interpreter(device, monkeypatch):
+    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+    layer = make_layer((4,), 8, 6, 2, torch.float32, device)
+    before = kernels.launch_counts["lora_forward"]
+    lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"])
+    assert kernels.launch_counts["lora_forward"] == before + 1
+
+
+def test_backend_reference_forces_the_pytorch_path(device, monkeypatch):
+    monkeypatch.setenv("LORAKERN_BACKEND", "reference")
+    layer = make_layer((4,), 8, 6, 2, torch.float32, device)
+    before = sum(kernels.launch_counts.values())
+    y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"])
+    y.sum().backward()
+    assert sum(kernels.launch_counts.values()) == before
+
+
+def test_fused_function_can_be_applied_directly(device):
+    torch.manual_seed(9)
+    layer = make_layer((6,), 12, 10, 3, torch.float32, device)
+    y = lorakern.FusedLoRALinear.apply(layer["x"], layer["weight"], layer["lora_A"],
+                                       layer["lora_B"], layer["bias"], 0.5, 0.0)
+    y_ref, _ = oracle(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"], 0.5,
+                      layer["bias"])
+    assert_matches_oracle(y.detach().cpu(), y_ref, torch.float32, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,n,r", [(512, 1024, 1024, 16), (300, 2048, 1000, 128),
+                                     (4, 4096, 1024, 8), (1, 1000, 3000, 256)])
+def test_llm_sized_layers_match_the_oracle_on_cuda(m, k, n, r, dtype, monkeypatch):
+    torch.manual_seed(10)
+    layer = make_layer((m,), k, n, r, dtype, torch.device("cuda"), train_weight=True)
+    run_and_check(layer, 2.0, 0.1, "contiguous", dtype, monkeypatch)
