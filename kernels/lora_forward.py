@@ -64,10 +64,11 @@ def _lora_forward_kernel(
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
+        ks_wide = ks.to(tl.int64)  # a transposed x or W has a large stride along K
         in_k = ks < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks_wide[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks_wide[:, None] * stride_wk,
                       mask=in_k[:, None] & in_n[None, :], other=0.0)
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None] * stride_ak,
                       mask=in_k[:, None] & in_r[None, :], other=0.0).to(compute_dtype)

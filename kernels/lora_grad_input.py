@@ -51,6 +51,7 @@ def _lora_grad_input_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
+    cols = offs_k.to(tl.int64)
     in_m = offs_m < M
     in_k = offs_k < K
     in_r = offs_r < R
@@ -61,11 +62,12 @@ def _lora_grad_input_kernel(
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + offs_n
+        ns_wide = ns.to(tl.int64)  # a transposed dY has a large stride along N
         in_n = ns < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns_wide[None, :] * stride_dyn,
                      mask=in_m[:, None] & in_n[None, :], other=0.0)
         if NEED_DX:
-            w = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk,
+            w = tl.load(w_ptr + ns_wide[:, None] * stride_wn + cols[None, :] * stride_wk,
                         mask=in_n[:, None] & in_k[None, :], other=0.0)
             acc = mma(dy, w, acc, UPCAST_DOT, DOT_PRECISION)
         b = tl.load(b_ptr + ns[:, None] * stride_bn + offs_r[None, :] * stride_br,
@@ -89,7 +91,7 @@ def _lora_grad_input_kernel(
             acc = acc + tl.where(keep, lora, 0.0)
         else:
             acc = mma(g_scaled, a, acc, UPCAST_DOT, DOT_PRECISION)
-        tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 
 

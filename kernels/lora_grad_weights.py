@@ -48,6 +48,9 @@ def _tn_matmul_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     in_p = offs_p < P
     in_q = offs_q < Q
+    # 64-bit offsets: M x P and M x Q operands are large, and may be transposed
+    cols_p = offs_p.to(tl.int64)
+    cols_q = offs_q.to(tl.int64)
     m_start = pid_s * rows_per_split
     m_end = min(M, m_start + rows_per_split)
     compute_dtype = l_ptr.dtype.element_ty
@@ -59,19 +62,19 @@ def _tn_matmul_kernel(
         in_m = ms < m_end
         rows = ms.to(tl.int64)
         # L is read transposed, (BLOCK_P, BLOCK_M), so the dot needs no tl.trans
-        l_t = tl.load(l_ptr + rows[None, :] * stride_lm + offs_p[:, None] * stride_lp,
+        l_t = tl.load(l_ptr + rows[None, :] * stride_lm + cols_p[:, None] * stride_lp,
                       mask=in_p[:, None] & in_m[None, :], other=0.0)
         if HAS_COLSUM:
             colsum += tl.sum(l_t.to(tl.float32), axis=1)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, ms[None, :], offs_p[:, None], dropout_p)
             l_t = tl.where(keep, l_t, 0.0)
-        q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_q[None, :] * stride_qq,
+        q = tl.load(q_ptr + rows[:, None] * stride_qm + cols_q[None, :] * stride_qq,
                     mask=in_m[:, None] & in_q[None, :], other=0.0).to(compute_dtype)
         acc = mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
 
     out = out_ptr + pid_s * stride_os
-    tl.store(out + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :] * stride_oq,
+    tl.store(out + cols_p[:, None] * stride_op + cols_q[None, :] * stride_oq,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=in_p[:, None] & in_q[None, :])
     if HAS_COLSUM:
         colsum_cols = tl.where(pid_q == 0, P, 0)  # only the first Q block writes it

@@ -84,7 +84,8 @@ def run_and_check(layer, scale, dropout_p, grad_layout, dtype, monkeypatch):
 
 # (leading dims, in, out, rank, bias, dropout_p, x layout, dY layout): every value
 # of M {0, 1, 7, 33}, in {1, 19, 70}, out {1, 23, 64}, r {1, 3, 8, 16, 20, 64},
-# bias on/off, dropout on/off, strided x and dY, and 3-D x, each appears.
+# bias on/off, dropout on/off, strided x and dY, and 3-D x, each appears; ranks
+# 100 and 256 reach the wide-rank tiles.
 CASES = [
     ((0,), 19, 23, 8, True, 0.0, "contiguous", "contiguous"),
     ((1,), 1, 1, 1, False, 0.0, "contiguous", "contiguous"),
@@ -97,6 +98,8 @@ CASES = [
     ((3, 11), 19, 23, 16, True, 0.3, "contiguous", "contiguous"),
     ((2, 5), 70, 64, 1, False, 0.0, "transposed", "transposed"),
     ((0, 4), 19, 1, 20, True, 0.2, "contiguous", "contiguous"),
+    ((5,), 19, 23, 100, True, 0.1, "contiguous", "contiguous"),
+    ((3, 3), 40, 17, 256, False, 0.0, "sliced", "transposed"),
 ]
 
 
@@ -159,6 +162,7 @@ def test_dropout_draws_a_new_mask_each_call_following_torch_manual_seed(device):
     assert torch.equal(replay_a, replay_b)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_and_inf_in_x_propagate_to_their_rows(dtype, device):
     torch.manual_seed(5)
