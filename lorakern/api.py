@@ -5,6 +5,7 @@ from . import reference
 from ._backend import select_backend
 from ._validation import check_base_dtypes, check_scalars, check_tensors
 from .function import FusedLoRALinear
+from .ops import lora_linear_compiled
 
 
 def _autocast_dtype(device_type):
@@ -52,4 +53,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
         return reference.lora_linear_unchecked(x, weight, lora_A, lora_B, scale, bias,
                                                dropout_p)
     with torch.autocast(x.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            # an opaque custom op: torch.compile must not trace the launches
+            return lora_linear_compiled(x, weight, lora_A, lora_B, bias, scale, dropout_p)
         return FusedLoRALinear.apply(x, weight, lora_A, lora_B, bias, scale, dropout_p)

@@ -4,6 +4,9 @@ Saved for the backward: x (only when dA or dW is wanted), h = drop(x) A^T
 (M x r, only when dB is wanted), the dropout seed (an int), and references to
 W, A and B. Neither the dropout mask nor a dropped copy of x is stored: the
 kernels regenerate the mask from the seed.
+
+``fused_forward`` and ``fused_backward`` hold the launch sequence; the
+autograd Function here and the torch.library op in ``ops.py`` both call them.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -21,6 +24,51 @@ def draw_seed():
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
+def fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
+    """Returns (y [..., out], h [M, r])."""
+    kernels = load_kernels(x.device)
+    y, h = kernels.lora_forward(_flatten(x), weight, lora_A, lora_B, bias, scale, dropout_p,
+                                seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), h
+
+
+def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed, needs):
+    """Gradients (dx, dW, dA, dB, db), None where ``needs`` (five flags) is False.
+
+    x is needed for dA and dW, h for dB; db has grad_y's dtype (the bias shares
+    x's dtype).
+    """
+    need_x, need_w, need_a, need_b, need_bias = needs
+    kernels = load_kernels(grad_y.device)
+    rank_block = kernels.rank_block(lora_A.shape[0])
+    dy = _flatten(grad_y)
+    device = dy.device
+    grad_x = grad_w = grad_a = grad_b = grad_bias = None
+
+    if need_x or need_a:
+        dx, g = kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
+                                        need_dx=need_x)
+        if need_x:
+            grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
+    if need_bias:
+        grad_bias = kernels.empty(weight.shape[0], grad_y.dtype, device)
+    if need_a:
+        grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
+        # dA^T (K, r) is written straight into dA's (r, K) storage
+        kernels.tn_matmul(_flatten(x), g, grad_a.t(), scale / (1.0 - dropout_p),
+                          rank_block=rank_block, dropout_p=dropout_p, seed=seed)
+    if need_b:
+        grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)
+        kernels.tn_matmul(dy, h, grad_b, scale, rank_block=rank_block, colsum=grad_bias)
+    if need_w:
+        grad_w = kernels.empty(weight.shape, weight.dtype, device)
+        kernels.tn_matmul(dy, _flatten(x), grad_w, 1.0,
+                          colsum=grad_bias if not need_b else None)
+    if need_bias and not (need_b or need_w):
+        grad_bias.copy_(dy.sum(0, dtype=torch.float32))
+    return grad_x, grad_w, grad_a, grad_b, grad_bias
+
+
 class FusedLoRALinear(torch.autograd.Function):
     """``FusedLoRALinear.apply(x, weight, lora_A, lora_B, bias, scale, dropout_p)``.
 
@@ -30,50 +78,18 @@ class FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scale, dropout_p):
-        kernels = load_kernels(x.device)
         seed = draw_seed() if dropout_p > 0.0 else 0
-        y, h = kernels.lora_forward(_flatten(x), weight, lora_A, lora_B, bias,
-                                    scale, dropout_p, seed)
-        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+        y, h = fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
+        _, need_w, need_a, need_b = ctx.needs_input_grad[:4]
         ctx.save_for_backward(x if (need_a or need_w) else None, weight, lora_A, lora_B,
                               h if need_b else None)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        kernels = load_kernels(grad_y.device)
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        scale, dropout_p, seed = ctx.scale, ctx.dropout_p, ctx.seed
-        rank = lora_A.shape[0]
-        rank_block = kernels.rank_block(rank)
-        dy = _flatten(grad_y)
-        device = dy.device
-        grad_x = grad_w = grad_a = grad_b = grad_bias = None
-
-        if need_x or need_a:
-            dx, g = kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
-                                            need_dx=need_x)
-            if need_x:
-                grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
-        if need_bias:
-            grad_bias = kernels.empty(weight.shape[0], ctx.bias_dtype, device)
-        if need_a:
-            grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
-            # dA^T (K, r) is written straight into dA's (r, K) storage
-            kernels.tn_matmul(_flatten(x), g, grad_a.t(), scale / (1.0 - dropout_p),
-                              rank_block=rank_block, dropout_p=dropout_p, seed=seed)
-        if need_b:
-            grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)
-            kernels.tn_matmul(dy, h, grad_b, scale, rank_block=rank_block,
-                              colsum=grad_bias)
-        if need_w:
-            grad_w = kernels.empty(weight.shape, weight.dtype, device)
-            kernels.tn_matmul(dy, _flatten(x), grad_w, 1.0,
-                              colsum=grad_bias if not need_b else None)
-        if need_bias and not (need_b or need_w):
-            grad_bias.copy_(dy.sum(0, dtype=torch.float32))
-        return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None
+        grads = fused_backward(grad_y, x, weight, lora_A, lora_B, h, ctx.scale, ctx.dropout_p,
+                               ctx.seed, ctx.needs_input_grad[:5])
+        return grads + (None, None)

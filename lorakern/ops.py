@@ -1,0 +1,76 @@
+"""The fused layer as torch.library custom ops, so torch.compile sees one
+opaque op (with a fake implementation for shapes) instead of tracing into the
+Triton launches: ``torch.compile(model, fullgraph=True)`` runs without graph
+breaks, forward and backward.
+
+``lorakern::lora_linear`` returns (y, h); its backward is the op
+``lorakern::lora_linear_backward``. The dropout seed travels as a one-element
+CPU tensor drawn in the graph from torch's generator, so it follows
+torch.manual_seed and the RNG state torch.utils.checkpoint restores.
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .function import fused_backward, fused_forward
+
+
+@torch.library.custom_op("lorakern::lora_linear", mutates_args=())
+def lora_linear_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                   bias: Optional[Tensor], scale: float, dropout_p: float,
+                   seed: Tensor) -> List[Tensor]:
+    y, h = fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, int(seed.item()))
+    return [y, h]
+
+
+@lora_linear_op.register_fake
+def _lora_linear_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
+    rows = x.shape[:-1].numel()
+    return [x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, lora_A.shape[0])]
+
+
+@torch.library.custom_op("lorakern::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
+                            lora_B: Tensor, h: Tensor, scale: float, dropout_p: float,
+                            seed: Tensor, needs: List[bool]) -> List[Tensor]:
+    grads = fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p,
+                           int(seed.item()), needs)
+    # an op returns tensors only: an empty one stands for "not computed"
+    return [grad_y.new_empty(0) if g is None else g for g in grads]
+
+
+@lora_linear_backward_op.register_fake
+def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
+                               needs):
+    shapes = [(x, x.shape), (weight, weight.shape), (lora_A, lora_A.shape),
+              (lora_B, lora_B.shape), (grad_y, (weight.shape[0],))]
+    return [like.new_empty(shape) if need else grad_y.new_empty(0)
+            for need, (like, shape) in zip(needs, shapes)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grads):
+    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    results = lora_linear_backward_op(grads[0], x, weight, lora_A, lora_B, h, ctx.scale,
+                                      ctx.dropout_p, seed, needs)
+    return tuple(g if need else None for g, need in zip(results, needs)) + (None, None, None)
+
+
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear_compiled(x, weight, lora_A, lora_B, bias, scale, dropout_p):
+    """The op behind ``lorakern.lora_linear`` inside torch.compile."""
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,))
+    else:
+        seed = torch.zeros(1, dtype=torch.int64)
+    return lora_linear_op(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed)[0]

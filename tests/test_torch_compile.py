@@ -1,0 +1,101 @@
+"""torch.compile sees the fused layer as one custom op; checkpointing replays
+its dropout exactly."""
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import lorakern
+from lorakern.ops import lora_linear_backward_op, lora_linear_op
+from oracle import assert_matches_oracle
+
+
+class TwoLoRALayers(torch.nn.Module):
+    def __init__(self, d_in=16, d_hidden=24, d_out=12, r=3, dropout=0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.w1 = torch.nn.Parameter(torch.randn(d_hidden, d_in) / d_in**0.5, requires_grad=False)
+        self.b1 = torch.nn.Parameter(torch.randn(d_hidden), requires_grad=False)
+        self.a1 = torch.nn.Parameter(torch.randn(r, d_in) / d_in**0.5)
+        self.B1 = torch.nn.Parameter(torch.randn(d_hidden, r))
+        self.w2 = torch.nn.Parameter(torch.randn(d_out, d_hidden) / d_hidden**0.5,
+                                     requires_grad=False)
+        self.a2 = torch.nn.Parameter(torch.randn(r, d_hidden) / d_hidden**0.5)
+        self.B2 = torch.nn.Parameter(torch.randn(d_out, r))
+
+    def forward(self, x):
+        p = self.dropout if self.training else 0.0
+        h = torch.relu(lorakern.lora_linear(x, self.w1, self.a1, self.B1, 2.0, self.b1, p))
+        return lorakern.lora_linear(h, self.w2, self.a2, self.B2, 2.0, None, p)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fullgraph_compile_matches_eager_forward_and_backward():
+    torch.manual_seed(0)
+    model = TwoLoRALayers()
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    eager_grads, eager_dx = _grads(model), x.grad.clone()
+    model.zero_grad()
+    x.grad = None
+
+    compiled = torch.compile(model, fullgraph=True)  # a graph break is an error
+    y = compiled(x)
+    y.square().sum().backward()
+    assert_matches_oracle(y.detach(), y_eager.detach().double(), torch.float32, "y")
+    assert_matches_oracle(x.grad, eager_dx.double(), torch.float32, "dx")
+    grads = _grads(model)
+    assert grads.keys() == eager_grads.keys() == {"a1", "B1", "a2", "B2"}
+    for name, grad in grads.items():
+        assert_matches_oracle(grad, eager_grads[name].double(), torch.float32, name)
+
+
+def test_fullgraph_compile_runs_dropout_in_training():
+    torch.manual_seed(1)
+    model = TwoLoRALayers(dropout=0.5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 16)
+    first, second = compiled(x), compiled(x)
+    assert not torch.equal(first, second), "dropout did not draw a new mask"
+    first.sum().backward()
+    assert model.a1.grad is not None and torch.isfinite(model.a1.grad).all()
+    model.eval()
+    assert torch.equal(compiled(x), model(x))
+
+
+def test_custom_ops_pass_torch_library_opcheck():
+    torch.manual_seed(2)
+    x = torch.randn(6, 10, requires_grad=True)
+    weight = torch.randn(8, 10)
+    lora_A = torch.randn(3, 10, requires_grad=True)
+    lora_B = torch.randn(8, 3, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    seed = torch.tensor([7])
+    torch.library.opcheck(lora_linear_op, (x, weight, lora_A, lora_B, bias, 0.5, 0.25, seed))
+    y, h = lora_linear_op(x.detach(), weight, lora_A.detach(), lora_B.detach(), bias.detach(),
+                          0.5, 0.25, seed)
+    torch.library.opcheck(lora_linear_backward_op,
+                          (torch.randn_like(y), x.detach(), weight, lora_A.detach(),
+                           lora_B.detach(), h, 0.5, 0.25, seed, [True, False, True, True, True]))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointing_gives_the_same_gradients_with_dropout(use_reentrant):
+    torch.manual_seed(3)
+    model = TwoLoRALayers(dropout=0.3)
+    x = torch.randn(4, 6, 16, requires_grad=True)
+
+    torch.manual_seed(10)
+    model(x).square().sum().backward()
+    plain, plain_dx = _grads(model), x.grad.clone()
+    model.zero_grad()
+    x.grad = None
+
+    torch.manual_seed(10)
+    checkpoint(model, x, use_reentrant=use_reentrant).square().sum().backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, plain[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(x.grad, plain_dx, rtol=0, atol=0)
