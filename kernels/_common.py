@@ -42,6 +42,19 @@ def dropout_keep(seed, rows, cols, dropout_p):
 
 
 @triton.jit
+def grouped_tile(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, walking GROUP_M row blocks per column
+    block so that neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 

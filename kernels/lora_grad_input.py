@@ -15,8 +15,8 @@ not read). No N x K product of A and B is formed.
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, dot_precision, dropout_keep, empty, launch_counts, mma,
-                      rank_block, row_gemm_config)
+from ._common import (INTERPRET, dot_precision, dropout_keep, empty, grouped_tile,
+                      launch_counts, mma, rank_block, row_gemm_config)
 
 
 @triton.jit
@@ -36,15 +36,8 @@ def _lora_grad_input_kernel(
     NEED_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # ---- grouped program order over (row block, dX column block)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K) if NEED_DX else 1
-    pids_per_group = GROUP_M * num_pid_k
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
-    pid_k = (pid % pids_per_group) // group_size_m
+    pid_m, pid_k = grouped_tile(tl.cdiv(M, BLOCK_M), num_pid_k, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
