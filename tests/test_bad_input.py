@@ -57,10 +57,12 @@ def test_an_unknown_backend_name_is_refused(monkeypatch):
         lorakern.lora_linear(**_good("cpu"))
 
 
-def test_float64_takes_the_reference_and_says_so_once(monkeypatch):
+def test_float64_takes_the_reference_and_says_so_once(device, monkeypatch):
+    """float64 reaches the kernels' device (CUDA, or CPU under the interpreter),
+    which the kernels do not serve: the reference runs, with one warning."""
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
     monkeypatch.setattr(_backend, "_said", set())
-    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good("cpu").items()}
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good(device).items()}
     before = sum(kernels.launch_counts.values())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -32,10 +32,10 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_fullgraph_compile_matches_eager_forward_and_backward():
+def test_fullgraph_compile_matches_eager_forward_and_backward(device):
     torch.manual_seed(0)
-    model = TwoLoRALayers()
-    x = torch.randn(2, 7, 16, requires_grad=True)
+    model = TwoLoRALayers().to(device)
+    x = torch.randn(2, 7, 16, device=device, requires_grad=True)
     y_eager = model(x)
     y_eager.square().sum().backward()
     eager_grads, eager_dx = _grads(model), x.grad.clone()
@@ -45,19 +45,19 @@ def test_fullgraph_compile_matches_eager_forward_and_backward():
     compiled = torch.compile(model, fullgraph=True)  # a graph break is an error
     y = compiled(x)
     y.square().sum().backward()
-    assert_matches_oracle(y.detach(), y_eager.detach().double(), torch.float32, "y")
-    assert_matches_oracle(x.grad, eager_dx.double(), torch.float32, "dx")
+    assert_matches_oracle(y.detach().cpu(), y_eager.detach().double().cpu(), torch.float32, "y")
+    assert_matches_oracle(x.grad.cpu(), eager_dx.double().cpu(), torch.float32, "dx")
     grads = _grads(model)
     assert grads.keys() == eager_grads.keys() == {"a1", "B1", "a2", "B2"}
     for name, grad in grads.items():
-        assert_matches_oracle(grad, eager_grads[name].double(), torch.float32, name)
+        assert_matches_oracle(grad.cpu(), eager_grads[name].double().cpu(), torch.float32, name)
 
 
-def test_fullgraph_compile_runs_dropout_in_training():
+def test_fullgraph_compile_runs_dropout_in_training(device):
     torch.manual_seed(1)
-    model = TwoLoRALayers(dropout=0.5)
+    model = TwoLoRALayers(dropout=0.5).to(device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(5, 16)
+    x = torch.randn(5, 16, device=device)
     first, second = compiled(x), compiled(x)
     assert not torch.equal(first, second), "dropout did not draw a new mask"
     first.sum().backward()
@@ -66,13 +66,13 @@ def test_fullgraph_compile_runs_dropout_in_training():
     assert torch.equal(compiled(x), model(x))
 
 
-def test_custom_ops_pass_torch_library_opcheck():
+def test_custom_ops_pass_torch_library_opcheck(device):
     torch.manual_seed(2)
-    x = torch.randn(6, 10, requires_grad=True)
-    weight = torch.randn(8, 10)
-    lora_A = torch.randn(3, 10, requires_grad=True)
-    lora_B = torch.randn(8, 3, requires_grad=True)
-    bias = torch.randn(8, requires_grad=True)
+    x = torch.randn(6, 10, device=device, requires_grad=True)
+    weight = torch.randn(8, 10, device=device)
+    lora_A = torch.randn(3, 10, device=device, requires_grad=True)
+    lora_B = torch.randn(8, 3, device=device, requires_grad=True)
+    bias = torch.randn(8, device=device, requires_grad=True)
     seed = torch.tensor([7])
     torch.library.opcheck(lora_linear_op, (x, weight, lora_A, lora_B, bias, 0.5, 0.25, seed))
     y, h = lora_linear_op(x.detach(), weight, lora_A.detach(), lora_B.detach(), bias.detach(),
@@ -83,10 +83,10 @@ def test_custom_ops_pass_torch_library_opcheck():
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_checkpointing_gives_the_same_gradients_with_dropout(use_reentrant):
+def test_checkpointing_gives_the_same_gradients_with_dropout(use_reentrant, device):
     torch.manual_seed(3)
-    model = TwoLoRALayers(dropout=0.3)
-    x = torch.randn(4, 6, 16, requires_grad=True)
+    model = TwoLoRALayers(dropout=0.3).to(device)
+    x = torch.randn(4, 6, 16, device=device, requires_grad=True)
 
     torch.manual_seed(10)
     model(x).square().sum().backward()
