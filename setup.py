@@ -13,7 +13,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.3", "triton>=3.0"],
     extras_require={
-        "test": ["pytest>=7", "numpy"],
-        "bench": ["pytest-benchmark>=4"],
+        "test": ["pytest>=7", "numpy", "peft>=0.13", "transformers>=4.45", "safetensors"],
+        "peft": ["peft>=0.13", "safetensors"],
+        "bench": ["pytest-benchmark>=4", "peft>=0.13", "transformers>=4.45", "matplotlib"],
     },
 )

@@ -1,0 +1,139 @@
+"""The provider table: every way a user could compute the same LoRA linear.
+
+Each provider builds a ``Layer`` from one set of ``LayerInputs`` (sharing
+their storage: every provider reads the very same tensors) and a ``Case``.
+"""
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, List, Tuple
+
+import torch
+from torch import nn
+
+import lorakern
+from lorakern import _backend
+
+from .cases import ALPHA_OVER_R, MODES
+from .composition import addmm_lora
+
+
+def installed(module):
+    """Whether ``module`` can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass
+class Layer:
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    trainable: List[torch.Tensor] = field(default_factory=list)  # .grad reset between calls
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    description: str
+    build: Callable  # (LayerInputs, Case) -> Layer
+    adapter: bool = True           # computes the LoRA branch (False: the floor)
+    modes: Tuple[str, ...] = MODES
+    dropout: bool = True           # can apply dropout > 0
+    requires: Tuple[str, ...] = ()
+    compiled: bool = False
+
+    def unavailable(self):
+        """Why this provider cannot run here, or None."""
+        missing = [m for m in self.requires if not installed(m)]
+        return f"needs {', '.join(missing)} (not installed)" if missing else None
+
+    def runs(self, case, mode):
+        return mode in self.modes and (self.dropout or case.dropout == 0.0)
+
+
+def _frozen_linear(weight):
+    """An nn.Linear (no bias) whose frozen weight *is* ``weight`` (no copy)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+
+def _peft_layer(t, case):
+    """PEFT's own LoRA Linear (get_peft_model on a one-Linear model), adapters
+    in the base dtype, its weights replaced by the shared inputs."""
+    import peft
+    config = peft.LoraConfig(r=case.rank, lora_alpha=ALPHA_OVER_R * case.rank,
+                             lora_dropout=case.dropout, target_modules=["proj"])
+    model = peft.get_peft_model(_Holder(_frozen_linear(t.weight)), config,
+                                autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    layer.lora_A["default"].weight = nn.Parameter(t.lora_A)
+    layer.lora_B["default"].weight = nn.Parameter(t.lora_B)
+    assert layer.scaling["default"] == case.scale, (layer.scaling, case.scale)
+    return layer.train()
+
+
+def build_linear(t, case):
+    return Layer(_frozen_linear(t.weight))
+
+
+def build_peft(t, case):
+    layer = _peft_layer(t, case)
+    return Layer(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight])
+
+
+def build_peft_compiled(t, case):
+    eager = build_peft(t, case)
+    return Layer(torch.compile(eager.forward, dynamic=False), eager.trainable)
+
+
+def build_addmm(t, case):
+    return Layer(lambda x: addmm_lora(x, t.weight, t.lora_A, t.lora_B, case.scale, None,
+                                      case.dropout), [t.lora_A, t.lora_B])
+
+
+def build_merged(t, case):
+    with torch.no_grad():
+        delta = case.scale * (t.lora_B.float() @ t.lora_A.float())
+        merged = (t.weight.float() + delta).to(t.weight.dtype)
+    return Layer(_frozen_linear(merged))
+
+
+def build_lorakern(t, case):
+    return Layer(lambda x: lorakern.lora_linear(x, t.weight, t.lora_A, t.lora_B, case.scale,
+                                                None, case.dropout), [t.lora_A, t.lora_B])
+
+
+PROVIDERS = {p.name: p for p in [
+    Provider("linear", "nn.Linear alone, W frozen: the floor (no adapter)", build_linear,
+             adapter=False),
+    Provider("peft", "PEFT LoRA Linear, eager", build_peft, requires=("peft",)),
+    Provider("peft-compile", "PEFT LoRA Linear under torch.compile", build_peft_compiled,
+             requires=("peft",), compiled=True),
+    Provider("addmm", "cuBLAS composition: out.addmm_(x@Aᵀ, Bᵀ), hand-written backward",
+             build_addmm),
+    Provider("merged", "W + s·B·A merged once: inference forward only", build_merged,
+             modes=("forward",), dropout=False),
+    Provider("lorakern", "lorakern.lora_linear", build_lorakern),
+]}
+
+
+def lorakern_path(device, dtype):
+    """What computes lorakern.lora_linear here, as its dispatch point decides:
+    'triton' (compiled kernels), 'triton-interpreter' or 'reference'."""
+    x = torch.empty(1, 1, device=device, dtype=dtype)
+    backend = _backend.select_backend(x, x, x, x)
+    return "triton-interpreter" if backend == "triton" and x.device.type != "cuda" else backend
+
+
+def compute_path(provider, t):
+    """lorakern_path for lorakern; 'torch' or 'torch.compile' for the others."""
+    if provider.name == "lorakern":
+        return lorakern_path(t.x.device, t.x.dtype)
+    return "torch.compile" if provider.compiled else "torch"

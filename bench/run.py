@@ -1,0 +1,206 @@
+"""``python -m bench.run``: every LoRA-linear provider in one process, on the
+same inputs; prints the tables and writes bench/results/<device>-<date>.{json,md,png}.
+
+With CUDA the default is the ``quick`` layer set and a training step of a
+4-layer Llama-3-8B-shaped decoder. Without CUDA it runs the ``cpu-smoke`` set:
+lorakern's PyTorch reference path against PEFT and the others, timed with
+time.perf_counter; those are not kernel timings.
+
+Examples:
+    python -m bench.run                              # quick set (GPU) / smoke (CPU)
+    python -m bench.run --set full                   # the whole grid
+    python -m bench.run --shapes 4096x14336 --tokens 2048,8192 --ranks 16,64 \\
+        --dtypes bf16,fp16,fp32 --dropout 0,0.1 --providers peft,lorakern --modes fwd+bwd
+    python -m bench.run --no-e2e                     # layers only
+    python -m bench.run --e2e-only --e2e-config llama3-8b-4layers
+"""
+import argparse
+import dataclasses
+import shlex
+import sys
+import time
+
+import torch
+
+from . import e2e, layers, metrics, report
+from .cases import MODES, PRESETS, make_cases
+from .providers import PROVIDERS, lorakern_path
+
+CPU_PATHS = {"reference": "lorakern's PyTorch reference path (not its Triton kernels)",
+             "triton-interpreter": "lorakern's Triton kernels in Triton's CPU interpreter"}
+
+
+def cpu_label(path):
+    return (f"CPU smoke run: {CPU_PATHS.get(path, path)} against PEFT and the other "
+            "providers, timed with time.perf_counter. These are not kernel timings: "
+            "kernel timings need CUDA.")
+
+
+CPU_PROVIDERS = ("linear", "peft", "addmm", "merged", "lorakern")  # no compile: minutes on CPU
+METHOD_CUDA = ("Timing: per-call CUDA events, calls back to back after a warm-up, median "
+               "(p20–p80) in ms; inputs (x, W, A, B, dY) rotated over enough sets to "
+               "overflow the L2 cache. TFLOP/s from the median and the FLOPs the math "
+               "needs (see bench/metrics.py). `A vs B` = B's median / A's median (>1: A "
+               "faster). Adapters in the base dtype, scale = 2 (alpha = 2r), W frozen, no "
+               "bias; forward runs under no_grad in training mode (dropout applies); "
+               "backward times backward alone. Peak memory: max_memory_allocated above "
+               "the inputs (backward: above the inputs and the forward's saved state). "
+               "Saved: bytes autograd keeps for the backward, inputs excluded.")
+METHOD_CPU = METHOD_CUDA.replace("per-call CUDA events", "time.perf_counter per call, one "
+                                 "CPU thread").replace("overflow the L2 cache",
+                                                       "cover twice a nominal 32 MiB cache")
+
+
+def _list(kind=str):
+    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", choices=sorted(PRESETS),
+                   help="layer preset (default: quick with CUDA, cpu-smoke without)")
+    p.add_argument("--shapes", type=_list(), help="INxOUT,... e.g. 4096x4096,14336x4096")
+    p.add_argument("--tokens", type=_list(int), help="token counts M, e.g. 1,16,2048")
+    p.add_argument("--ranks", type=_list(int), help="LoRA ranks, e.g. 8,16,64,128")
+    p.add_argument("--dtypes", type=_list(), help="bf16,fp16,fp32")
+    p.add_argument("--dropout", type=_list(float), help="dropout probabilities, e.g. 0,0.1")
+    p.add_argument("--providers", type=_list(), help=f"subset of {','.join(PROVIDERS)}")
+    p.add_argument("--modes", type=_list(), help=f"subset of {','.join(MODES)}")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
+    p.add_argument("--no-layers", action="store_true", help="skip the layer benchmarks")
+    p.add_argument("--no-e2e", action="store_true", help="skip the training-step benchmark")
+    p.add_argument("--e2e-only", action="store_true", help="= --no-layers")
+    p.add_argument("--e2e-config", choices=sorted(e2e.CONFIGS),
+                   help="default: llama3-8b-4layers with CUDA, cpu-tiny without")
+    p.add_argument("--e2e-providers", type=_list(), help=f"subset of {','.join(e2e.PROVIDERS)}")
+    p.add_argument("--e2e-steps", type=int, help="timed steps (default 10 CUDA, 5 CPU)")
+    for field, kind in (("layers", int), ("batch", int), ("seq", int), ("rank", int),
+                        ("alpha", int), ("dropout", float)):
+        p.add_argument(f"--e2e-{field}", type=kind, help=f"override the config's {field}")
+    p.add_argument("--e2e-adapter-dtype", choices=("fp32", "base"),
+                   help="adapters in fp32 (PEFT's default, the default here) or the base dtype")
+    p.add_argument("--warmup-ms", type=float, help="layer warm-up (default 25 CUDA, 5 CPU)")
+    p.add_argument("--rep-ms", type=float, help="layer timing budget per provider and mode "
+                                                "(default 100 CUDA, 30 CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--out", default="bench/results", help="output folder")
+    return p.parse_args(argv)
+
+
+def _check(names, known, what):
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (expected {', '.join(known)})")
+    return names
+
+
+def _e2e_config(args, cuda):
+    cfg = e2e.CONFIGS[args.e2e_config or ("llama3-8b-4layers" if cuda else "cpu-tiny")]
+    fields = ("layers", "batch", "seq", "rank", "alpha", "dropout", "adapter_dtype")
+    changes = {f: getattr(args, f"e2e_{f}") for f in fields
+               if getattr(args, f"e2e_{f}") is not None}
+    return dataclasses.replace(cfg, **changes)
+
+
+def plan(args):
+    """What to run, resolved from the flags and the device."""
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+    preset = dict(PRESETS[args.set or ("quick" if cuda else "cpu-smoke")])
+    for key in preset:
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    providers = args.providers or (list(PROVIDERS) if cuda else list(CPU_PROVIDERS))
+    e2e_providers = args.e2e_providers or [p for p in e2e.PROVIDERS
+                                           if cuda or p != "peft-compile"]
+    try:
+        cases = make_cases(**preset)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return dict(
+        device=torch.device("cuda" if cuda else "cpu"),
+        cases=cases,
+        providers=[PROVIDERS[n] for n in _check(providers, list(PROVIDERS), "provider")],
+        modes=_check(args.modes or list(MODES), list(MODES), "mode"),
+        timing=layers.Timing(warmup_ms=args.warmup_ms or (25.0 if cuda else 5.0),
+                             rep_ms=args.rep_ms or (100.0 if cuda else 30.0),
+                             max_sets=32 if cuda else 2),
+        layers=not (args.no_layers or args.e2e_only),
+        e2e=None if args.no_e2e else _e2e_config(args, cuda),
+        e2e_providers=_check(e2e_providers, list(e2e.PROVIDERS), "e2e provider"),
+        e2e_steps=args.e2e_steps or (10 if cuda else 5),
+    )
+
+
+def _environment(device):
+    env = metrics.environment(device)
+    env["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    if device.type == "cpu":
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def measure(todo, env):
+    """(layer records, e2e records) for the plan."""
+    device, layer_records, e2e_records = todo["device"], [], []
+    if todo["layers"]:
+        for i, case in enumerate(todo["cases"], 1):
+            print(f"[{i}/{len(todo['cases'])}] {case}", flush=True)
+            layer_records += layers.run_case(case, todo["providers"], todo["modes"], device,
+                                             todo["timing"], env)
+    if todo["e2e"] is not None:
+        print(f"[e2e] {todo['e2e']}", flush=True)
+        e2e_records = e2e.run_e2e(todo["e2e"], todo["e2e_providers"], device, env,
+                                  steps=todo["e2e_steps"],
+                                  warmup=3 if device.type == "cuda" else 1)
+    return layer_records, e2e_records
+
+
+def _print_tables(doc):
+    print()
+    for mode, (timing, _) in report.layer_tables(doc["layer"]).items():
+        print(f"== layer, {mode} ==\n{timing}\n")
+    if doc["e2e"]:
+        print(f"== training step ==\n{report.e2e_table(doc['e2e'])}\n")
+    for line in report.problems(doc):
+        print(line)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    todo = plan(args)
+    device = todo["device"]
+    label = "CUDA kernel timings"
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        label = cpu_label(lorakern_path(device, torch.float32))
+        print(("No CUDA device: " if not torch.cuda.is_available() else "") + label)
+        if not args.providers:
+            print("(peft-compile is left out on CPU: inductor takes minutes there; "
+                  "--providers adds it back)")
+    env = _environment(device)
+    start = time.perf_counter()
+    layer_records, e2e_records = measure(todo, env)
+    doc = {
+        "schema": "lorakern-bench/1", "environment": env, "label": label,
+        "command": " ".join(["python -m bench.run"] + [shlex.quote(a) for a in argv]),
+        "providers": {p.name: p.description for p in todo["providers"]},
+        "method": METHOD_CUDA if device.type == "cuda" else METHOD_CPU,
+        "seconds": round(time.perf_counter() - start, 1),
+        "layer": layer_records, "e2e": e2e_records,
+    }
+    _print_tables(doc)
+    paths, why = report.write(doc, report.output_stem(args.out, env))
+    print("wrote " + ", ".join(map(str, paths)))
+    if why:
+        print(why)
+    if device.type != "cuda":
+        print("Reminder: " + label)
+    return 1 if any(r["status"] == "error" for r in layer_records + e2e_records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
