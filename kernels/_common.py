@@ -11,7 +11,7 @@ stored. Two 32-bit counters cover any M*K without 64-bit Philox arithmetic.
 """
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -112,7 +112,8 @@ def target_programs(device):
 # Tile configs of the two row-block GEMMs (forward, grad-input): a tile of
 # BLOCK_M rows x BLOCK_N output columns, reducing over BLOCK_K, plus an
 # (BLOCK_M x BLOCK_R) rank accumulator. Keyed on the token count M and on the
-# rank block. Every entry is compiled for sm_80 and sm_90 in the test suite.
+# rank block, then fitted to shared memory for the operand dtypes. Every config
+# the launchers can pick is compiled for sm_80 and sm_90 in the test suite.
 ROW_GEMM_INTERPRET = TileConfig(16, 32, 32, num_warps=1, num_stages=1, group_m=2)
 ROW_GEMM_DECODE = TileConfig(16, 32, 128, num_warps=4, num_stages=4)
 ROW_GEMM_SMALL_M = TileConfig(64, 64, 64, num_warps=4, num_stages=4)
@@ -121,25 +122,62 @@ ROW_GEMM_LARGE_M = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
 # accumulator would spill registers, so the row block halves.
 ROW_GEMM_LARGE_M_WIDE_RANK = TileConfig(64, 128, 32, num_warps=8, num_stages=3)
 
+# Pipelined operand tiles may use this much shared memory: sm_80 has 163 KiB
+# per block (sm_90 227 KiB); the rest is left to the epilogue's layout changes.
+SHARED_MEMORY_BUDGET = 144 * 1024
+RANK_BLOCKS = (16, 32, 64, 128, 256)
 
-def row_gemm_config(m, block_r):
+
+def row_gemm_stage_bytes(cfg, block_r, x_bytes, adapter_bytes):
+    """Shared memory of one pipeline stage, the larger of the two kernels':
+    forward streams x, W^T and A^T tiles over K; grad-input streams dY, W and B
+    tiles over N (its BLOCK_N is the reduction)."""
+    forward = ((cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * x_bytes
+               + cfg.block_k * block_r * adapter_bytes)
+    grad_input = ((cfg.block_m * cfg.block_n + cfg.block_n * cfg.block_k) * x_bytes
+                  + cfg.block_n * block_r * adapter_bytes)
+    return max(forward, grad_input)
+
+
+def fit_shared_memory(cfg, block_r, x_bytes, adapter_bytes):
+    """Fewer stages, then smaller tiles (the larger of BLOCK_K and BLOCK_N
+    first, then BLOCK_M), until the pipeline stages fit the budget."""
+    def fits(c):
+        stage = row_gemm_stage_bytes(c, block_r, x_bytes, adapter_bytes)
+        return c.num_stages * stage <= SHARED_MEMORY_BUDGET
+    while not fits(cfg) and cfg.num_stages > 2:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    while not fits(cfg) and max(cfg.block_k, cfg.block_n) > 32:
+        if cfg.block_k >= cfg.block_n:
+            cfg = replace(cfg, block_k=cfg.block_k // 2)
+        else:
+            cfg = replace(cfg, block_n=cfg.block_n // 2)
+    while not fits(cfg) and cfg.block_m > 16:
+        cfg = replace(cfg, block_m=cfg.block_m // 2)
+    return cfg
+
+
+def row_gemm_config(m, block_r, x_bytes, adapter_bytes):
     if INTERPRET:
         return ROW_GEMM_INTERPRET
-    return row_gemm_config_gpu(m, block_r)
+    return row_gemm_config_gpu(m, block_r, x_bytes, adapter_bytes)
 
 
-def row_gemm_config_gpu(m, block_r):
+def row_gemm_config_gpu(m, block_r, x_bytes, adapter_bytes):
     if m <= 16:
-        return ROW_GEMM_DECODE
-    if m <= 128:
-        return ROW_GEMM_SMALL_M
-    if block_r >= 128:
-        return ROW_GEMM_LARGE_M_WIDE_RANK
-    return ROW_GEMM_LARGE_M
+        cfg = ROW_GEMM_DECODE
+    elif m <= 128:
+        cfg = ROW_GEMM_SMALL_M
+    elif block_r >= 128:
+        cfg = ROW_GEMM_LARGE_M_WIDE_RANK
+    else:
+        cfg = ROW_GEMM_LARGE_M
+    return fit_shared_memory(cfg, block_r, x_bytes, adapter_bytes)
 
 
-def row_gemm_candidates():
-    """Every (config, rank block) pair the launchers can pick on a GPU."""
-    pairs = {(row_gemm_config_gpu(m, block_r), block_r)
-             for block_r in (16, 32, 64, 128, 256) for m in (1, 128, 8192)}
+def row_gemm_candidates(x_bytes, adapter_bytes):
+    """Every (config, rank block) pair the launchers can pick on a GPU for
+    operands of these element sizes."""
+    pairs = {(row_gemm_config_gpu(m, block_r, x_bytes, adapter_bytes), block_r)
+             for block_r in RANK_BLOCKS for m in (1, 128, 8192)}
     return sorted(pairs, key=repr)

@@ -103,7 +103,8 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
         # dB is empty when N is 0.
         return y, h.zero_()
     block_r = rank_block(r)
-    cfg = row_gemm_config(m, block_r)
+    cfg = row_gemm_config(m, block_r, x.element_size(),
+                          max(lora_a.element_size(), lora_b.element_size()))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     _lora_forward_kernel[grid](

@@ -103,7 +103,8 @@ def lora_grad_input(grad_y, weight, lora_a, lora_b, scale, dropout_p, seed, need
         # Nothing flows back through a layer with no outputs.
         return (dx.zero_() if need_dx else None), g.zero_()
     block_r = rank_block(r)
-    cfg = row_gemm_config(m, block_r)
+    cfg = row_gemm_config(m, block_r, grad_y.element_size(),
+                          max(lora_a.element_size(), lora_b.element_size()))
     num_pid_k = triton.cdiv(k, cfg.block_k) if need_dx else 1
     grid = (triton.cdiv(m, cfg.block_m) * num_pid_k,)
     _lora_grad_input_kernel[grid](

@@ -91,28 +91,32 @@ class TnConfig:
     num_stages: int
 
 
-def tn_config(rank_block):
-    """Tiles for an output of width ``rank_block`` (dA^T, dB), or for dW (None).
+def tn_config(rank_block, x_bytes):
+    """Tiles for an output of width ``rank_block`` (dA^T, dB), or for dW (None),
+    with operands of ``x_bytes`` per element.
 
     Rank-wide outputs take the whole padded rank as BLOCK_Q; dW tiles both sides.
     """
     if INTERPRET:
         return TnConfig(16, 16, rank_block or 32, num_warps=1, num_stages=1)
-    return tn_config_gpu(rank_block)
+    return tn_config_gpu(rank_block, x_bytes)
 
 
-def tn_config_gpu(rank_block):
+def tn_config_gpu(rank_block, x_bytes):
     if rank_block is None:
         return TnConfig(32, 128, 128, num_warps=8, num_stages=3)
     if rank_block >= 128:
-        # a 128 x 256 fp32 accumulator would spill: halve the P side
+        # a 128 x 256 fp32 accumulator would spill: halve the P side; fp32
+        # operand stages of that width would not fit sm_80's shared memory
+        if x_bytes >= 4:
+            return TnConfig(32, 64, rank_block, num_warps=8, num_stages=2)
         return TnConfig(64, 64, rank_block, num_warps=8, num_stages=3)
     return TnConfig(64, 128, rank_block, num_warps=4, num_stages=3)
 
 
-def tn_candidates():
+def tn_candidates(x_bytes):
     """Every config the launcher can pick on a GPU (rank blocks and dW)."""
-    return sorted({tn_config_gpu(b) for b in (16, 32, 64, 128, 256, None)}, key=repr)
+    return sorted({tn_config_gpu(b, x_bytes) for b in (16, 32, 64, 128, 256, None)}, key=repr)
 
 
 def _split_rows(m, block_m, tiles, device):
@@ -137,7 +141,7 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
         if colsum is not None:
             colsum.copy_(lhs.sum(0, dtype=torch.float32))
         return out
-    cfg = tn_config(rank_block)
+    cfg = tn_config(rank_block, lhs.element_size())
     tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
     splits, rows_per_split = _split_rows(m, cfg.block_m, tiles, lhs.device)
     if splits == 1:

@@ -1,0 +1,226 @@
+"""Every kernel compiles for the GPUs we ship to, with no GPU needed.
+
+The interpreter the rest of the suite runs on accepts code the real compiler
+rejects (a rank-8 ``tl.dot``, for one), and it says nothing about shared
+memory. So every kernel is compiled ahead of time for sm_80 (A100) and sm_90
+(H100), for every x dtype and every config its launcher can pick on a GPU, and
+each build must give PTX and a cubin and fit the shared memory of one block.
+What is compiled, and in which specialization, is spelled out in
+``compile_kernels.py``; the first two tests check that plan against the
+launchers' config tables without compiling anything.
+
+The compiles run in subprocesses without ``TRITON_INTERPRET`` (conftest sets it
+for this process, and an interpreted kernel cannot be compiled), at most two
+at a time, each into a fresh Triton cache so that nothing is reused.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import compile_kernels
+from compile_kernels import PRECISION_GROUPS, SHARED_MEMORY_PER_BLOCK
+
+SCRIPT = Path(compile_kernels.__file__)
+ARCHS = (80, 90)
+PTX_TARGET = {80: "sm_80", 90: "sm_90a"}
+MAX_WORKERS = 2  # CI has two cores
+GROUP_TIMEOUT_S = 1800  # a safety net: one group takes 1-4 min on two idle cores
+# Slowest first, so that the two workers finish close together.
+GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask")
+ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
+COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
+FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "NEED_DX", "HAS_COLSUM")
+
+
+# ---- the plan: what "every config" means, checked without compiling
+
+@pytest.fixture(scope="module")
+def compile_plans():
+    """Each group's compile jobs, built in this process (building compiles nothing)."""
+    return {group: [compile_kernels.describe(job) for job in compile_kernels.plan(group)]
+            for group in GROUPS}
+
+
+def launcher_configs(x_dtype, adapter_dtype):
+    """Per kernel, the launch configs its launcher can pick on a GPU for these
+    dtypes (each tile config at its smallest and largest rank block, unless
+    LORAKERN_COMPILE_ALL=1; see compile_kernels.row_gemm_pairs)."""
+    from lorakern.kernels._common import TileConfig
+    from lorakern.kernels.lora_grad_weights import tn_candidates
+
+    rows = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
+            for c, r in compile_kernels.row_gemm_pairs(x_dtype, adapter_dtype)}
+    assert all(isinstance(c, TileConfig)
+               for c, _ in compile_kernels.row_gemm_pairs(x_dtype, adapter_dtype))
+    tn = {(c.block_m, c.block_p, c.block_q, c.num_warps, c.num_stages)
+          for c in tn_candidates(compile_kernels.ELEMENT_BYTES[x_dtype])}
+    return {"_lora_forward_kernel": rows, "_lora_grad_input_kernel": rows,
+            "_tn_matmul_kernel": tn}
+
+
+def _flags_on(entry):
+    return all(entry["constexprs"][flag] for flag in FLAGS if flag in entry["constexprs"])
+
+
+def _launch_config(entry):
+    c, o = entry["constexprs"], entry["options"]
+    if entry["kernel"] == "_tn_matmul_kernel":
+        return (c["BLOCK_M"], c["BLOCK_P"], c["BLOCK_Q"], o["num_warps"], o["num_stages"])
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_R"], c["GROUP_M"],
+            o["num_warps"], o["num_stages"])
+
+
+def _configs_with_flags_on(plan, kernel, **pointer_dtypes):
+    """Launch configs compiled for ``kernel`` with every flag on, in the aligned
+    specialization, with the given pointer dtypes."""
+    return {_launch_config(e) for e in plan
+            if e["kernel"] == kernel and _flags_on(e) and e["aligned"]
+            and all(e["signature"][p] == "*" + d for p, d in pointer_dtypes.items())}
+
+
+def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
+        compile_plans):
+    assert set(GROUPS) == set(compile_kernels.GROUPS)
+    for group, (x_dtype, precision) in PRECISION_GROUPS.items():
+        plan = compile_plans[group]
+        for entry in plan:
+            assert entry["constexprs"]["UPCAST_DOT"] is False, entry["label"]
+            assert entry["constexprs"]["DOT_PRECISION"] == precision, entry["label"]
+            first_pointer = next(v for k, v in entry["signature"].items() if k.endswith("_ptr"))
+            assert first_pointer == "*" + x_dtype, entry["label"]
+        for kernel, configs in launcher_configs(x_dtype, x_dtype).items():
+            adapters = {} if kernel == "_tn_matmul_kernel" else {"a_ptr": x_dtype}
+            assert _configs_with_flags_on(plan, kernel, **adapters) == configs, (group, kernel)
+    assert [e["kernel"] for e in compile_plans["dropout_mask"]] == ["_dropout_mask_kernel"] * 2
+
+
+def test_compile_plan_holds_flags_off_mixed_adapters_and_fp32_partials(compile_plans):
+    tn = "_tn_matmul_kernel"
+    for group, (x_dtype, _) in PRECISION_GROUPS.items():
+        plan = compile_plans[group]
+        same = launcher_configs(x_dtype, x_dtype)
+        for kernel in same:
+            assert any(e["kernel"] == kernel and not _flags_on(e) for e in plan), (group, kernel)
+        assert _configs_with_flags_on(plan, tn, out_ptr=x_dtype) == same[tn], group
+        assert _configs_with_flags_on(plan, tn, out_ptr="fp32"), group  # the split partials
+        if x_dtype != "fp32":
+            for kernel in ("_lora_forward_kernel", "_lora_grad_input_kernel"):
+                assert (_configs_with_flags_on(plan, kernel, a_ptr="fp32", b_ptr="fp32")
+                        == launcher_configs(x_dtype, "fp32")[kernel]), (group, kernel)
+
+
+# ---- the compiles
+
+class CompileRuns:
+    """The compile subprocesses of this session, at most MAX_WORKERS at a time."""
+
+    def __init__(self, arch_groups, cache_root):
+        self.cache_root = cache_root
+        self.processes = []
+        self.stopped = False
+        self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS)
+        self.futures = {ag: self.pool.submit(self._run, *ag) for ag in arch_groups}
+
+    def _run(self, arch, group):
+        if self.stopped:
+            raise RuntimeError("compile runs stopped")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(self.cache_root / f"sm{arch}-{group}")
+        command = [sys.executable, str(SCRIPT), "--arch", str(arch), "--group", group]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env)
+        self.processes.append(process)
+        try:
+            stdout, stderr = process.communicate(timeout=GROUP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+            stderr += f"\n[killed after {GROUP_TIMEOUT_S} s]"
+        # kept beside the caches (pytest's tmp dir) for a look at every number
+        (self.cache_root / f"sm{arch}-{group}.jsonl").write_text(stdout)
+        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        has_plan = bool(lines) and "plan" in lines[0]
+        return {"command": " ".join(command), "returncode": process.returncode,
+                "stderr": stderr, "seconds": time.perf_counter() - start,
+                "plan": lines[0]["plan"] if has_plan else None,
+                "records": lines[1:] if has_plan else lines}
+
+    def result(self, arch, group):
+        return self.futures[(arch, group)].result()
+
+    def stop(self):
+        self.stopped = True
+        for future in self.futures.values():
+            future.cancel()
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        self.pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def compile_runs(request, tmp_path_factory):
+    """Starts the compiles of every (arch, group) selected in this session, so
+    that two run while the tests wait for them in order."""
+    selected = []
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if getattr(item, "originalname", None) == COMPILE_TEST and callspec is not None:
+            arch_group = (callspec.params["arch"], callspec.params["group"])
+            if arch_group not in selected:
+                selected.append(arch_group)
+    runs = CompileRuns(selected, tmp_path_factory.mktemp("compile"))
+    yield runs
+    runs.stop()
+
+
+def _entry_name(entry):
+    return f"{entry['kernel']} [{entry['label']}]"
+
+
+def _problems(record, arch):
+    """What is wrong with one compile record, in sentences that name the limit."""
+    limit = SHARED_MEMORY_PER_BLOCK[arch]
+    if record.get("shared") is not None and record["shared"] > limit:
+        return [f"needs {record['shared']} bytes of shared memory, sm_{arch} has {limit} "
+                f"per block"]
+    if record.get("error"):
+        return [f"failed to compile for sm_{arch}: {record['error']}"]
+    problems = []
+    if record["ptx_target"] != PTX_TARGET[arch] or not record["ptx_has_entry"]:
+        problems.append(f"PTX targets {record['ptx_target']!r} (wanted {PTX_TARGET[arch]!r}), "
+                        f"entry point present: {record['ptx_has_entry']}")
+    if record["cubin_bytes"] == 0:
+        problems.append("no cubin")
+    if record["num_warps"] != record["num_warps_requested"]:
+        problems.append(f"compiled with {record['num_warps']} warps, the launcher asks for "
+                        f"{record['num_warps_requested']}")
+    return problems
+
+
+@pytest.mark.parametrize("arch, group", ARCH_GROUPS,
+                         ids=[f"sm{arch}-{group}" for arch, group in ARCH_GROUPS])
+def test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory(
+        compile_runs, arch, group):
+    run = compile_runs.result(arch, group)
+    assert run["plan"], (f"{run['command']} printed no plan (exit {run['returncode']}):\n"
+                         f"{run['stderr'][-3000:]}")
+    by_name = {_entry_name(record): record for record in run["records"]}
+    failures = [f"{_entry_name(entry)}: {problem}"
+                for entry in run["plan"] if _entry_name(entry) in by_name
+                for problem in _problems(by_name[_entry_name(entry)], arch)]
+    missing = [_entry_name(entry) for entry in run["plan"] if _entry_name(entry) not in by_name]
+    if missing:
+        failures.append(f"{len(missing)} entries have no result, first {missing[0]}; the "
+                        f"compile process ended with exit {run['returncode']}:\n"
+                        f"{run['stderr'][-3000:]}")
+    assert not failures, (f"{len(failures)} of {len(run['plan'])} compiles for sm_{arch} "
+                          f"({group}) failed:\n" + "\n".join(failures))
+    assert run["returncode"] == 0, run["stderr"][-3000:]
