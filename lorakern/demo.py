@@ -1,77 +1,75 @@
-"""``python -m lorakern.demo``: one fused LoRA layer, forward and backward,
-checked against the PyTorch reference, and what each keeps for the backward.
+"""``python -m lorakern.demo``: the seed experiment.
 
-On a machine without CUDA the Triton kernels run in Triton's interpreter.
+A linear map y = x θ (1001 inputs, 1000 outputs) is learnt by a full-rank
+layer; then the task shifts to y = x (θ + 1). Fine-tuning only a rank-1 LoRA
+adapter on the frozen layer recovers the shift, because the shift, a matrix of
+ones, has rank 1: s·B·A should come out as that matrix. The adapter is then
+merged into the weight and the model keeps its loss.
+
+On CUDA the layer runs lorakern's Triton kernels; on CPU, its PyTorch
+reference (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter,
+slowly).
 """
-import os
-
 import torch
+from torch import nn
+
+import lorakern
+
+D_IN, D_OUT, SAMPLES, BATCH, STEPS = 1001, 1000, 4096, 256, 300
 
 
-def _saved_bytes(fn):
-    """Bytes of the tensors autograd keeps for the backward of fn(), inputs excluded."""
-    saved = {}
+class Regressor(nn.Module):
+    def __init__(self, device):
+        super().__init__()
+        self.proj = nn.Linear(D_IN, D_OUT, bias=False, device=device)
 
-    def pack(t):
-        saved[t.data_ptr(), t.numel()] = t.numel() * t.element_size()
-        return t
+    def forward(self, x):
+        return self.proj(x)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
+
+def mse(model, x, y):
+    with torch.no_grad():
+        return nn.functional.mse_loss(model(x), y).item()
 
 
 def main():
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    import lorakern
-    from lorakern import function, kernels, reference
-
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    tokens, d_in, d_out, rank, alpha, dropout = 64, 128, 96, 8, 16, 0.1
-    scale = alpha / rank
-    x = torch.randn(tokens, d_in, device=device, requires_grad=True)
-    weight = torch.randn(d_out, d_in, device=device) / d_in**0.5
-    bias = torch.randn(d_out, device=device)
-    lora_A = (torch.randn(rank, d_in, device=device) / d_in**0.5).requires_grad_()
-    lora_B = (torch.randn(d_out, rank, device=device) * 0.1).requires_grad_()
-    where = "CUDA (compiled kernels)" if on_gpu else "CPU (Triton interpreter)"
-    print(f"lorakern {lorakern.__version__} on {where}")
-    print(f"layer: {tokens} tokens, {d_in} -> {d_out}, r={rank}, alpha={alpha}, "
-          f"dropout={dropout}, bias")
+    theta = torch.randn(D_IN, D_OUT, device=device) / D_IN**0.5
+    x = torch.randn(SAMPLES, D_IN, device=device)
+    model = Regressor(device)
 
-    seed = 1234
-    function.draw_seed = lambda: seed  # fixed so the reference can use the same mask
-    y, fused_saved = _saved_bytes(lambda: lorakern.lora_linear(
-        x, weight, lora_A, lora_B, scale, bias, dropout))
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    fused = (y.detach(), x.grad, lora_A.grad, lora_B.grad)
-    print(f"kernels launched: {dict(kernels.launch_counts)}")
+    print(f"1. pretrain a full-rank {D_IN} -> {D_OUT} linear on y = x θ ({SAMPLES} samples)")
+    with torch.no_grad():  # least squares: the pretrained optimum in one step
+        model.proj.weight.copy_(torch.linalg.lstsq(x.cpu(), (x @ theta).cpu()).solution.T)
+    print(f"   loss on y = x θ:       {mse(model, x, x @ theta):.3e}")
+    y_new = x @ (theta + 1)
+    print(f"   loss on y = x (θ + 1): {mse(model, x, y_new):.3e}   <- the task has shifted")
 
-    keep = kernels.dropout_keep_mask(tokens, d_in, dropout, seed, device)
-    leaves = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
-    y_ref = reference.lora_linear_masked(leaves[0], weight.double(), leaves[1], leaves[2],
-                                         scale, bias.double(), keep, dropout)
-    y_ref.backward(grad_y.double())
-    expected = (y_ref.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad)
-    for name, got, want in zip(("y", "dX", "dA", "dB"), fused, expected):
-        err = ((got.double() - want).abs().max() / want.abs().max()).item()
-        print(f"  {name:3s} max error vs float64 reference: {err:.1e} of max |value|")
+    print("2. freeze it and fine-tune a rank-1 LoRA adapter (lorakern.inject_lora)")
+    lorakern.inject_lora(model, ["proj"], r=1, alpha=1)
+    layer = model.proj
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for step in range(STEPS + 1):
+        batch = torch.randint(0, SAMPLES, (BATCH,), device=device)
+        loss = nn.functional.mse_loss(model(x[batch]), y_new[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            print(f"   step {step:3d}  loss {loss.item():.3e}")
 
-    def composed():
-        # the PEFT-style composition: base(x) + B(A(dropout(x))) * s
-        dropped = torch.nn.functional.dropout(x, dropout)
-        lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_A), lora_B)
-        return torch.nn.functional.linear(x, weight, bias) + lora * scale
+    with torch.no_grad():
+        delta = layer.scale * layer.lora_B.float() @ layer.lora_A.float()
+    error = ((delta - 1).norm() / torch.ones_like(delta).norm()).item()
+    print(f"3. s·B·A is the shift: mean {delta.mean().item():.4f}, min {delta.min().item():.4f}, "
+          f"max {delta.max().item():.4f}, ||s·B·A - 1|| / ||1|| = {error:.1e}")
 
-    _, composed_saved = _saved_bytes(composed)
-    inputs = {(t.data_ptr(), t.numel()) for t in (x, weight, lora_A, lora_B)}
-    for label, saved in (("fused", fused_saved), ("composed", composed_saved)):
-        extra = sum(v for k, v in saved.items() if k not in inputs)
-        print(f"saved for backward beyond the inputs, {label:8s}: {extra:6d} bytes")
+    lorakern.merge_lora(model)
+    print(f"4. merged into W: loss on y = x (θ + 1) {mse(model, x, y_new):.3e} "
+          f"(merged={layer.merged})")
+    print("5. parameters")
+    lorakern.lora_report(model)
 
 
 if __name__ == "__main__":
