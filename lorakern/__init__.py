@@ -3,13 +3,20 @@
     y = x W^T + b + s * (drop(x) A^T) B^T
 
 ``lora_linear`` is the entry point; ``FusedLoRALinear`` the autograd Function
-over the kernels; ``reference.lora_linear`` the same math in plain PyTorch.
-The kernels (``lorakern.kernels``) are imported on first use, never at import.
+over the kernels; ``reference.lora_linear`` the same math in plain PyTorch;
+``LoRALinear`` and ``inject_lora`` put it into models; ``save_adapter``,
+``load_adapter`` and ``patch_peft`` speak PEFT. The kernels
+(``lorakern.kernels``) are imported on first use, never at import.
 """
 from . import reference
 from .api import lora_linear
 from .function import FusedLoRALinear
+from .inject import count_parameters, inject_lora, lora_report, merge_lora, unmerge_lora
+from .modules import LoRALinear
+from .peft_interop import load_adapter, patch_peft, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRALinear", "lora_linear", "reference", "__version__"]
+__all__ = ["FusedLoRALinear", "LoRALinear", "count_parameters", "inject_lora", "load_adapter",
+           "lora_linear", "lora_report", "merge_lora", "patch_peft", "reference",
+           "save_adapter", "unmerge_lora", "__version__"]

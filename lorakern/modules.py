@@ -1,0 +1,281 @@
+"""``LoRALinear``: a drop-in for ``nn.Linear`` whose forward is the fused kernel.
+
+    y = x W^T + b + s * (drop(x) A^T) B^T,    s = alpha / r  (alpha / sqrt(r) for rsLoRA)
+
+``weight`` and ``bias`` are the frozen base parameters, ``lora_A`` (r, in) and
+``lora_B`` (out, r) the trainable adapters, in PEFT's layouts. A layer built
+from a transformers ``Conv1D`` (GPT-2) keeps that module's (in, out) weight
+as it is and sets ``fan_in_fan_out``; the forward passes a transposed view.
+
+Merging adds ``s * B @ A`` into ``weight`` in place, in float32, a block of
+``MERGE_CHUNK_ROWS`` stored rows at a time: the extra memory is a few
+``MERGE_CHUNK_ROWS x cols`` float32 buffers, never an out x in temporary.
+"""
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import lora_linear
+
+# Stored rows of the base weight merged per step. One step holds the fp32 delta
+# of those rows (4 bytes an element), its cast to the weight dtype (2 bytes for
+# bf16/fp16, none for fp32) and a finiteness mask (1 byte): for cols = 8192 and
+# a bf16 weight, 1024 x 8192 x 7 bytes = 56 MiB, whatever the number of rows.
+MERGE_CHUNK_ROWS = 1024
+
+INITS = ("kaiming", "gaussian")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_lora_args(r, alpha, dropout, init, adapter_dtype):
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got r={r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite real number, got alpha={alpha!r}")
+    if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
+            or not 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got init={init!r}")
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype)
+                                          and adapter_dtype.is_floating_point):
+        raise ValueError(f"adapter_dtype must be a floating torch.dtype or None, got "
+                         f"adapter_dtype={adapter_dtype!r}")
+
+
+def _is_conv1d(module):
+    """transformers' GPT-2 ``Conv1D`` (weight (in, out)), by duck typing."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def base_layout(linear):
+    """(in_features, out_features, fan_in_fan_out) of an nn.Linear or a transformers
+    Conv1D; TypeError for anything else, or for a weight that is not floating point."""
+    if isinstance(linear, LoRALinear):
+        raise TypeError("from_linear got a LoRALinear: the layer already has an adapter")
+    if isinstance(linear, nn.Linear):
+        out_features, in_features = linear.weight.shape
+        fan_in_fan_out = False
+    elif _is_conv1d(linear):  # Conv1D stores (in, out): y = x @ W + b
+        in_features, out_features = linear.weight.shape
+        fan_in_fan_out = True
+    else:
+        raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got "
+                        f"{type(linear).__name__}")
+    if not linear.weight.dtype.is_floating_point:
+        raise TypeError(f"{type(linear).__name__} has a {linear.weight.dtype} weight; "
+                        f"LoRALinear needs a floating-point base weight (quantized layers "
+                        f"are not supported)")
+    return in_features, out_features, fan_in_fan_out
+
+
+def default_adapter_dtype(base_dtype):
+    """PEFT's default: fp32 adapters on a float16/bfloat16 base, else the base dtype."""
+    return torch.float32 if base_dtype in _HALF_DTYPES else base_dtype
+
+
+@torch.no_grad()
+def _reset_linear(weight, bias):
+    """``nn.Linear.reset_parameters`` on an (out, in) weight (a view is fine)."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight.shape[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class LoRALinear(nn.Module):
+    """``nn.Linear`` plus a LoRA adapter, computed by the fused kernels.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        r: adapter rank (>= 1). alpha: LoRA alpha; ``scale = alpha / r``
+            (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout probability on the adapter's input, applied in training
+            mode only.
+        bias: whether the base layer has a bias.
+        init: ``"kaiming"`` (A ~ kaiming_uniform(a=sqrt(5)), PEFT's default) or
+            ``"gaussian"`` (A ~ N(0, (1/r)^2)); B starts at zero either way.
+        device, dtype: of the base weight and bias.
+        adapter_dtype: of ``lora_A`` and ``lora_B``; None: float32 on a
+            float16/bfloat16 base, else the base dtype.
+
+    Attributes: ``weight`` (out, in) frozen (``(in, out)`` when ``fan_in_fan_out``),
+    ``bias`` (out,) frozen or None, ``lora_A`` (r, in), ``lora_B`` (out, r),
+    ``in_features``, ``out_features``, ``r``, ``alpha``, ``use_rslora``,
+    ``scale``, ``dropout`` (the probability), ``fan_in_fan_out``, ``merged``.
+    """
+
+    def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
+                 use_rslora=False, init="kaiming", device=None, dtype=None,
+                 adapter_dtype=None):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {name}={value!r}")
+        _check_lora_args(r, alpha, dropout, init, adapter_dtype)
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        bias_param = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        # the base first: under one seed, the same weight and bias as nn.Linear
+        _reset_linear(weight, bias_param)
+        self._setup(weight, bias_param, in_features, out_features, False, r, alpha, dropout,
+                    use_rslora, init, adapter_dtype)
+
+    @classmethod
+    def from_linear(cls, linear, r=8, alpha=16, dropout=0.0, use_rslora=False, init="kaiming",
+                    adapter_dtype=None):
+        """Wrap an ``nn.Linear`` or a transformers ``Conv1D``: the new layer holds
+        the module's own ``weight`` and ``bias`` Parameter objects (no copy),
+        frozen, and fresh adapters on the weight's device."""
+        in_features, out_features, fan_in_fan_out = base_layout(linear)
+        _check_lora_args(r, alpha, dropout, init, adapter_dtype)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear.weight, linear.bias, in_features, out_features, fan_in_fan_out, r,
+                     alpha, dropout, use_rslora, init, adapter_dtype)
+        layer.train(linear.training)
+        return layer
+
+    def _setup(self, weight, bias, in_features, out_features, fan_in_fan_out, r, alpha,
+               dropout, use_rslora, init, adapter_dtype):
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.r = int(r)
+        self.alpha = alpha
+        self.use_rslora = bool(use_rslora)
+        self.scale = alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout = float(dropout)
+        self.init = init
+        self._merged = False
+        self._merged_scale = None
+
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.bias = bias
+        if bias is not None:
+            self.bias.requires_grad_(False)
+        adapters = {"device": weight.device,
+                    "dtype": adapter_dtype or default_adapter_dtype(weight.dtype)}
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **adapters))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **adapters))
+        self.reset_lora_parameters()
+
+    def reset_base_parameters(self):
+        """The base weight and bias drawn as ``nn.Linear.reset_parameters`` does."""
+        _reset_linear(self._weight_out_in(), self.bias)
+
+    def reset_lora_parameters(self):
+        """A as ``init`` says (PEFT's "kaiming" default or "gaussian"), B zeros: the
+        adapter starts as the identity."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            nn.init.zeros_(self.lora_B)
+
+    def _weight_out_in(self):
+        """The base weight as (out, in): a view, transposed when fan_in_fan_out."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
+    def merged(self):
+        """Whether ``s * B @ A`` is currently added into ``weight``."""
+        return self._merged
+
+    def forward(self, x):
+        weight = self._weight_out_in()
+        if self._merged:
+            return F.linear(x, weight, self.bias)
+        return lora_linear(x, weight, self.lora_A, self.lora_B, self.scale, self.bias,
+                           self.dropout if self.training else 0.0)
+
+    # ------------------------------------------------------------------ merging
+    def merge(self):
+        """Add ``scale * B @ A`` into ``weight`` in place (float32, chunked).
+
+        Raises RuntimeError when already merged, ValueError (weight untouched)
+        when the merged weight would hold a non-finite value.
+        """
+        if self._merged:
+            raise RuntimeError("LoRALinear.merge: the adapter is already merged into the "
+                               "weight; call unmerge() first")
+        self._apply_delta(+1.0)
+
+    def unmerge(self):
+        """Subtract the merged ``scale * B @ A`` from ``weight`` (float32, chunked).
+
+        The weight comes back to within the two roundings of a merge and an
+        unmerge: one unit in the last place of the merged weight's magnitude.
+        Raises RuntimeError when not merged.
+        """
+        if not self._merged:
+            raise RuntimeError("LoRALinear.unmerge: the adapter is not merged into the weight")
+        self._apply_delta(-1.0)
+
+    def _delta_scale(self, sign):
+        # unmerge subtracts what merge added, even if ``scale`` was changed since
+        return self.scale if sign > 0 else self._merged_scale
+
+    def _apply_delta(self, sign, check=True):
+        """Merge (sign +1) or unmerge (-1); with ``check``, every chunk is checked
+        finite before any is written."""
+        scale = self._delta_scale(sign)
+        if check:
+            self._check_delta(sign, scale)
+        self._write_delta(sign, scale)
+        self._merged = sign > 0
+        self._merged_scale = scale if sign > 0 else None
+
+    def _delta_chunks(self, sign, scale):
+        """Yields (stored weight rows, W + sign * scale * delta over those rows in the
+        weight's dtype): the stored layout, (out, in) or (in, out) when
+        fan_in_fan_out, in blocks of MERGE_CHUNK_ROWS rows."""
+        weight = self.weight
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        a = self.lora_A.to(device=weight.device, dtype=compute)
+        b = self.lora_B.to(device=weight.device, dtype=compute)
+        rows = weight.shape[0]
+        step = max(1, int(MERGE_CHUNK_ROWS))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            if self.fan_in_fan_out:  # stored rows are input features: (A^T B^T)[start:stop]
+                delta = a[:, start:stop].t() @ b.t()
+            else:
+                delta = b[start:stop] @ a
+            # the same ops in merge and unmerge, so both use the same delta bits
+            delta.mul_(sign * scale)
+            delta.add_(weight[start:stop])
+            yield weight[start:stop], delta.to(weight.dtype)
+
+    @torch.no_grad()
+    def _check_delta(self, sign, scale):
+        """Raises ValueError if any merged (or unmerged) weight would be non-finite."""
+        for _, new in self._delta_chunks(sign, scale):
+            if not torch.isfinite(new).all():
+                what = "merging" if sign > 0 else "unmerging"
+                raise ValueError(
+                    f"LoRALinear: {what} the adapter (scale={scale}) would put non-finite "
+                    f"values into the weight (lora_A or lora_B holds non-finite or too large "
+                    f"values for {self.weight.dtype}); the weight is left unchanged")
+
+    @torch.no_grad()
+    def _write_delta(self, sign, scale):
+        for rows, new in self._delta_chunks(sign, scale):
+            rows.copy_(new)
+
+    def extra_repr(self):
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"r={self.r}", f"alpha={self.alpha}", f"scale={self.scale:g}"]
+        if self.use_rslora:
+            parts.append("use_rslora=True")
+        parts += [f"dropout={self.dropout}", f"bias={self.bias is not None}"]
+        if self.fan_in_fan_out:
+            parts.append("fan_in_fan_out=True")
+        parts.append(f"merged={self._merged}")
+        return ", ".join(parts)
