@@ -414,6 +414,8 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
 
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    # fields every PEFT >= 0.9 knows (newer ones, e.g. lora_bias or exclude_modules,
+    # would make older versions warn); PEFT fills in the defaults of the rest
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -424,7 +426,6 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "target_modules": target_modules,
-        "exclude_modules": None,
         "bias": "none",
         "use_rslora": use_rslora,
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
@@ -435,7 +436,6 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_dora": False,
-        "lora_bias": False,
     }
 
     def cpu(t):
