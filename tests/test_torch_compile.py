@@ -99,3 +99,26 @@ def test_checkpointing_gives_the_same_gradients_with_dropout(use_reentrant, devi
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grad, plain[name], rtol=0, atol=0, msg=name)
     torch.testing.assert_close(x.grad, plain_dx, rtol=0, atol=0)
+
+
+def test_fullgraph_compile_of_a_model_with_lora_linear_layers(device):
+    """The module users put in their models, compiled whole: no graph break,
+    same output and adapter gradients as eager."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(lorakern.LoRALinear(16, 24, r=3, alpha=6), torch.nn.GELU(),
+                                lorakern.LoRALinear(24, 8, r=5, alpha=5, bias=False))
+    model = model.to(device)
+    for layer in (model[0], model[2]):
+        torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 16, device=device)
+    model(x).square().sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    assert_matches_oracle(y.detach().cpu(), model(x).detach().double().cpu(), torch.float32, "y")
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == eager.keys() == {"0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"}
+    for name, grad in grads.items():
+        assert_matches_oracle(grad.cpu(), eager[name].double().cpu(), torch.float32, name)
