@@ -8,6 +8,7 @@ PyTorch reference.
   ``LORAKERN_BACKEND=triton``, which run the kernels in Triton's interpreter.
 """
 import importlib
+import importlib.util
 import logging
 import os
 import sys
