@@ -42,6 +42,8 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     kernels = load_kernels(grad_y.device)
     rank_block = kernels.rank_block(lora_A.shape[0])
     dy = _flatten(grad_y)
+    # once: a non-viewable x (a permuted 3-D input) is copied by the reshape
+    x2 = _flatten(x) if need_a or need_w else None
     device = dy.device
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
 
@@ -55,14 +57,14 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     if need_a:
         grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
         # dA^T (K, r) is written straight into dA's (r, K) storage
-        kernels.tn_matmul(_flatten(x), g, grad_a.t(), scale / (1.0 - dropout_p),
+        kernels.tn_matmul(x2, g, grad_a.t(), scale / (1.0 - dropout_p),
                           rank_block=rank_block, dropout_p=dropout_p, seed=seed)
     if need_b:
         grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)
         kernels.tn_matmul(dy, h, grad_b, scale, rank_block=rank_block, colsum=grad_bias)
     if need_w:
         grad_w = kernels.empty(weight.shape, weight.dtype, device)
-        kernels.tn_matmul(dy, _flatten(x), grad_w, 1.0,
+        kernels.tn_matmul(dy, x2, grad_w, 1.0,
                           colsum=grad_bias if not need_b else None)
     if need_bias and not (need_b or need_w):
         grad_bias.copy_(dy.sum(0, dtype=torch.float32))

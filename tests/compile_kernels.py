@@ -43,6 +43,7 @@ compile that raises is recorded and the script goes on. With --list only the
 plan is printed.
 """
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -138,33 +139,39 @@ def _tn_label(cfg):
             f"warps={cfg.num_warps} stages={cfg.num_stages}")
 
 
-def _forward_job(cfg, block_r, precision, x, adapter, flags, label_extra="", **spec):
-    from lorakern.kernels.lora_forward import _lora_forward_kernel
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_R=block_r, GROUP_M=cfg.group_m, HAS_BIAS=flags, HAS_DROPOUT=flags,
-                UPCAST_DOT=False, DOT_PRECISION=precision)
-    pointers = dict(x_ptr=x, w_ptr=x, a_ptr=adapter, b_ptr=adapter, bias_ptr=x, y_ptr=x,
-                    h_ptr=x)
-    spec = spec or dict(aligned=True, unit_strides=FORWARD_UNIT_STRIDES,
-                        divisible_sizes=ROW_GEMM_DIVISIBLE_SIZES)
-    label = (f"{_row_gemm_label(cfg, block_r)}, x {x}, A/B {adapter}, {precision}, "
-             f"bias+dropout {'on' if flags else 'off'}{label_extra}")
-    return _job("_lora_forward_kernel", label, _lora_forward_kernel, pointers, meta,
-                cfg.num_warps, cfg.num_stages, **spec)
+# Per row-block kernel: its module, optional flag, activation-side pointers,
+# unit strides, and the words its labels use for the input and the flags.
+ROW_GEMM_KERNELS = {
+    "_lora_forward_kernel": ("lora_forward", "HAS_BIAS",
+                             ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "h_ptr"),
+                             FORWARD_UNIT_STRIDES, "x", "bias+dropout"),
+    "_lora_grad_input_kernel": ("lora_grad_input", "NEED_DX",
+                                ("dy_ptr", "w_ptr", "dx_ptr", "g_ptr"),
+                                GRAD_INPUT_UNIT_STRIDES, "dY", "dX+dropout"),
+}
 
 
-def _grad_input_job(cfg, block_r, precision, x, adapter, flags, label_extra="", **spec):
-    from lorakern.kernels.lora_grad_input import _lora_grad_input_kernel
+def _row_gemm_job(kernel, cfg, block_r, precision, x, adapter, flags, label_extra="",
+                  **spec):
+    module, flag, x_pointers, unit_strides, x_word, flag_words = ROW_GEMM_KERNELS[kernel]
+    fn = getattr(importlib.import_module(f"lorakern.kernels.{module}"), kernel)
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_R=block_r, GROUP_M=cfg.group_m, NEED_DX=flags, HAS_DROPOUT=flags,
-                UPCAST_DOT=False, DOT_PRECISION=precision)
-    pointers = dict(dy_ptr=x, w_ptr=x, a_ptr=adapter, b_ptr=adapter, dx_ptr=x, g_ptr=x)
-    spec = spec or dict(aligned=True, unit_strides=GRAD_INPUT_UNIT_STRIDES,
+                BLOCK_R=block_r, GROUP_M=cfg.group_m, HAS_DROPOUT=flags,
+                UPCAST_DOT=False, DOT_PRECISION=precision, **{flag: flags})
+    pointers = dict(dict.fromkeys(x_pointers, x), a_ptr=adapter, b_ptr=adapter)
+    spec = spec or dict(aligned=True, unit_strides=unit_strides,
                         divisible_sizes=ROW_GEMM_DIVISIBLE_SIZES)
-    label = (f"{_row_gemm_label(cfg, block_r)}, dY {x}, A/B {adapter}, {precision}, "
-             f"dX+dropout {'on' if flags else 'off'}{label_extra}")
-    return _job("_lora_grad_input_kernel", label, _lora_grad_input_kernel, pointers, meta,
-                cfg.num_warps, cfg.num_stages, **spec)
+    label = (f"{_row_gemm_label(cfg, block_r)}, {x_word} {x}, A/B {adapter}, {precision}, "
+             f"{flag_words} {'on' if flags else 'off'}{label_extra}")
+    return _job(kernel, label, fn, pointers, meta, cfg.num_warps, cfg.num_stages, **spec)
+
+
+def _forward_job(*args, **kwargs):
+    return _row_gemm_job("_lora_forward_kernel", *args, **kwargs)
+
+
+def _grad_input_job(*args, **kwargs):
+    return _row_gemm_job("_lora_grad_input_kernel", *args, **kwargs)
 
 
 def _tn_job(cfg, precision, x, out, colsum, dropout, has_colsum, label_extra="",
