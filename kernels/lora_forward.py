@@ -29,7 +29,7 @@ def _lora_forward_kernel(
     M, N, K, R,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-    stride_bn, stride_br, stride_ym, stride_yn, stride_hm, stride_hr,
+    stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_hm, stride_hr,
     # scalars
     scale, dropout_p, keep_scale, seed,
     # meta-parameters
@@ -80,7 +80,7 @@ def _lora_forward_kernel(
                   mask=in_r[:, None] & in_n[None, :], other=0.0).to(compute_dtype)
     acc = mma((h * scale).to(compute_dtype), b_t, acc, UPCAST_DOT, DOT_PRECISION)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
@@ -112,6 +112,7 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
         m, n, k, r,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        bias.stride(0) if has_bias else 0,
         y.stride(0), y.stride(1), h.stride(0), h.stride(1),
         float(scale), float(dropout_p), 1.0 / (1.0 - dropout_p), seed,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -15,7 +15,8 @@ from ._backend import load_kernels
 
 
 def _flatten(t):
-    return t.reshape(-1, t.shape[-1])
+    # reshape(-1, 0) is ambiguous: a layer with no inputs or no outputs has a zero last dim
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
 def draw_seed():

@@ -71,8 +71,8 @@ FLOAT_ARGS = {"scale", "dropout_p", "keep_scale", "lora_scale"}
 # contiguous tensors.
 ROW_GEMM_DIVISIBLE_SIZES = {"N", "K", "R"}
 TN_DIVISIBLE_SIZES = {"P", "Q", "rows_per_split"}
-FORWARD_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn",
-                        "stride_hr"}
+FORWARD_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_bias",
+                        "stride_yn", "stride_hr"}
 GRAD_INPUT_UNIT_STRIDES = {"stride_dyn", "stride_wk", "stride_ak", "stride_br",
                            "stride_dxk", "stride_gr"}
 TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}

@@ -64,7 +64,7 @@ def run_and_check(layer, scale, dropout_p, grad_layout, dtype, monkeypatch):
     x = layer["x"]
     keep = None
     if dropout_p > 0:
-        m = x.numel() // x.shape[-1]
+        m = x.shape[:-1].numel()
         keep = kernels.dropout_keep_mask(m, x.shape[-1], dropout_p, SEED, x.device)
         keep = keep.reshape(x.shape)
     y_ref, grads_ref = oracle(x, layer["weight"], layer["lora_A"], layer["lora_B"], scale,
@@ -265,3 +265,58 @@ def test_llm_sized_layers_match_the_oracle_on_cuda(m, k, n, r, dtype, monkeypatc
     torch.manual_seed(10)
     layer = make_layer((m,), k, n, r, dtype, torch.device("cuda"), train_weight=True)
     run_and_check(layer, 2.0, 0.1, "contiguous", dtype, monkeypatch)
+
+
+def _strided_bias(layout, n, dtype, device):
+    """(bias view, the leaf it views): a bias that is not a contiguous vector."""
+    if layout == "every-other":
+        source = torch.randn(2 * n)
+        view = lambda t: t[::2]
+    elif layout == "matrix-column":
+        source = torch.randn(n, 3)
+        view = lambda t: t[:, 1]
+    elif layout == "expanded":  # one value broadcast: stride 0
+        source = torch.randn(1)
+        view = lambda t: t.expand(n)
+    else:
+        raise ValueError(layout)
+    leaf = source.to(device=device, dtype=dtype).requires_grad_()
+    return view(leaf), leaf, view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["every-other", "matrix-column", "expanded"])
+def test_a_strided_bias_is_read_through_its_strides(layout, dtype, device, monkeypatch):
+    torch.manual_seed(12)
+    layer = make_layer((9,), 20, 18, 4, dtype, device, bias=False)
+    bias, leaf, view = _strided_bias(layout, 18, dtype, device)
+    assert not bias.is_contiguous()
+    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
+                             0.5, bias, 0.0)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y_ref, grads = oracle(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"], 0.5,
+                          bias, None, 0.0, grad_y)
+    assert_matches_oracle(y.cpu(), y_ref, dtype, f"y with a {layout} bias")
+    # the oracle's bias gradient, routed back to the leaf the bias views
+    leaf64 = torch.zeros(leaf.shape, dtype=torch.float64, requires_grad=True)
+    view(leaf64).backward(grads["bias"])
+    assert_matches_oracle(leaf.grad.cpu(), leaf64.grad, dtype, f"d(bias source), {layout}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n", [(0, 7), (11, 0), (0, 0)], ids=["in=0", "out=0", "in=out=0"])
+def test_a_layer_without_inputs_or_outputs_behaves_like_nn_linear(k, n, dtype, device,
+                                                                   monkeypatch):
+    """No input features: y is the bias (zeros without one); no output features: an
+    empty y. Every gradient comes back, zero where nothing flows."""
+    torch.manual_seed(13)
+    layer = make_layer((2, 5), k, n, 3, dtype, device, train_weight=True)
+    run_and_check(layer, 1.5, 0.2, "contiguous", dtype, monkeypatch)
+    base = torch.nn.functional.linear(layer["x"].detach(), layer["weight"].detach(),
+                                      layer["bias"].detach())
+    y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
+                             1.5, layer["bias"], 0.2)
+    assert y.shape == base.shape == (2, 5, n)
+    assert torch.equal(y.detach(), base)
