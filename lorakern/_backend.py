@@ -76,11 +76,35 @@ def select_backend(x, *others):
     return "triton"
 
 
+def _interpret_triton_helpers():
+    """Give Triton's own jitted helpers (``tl.zeros``, ``tl.cdiv``, ``tl.philox``, ...)
+    the interpreted form an import under ``TRITON_INTERPRET=1`` would have given them.
+
+    They are decorated once, when ``triton.language`` is first imported; if something
+    imported triton before the interpreter was switched on (peft does), they were built
+    for the GPU and an interpreted kernel cannot call them.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    converted = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language"
+                                  or name.startswith("triton.language.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                if id(value) not in converted:
+                    converted[id(value)] = InterpretedFunction(value.fn)
+                setattr(module, attr, converted[id(value)])
+    return len(converted)
+
+
 def load_kernels(device):
     """Import ``lorakern.kernels``; for CPU tensors, in interpreter mode.
 
     Triton fixes a kernel's mode when it is decorated, so the interpreter is
-    switched on before the first import, or not at all.
+    switched on before the first import of the kernels, or not at all.
     """
     name = "lorakern.kernels"
     if device.type == "cpu" and not _interpreting():
@@ -88,6 +112,16 @@ def load_kernels(device):
             raise RuntimeError("lorakern: the Triton kernels were compiled for the GPU in this "
                                "process; set TRITON_INTERPRET=1 before importing lorakern to "
                                "run them on CPU tensors")
+        if "triton.language" in sys.modules and torch.cuda.is_available():
+            # converting Triton's helpers would break GPU kernels in this process
+            raise RuntimeError("lorakern: running the Triton kernels on CPU tensors needs "
+                               "Triton's interpreter, which must be on before triton is first "
+                               "imported, and triton was imported already (peft imports it) "
+                               "in a process that also has CUDA. Start Python with "
+                               "TRITON_INTERPRET=1 set (e.g. `TRITON_INTERPRET=1 python "
+                               "train.py`), or move the tensors to the GPU")
         os.environ["TRITON_INTERPRET"] = "1"
+        if "triton.language" in sys.modules:
+            _interpret_triton_helpers()
         log.info("lorakern: running the Triton kernels on CPU in Triton's interpreter")
     return importlib.import_module(name)

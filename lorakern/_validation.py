@@ -58,13 +58,31 @@ def check_base_dtypes(x, weight, bias):
                         f"{weight.dtype}{bias_part} (lora_A and lora_B may differ)")
 
 
+def _plain_number(value, name):
+    """A Python number for ``value``: a one-element tensor without grad is read out; a
+    symbolic number under torch.compile becomes a constant of the graph (a layer's scale
+    and dropout do not change from call to call)."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise TypeError(f"{name} is a tensor that requires grad; lorakern treats {name} "
+                            f"as a constant and computes no gradient for it: pass a float "
+                            f"(or {name}.detach() if it should stay fixed)")
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a real number or a one-element tensor, got a "
+                            f"tensor of shape {tuple(value.shape)}")
+        return value.item()
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return float(value)
+    return value
+
+
 def check_scalars(scale, dropout_p):
     """Returns (scale, dropout_p) as Python floats."""
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        scale = scale.item()
+    scale = _plain_number(scale, "scale")
+    dropout_p = _plain_number(dropout_p, "dropout_p")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
         raise ValueError(f"scale must be finite, got {scale}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")

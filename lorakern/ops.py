@@ -8,6 +8,7 @@ breaks, forward and backward.
 CPU tensor drawn in the graph from torch's generator, so it follows
 torch.manual_seed and the RNG state torch.utils.checkpoint restores.
 """
+import math
 from typing import List, Optional
 
 import torch
@@ -26,7 +27,9 @@ def lora_linear_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
 
 @lora_linear_op.register_fake
 def _lora_linear_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
-    rows = x.shape[:-1].numel()
+    # math.prod keeps M symbolic; torch.Size.numel() would specialize it to an int, and
+    # torch.compile would then recompile for every new token count
+    rows = math.prod(x.shape[:-1])
     return [x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, lora_A.shape[0])]
 
 

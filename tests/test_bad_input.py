@@ -37,6 +37,11 @@ BAD = [
     ("scale_nan", {"scale": float("nan")}, ValueError, r"scale must be finite, got nan"),
     ("scale_inf", {"scale": float("inf")}, ValueError, r"scale must be finite, got inf"),
     ("scale_str", {"scale": "2"}, TypeError, r"scale must be a real number, got str"),
+    ("scale_requires_grad", {"scale": torch.tensor(2.0, requires_grad=True)}, TypeError,
+     r"scale is a tensor that requires grad.*computes no gradient for it"),
+    ("scale_vector", {"scale": torch.ones(2)}, TypeError, r"scale must be .*shape \(2,\)"),
+    ("p_requires_grad", {"dropout_p": torch.tensor(0.1, requires_grad=True)}, TypeError,
+     r"dropout_p is a tensor that requires grad"),
 ]
 
 
@@ -80,24 +85,40 @@ def test_float64_with_the_triton_backend_forced_is_an_error(monkeypatch):
         lorakern.lora_linear(**args)
 
 
-def test_backend_triton_runs_cpu_tensors_in_the_interpreter_without_setup(tmp_path):
-    """LORAKERN_BACKEND=triton alone (no TRITON_INTERPRET) sends CPU tensors
-    through the kernels: a fresh process, as a user would start it."""
+def _run_fresh_process(script, **env_changes):
+    """(returncode, stdout, stderr) of ``python -c script`` with no TRITON_INTERPRET and
+    no GPU, as a user would start it."""
     import os
     import subprocess
     import sys
 
-    script = ("import torch, lorakern\n"
-              "x, w, a, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)\n"
-              "y = lorakern.lora_linear(x, w, a, b, 0.5)\n"
-              "ref = lorakern.reference.lora_linear(x, w, a, b, 0.5)\n"
-              "from lorakern import kernels\n"
-              "assert kernels.launch_counts['lora_forward'] == 1, kernels.launch_counts\n"
-              "assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)\n"
-              "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["LORAKERN_BACKEND"] = "triton"
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(CUDA_VISIBLE_DEVICES="", **env_changes)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    return done.returncode, done.stdout.strip(), done.stderr[-3000:]
+
+
+BACKEND_TRITON_SCRIPT = (
+    "import torch, lorakern\n"
+    "x, w, a, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)\n"
+    "a.requires_grad_()\n"
+    "y = lorakern.lora_linear(x, w, a, b, 0.5, None, 0.25)\n"
+    "y.sum().backward()\n"
+    "y = lorakern.lora_linear(x, w, a, b, 0.5)\n"
+    "ref = lorakern.reference.lora_linear(x, w, a, b, 0.5)\n"
+    "from lorakern import kernels\n"
+    "assert kernels.launch_counts['lora_forward'] == 2, kernels.launch_counts\n"
+    "assert kernels.launch_counts['tn_matmul'] >= 1, kernels.launch_counts\n"
+    "assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)\n"
+    "print('ok')\n")
+
+
+@pytest.mark.parametrize("imported_first", ["", "triton", "peft"])
+def test_backend_triton_runs_cpu_tensors_in_the_interpreter_without_setup(imported_first):
+    """LORAKERN_BACKEND=triton alone (no TRITON_INTERPRET) sends CPU tensors
+    through the kernels, also when triton (or peft, which imports it) was imported
+    before lorakern had switched the interpreter on."""
+    script = (f"import {imported_first}\n" if imported_first else "") + BACKEND_TRITON_SCRIPT
+    returncode, stdout, stderr = _run_fresh_process(script, LORAKERN_BACKEND="triton")
+    assert returncode == 0 and stdout == "ok", stderr

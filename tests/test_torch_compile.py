@@ -122,3 +122,28 @@ def test_fullgraph_compile_of_a_model_with_lora_linear_layers(device):
     assert grads.keys() == eager.keys() == {"0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"}
     for name, grad in grads.items():
         assert_matches_oracle(grad.cpu(), eager[name].double().cpu(), torch.float32, name)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+def test_one_compiled_graph_serves_every_token_count(dynamic, device):
+    """Variable sequence lengths are the normal case in training: after the first
+    recompile makes M symbolic, no new token count compiles again (and the
+    fullgraph recompile limit is never hit)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    layer = lorakern.LoRALinear(16, 8, r=3, alpha=6).to(device)
+    torch.nn.init.normal_(layer.lora_B)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter, dynamic=dynamic)
+    compiles_after_two = None
+    for index, seq in enumerate((3, 4, 5, 7, 9, 12, 16, 17, 23, 31, 40, 64)):
+        if index == 2:
+            compiles_after_two = counter.frame_count
+        x = torch.randn(2, seq, 16, device=device)
+        y = compiled(x)
+        y.square().sum().backward()
+        assert_matches_oracle(y.detach().cpu(), layer(x).detach().double().cpu(),
+                              torch.float32, f"y at {seq} tokens")
+    assert counter.frame_count == compiles_after_two, (
+        f"{counter.frame_count - compiles_after_two} recompiles after the second token count")
