@@ -4,6 +4,7 @@ PyTorch reference.
 - ``LORAKERN_BACKEND=reference``: the reference, on any device.
 - CUDA tensors: the kernels; when they cannot serve the call (triton missing,
   float64), the reference, with a warning that says why, once per reason.
+- meta tensors: the reference, which gives shapes and dtypes as nn.Linear does.
 - CPU tensors: the reference, unless ``TRITON_INTERPRET=1`` or
   ``LORAKERN_BACKEND=triton``, which run the kernels in Triton's interpreter.
 """
@@ -49,7 +50,8 @@ def _unsupported_dtypes(tensors):
 def select_backend(x, *others):
     """'triton' or 'reference' for a call on these (validated) tensors."""
     requested = requested_backend()
-    if requested == "reference":
+    if requested == "reference" or x.device.type == "meta":
+        # meta tensors carry shapes only (models built empty): nothing runs either way
         return "reference"
     tensors = (x,) + tuple(t for t in others if t is not None)
     on_cpu_by_request = x.device.type == "cpu" and (requested == "triton" or _interpreting())

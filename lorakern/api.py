@@ -15,6 +15,8 @@ def _autocast_dtype(device_type):
     except TypeError:  # torch < 2.4 takes no device type
         enabled = (torch.is_autocast_enabled() if device_type == "cuda"
                    else torch.is_autocast_cpu_enabled())
+    except RuntimeError:  # a device type autocast does not know, such as meta
+        return None
     if not enabled:
         return None
     if hasattr(torch, "get_autocast_dtype"):
