@@ -13,9 +13,10 @@ No kernel forms the N x K product A B.
 """
 from ._common import SUPPORTED_DTYPES, empty, launch_counts, rank_block
 from .dropout_mask import dropout_keep_mask
+from .lora_embedding import lora_embedding_backward, lora_embedding_forward
 from .lora_forward import lora_forward
 from .lora_grad_input import lora_grad_input
 from .lora_grad_weights import tn_matmul
 
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "dropout_keep_mask",
-           "lora_forward", "lora_grad_input", "tn_matmul"]
+           "lora_embedding_backward", "lora_embedding_forward", "lora_forward", "lora_grad_input", "tn_matmul"]

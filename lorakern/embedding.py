@@ -1,0 +1,131 @@
+"""LoRA on embeddings: ``lora_embedding`` and its autograd Function.
+
+    y = E[ids] + s * (A[:, ids])^T B^T,    E (V, D), A (R, V), B (D, R)
+
+A and B in PEFT's ``lora_embedding_A`` / ``lora_embedding_B`` layouts. PEFT applies
+no dropout to embedding adapters, and neither does lorakern. The math of the
+kernels is in ``lorakern.kernels.lora_embedding``.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._backend import load_kernels, select_backend
+from ._validation import FLOAT_DTYPES, check_scalars
+
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_embedding_tensors(ids, weight, lora_A, lora_B):
+    named = {"ids": ids, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"ids has dtype {ids.dtype}; token ids must be torch.int32 or "
+                        f"torch.int64")
+    for name in ("weight", "lora_A", "lora_B"):
+        if named[name].dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {named[name].dtype}; lorakern takes float16, "
+                            f"bfloat16, float32 or float64")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got shape "
+                         f"{tuple(weight.shape)}")
+    num_embeddings, dim = weight.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != num_embeddings or lora_A.shape[0] == 0:
+        raise ValueError(f"lora_A must be (r >= 1, num_embeddings={num_embeddings}), got shape "
+                         f"{tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (dim, lora_A.shape[0]):
+        raise ValueError(f"lora_B must be (embedding_dim={dim}, r={lora_A.shape[0]}) to match "
+                         f"weight {tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}, got "
+                         f"shape {tuple(lora_B.shape)}")
+
+
+def _check_padding_idx(padding_idx, num_embeddings):
+    """padding_idx as a non-negative int (or None), as nn.Embedding normalises it."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx={padding_idx} is outside [-{num_embeddings}, "
+                         f"{num_embeddings}) for num_embeddings={num_embeddings}")
+    return padding_idx % num_embeddings
+
+
+def _check_ids_in_range(ids, num_embeddings):
+    """Every id in [0, num_embeddings): checked before any kernel (one device sync)."""
+    if ids.numel() == 0 or ids.device.type == "meta":
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= num_embeddings:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is out of range for an embedding of "
+                         f"num_embeddings={num_embeddings} (ids must be in [0, "
+                         f"{num_embeddings - 1}])")
+
+
+def reference_lora_embedding(ids, weight, lora_A, lora_B, scale, padding_idx=None):
+    """The layer in plain PyTorch (the CPU backend and the tests' oracle): PEFT's
+    math, the rank product in the promoted dtype of A and B, y in weight's dtype."""
+    base = F.embedding(ids, weight, padding_idx)
+    lora_dtype = torch.promote_types(lora_A.dtype, lora_B.dtype)
+    after_a = F.embedding(ids, lora_A.to(lora_dtype).t(), padding_idx)
+    lora = F.linear(after_a, lora_B.to(lora_dtype)) * scale
+    total = torch.promote_types(weight.dtype, lora_dtype)
+    return (base.to(total) + lora.to(total)).to(weight.dtype)
+
+
+class FusedLoRAEmbedding(torch.autograd.Function):
+    """``FusedLoRAEmbedding.apply(ids, weight, lora_A, lora_B, scale, padding_idx)``.
+
+    Saves only the ids and references to E, A and B: no T x D or V x D tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, ids, weight, lora_A, lora_B, scale, padding_idx):
+        kernels = load_kernels(weight.device)
+        flat = ids.reshape(-1)
+        y = kernels.lora_embedding_forward(flat, weight, lora_A, lora_B, scale)
+        ctx.save_for_backward(flat, weight, lora_A, lora_B)
+        ctx.scale, ctx.padding_idx, ctx.ids_shape = scale, padding_idx, ids.shape
+        return y.reshape(*ids.shape, weight.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        flat, weight, lora_A, lora_B = ctx.saved_tensors
+        _, need_e, need_a, need_b = ctx.needs_input_grad[:4]
+        kernels = load_kernels(grad_y.device)
+        dy = grad_y.reshape(flat.shape[0], weight.shape[1])
+        grad_e, grad_a, grad_b = kernels.lora_embedding_backward(
+            dy, flat, weight, lora_A, lora_B, ctx.scale, ctx.padding_idx, need_a, need_b,
+            need_e)
+        return None, grad_e, grad_a, grad_b, None, None
+
+
+def lora_embedding(ids, weight, lora_A, lora_B, scale=1.0, padding_idx=None):
+    """y = weight[ids] + scale * (lora_A[:, ids])^T lora_B^T, fused.
+
+    Args:
+        ids: token ids of any shape, torch.int32 or torch.int64, each in
+            ``[0, num_embeddings)`` (checked before any kernel runs).
+        weight: ``[num_embeddings, embedding_dim]``, float16/bfloat16/float32.
+        lora_A: ``[r, num_embeddings]``; lora_B: ``[embedding_dim, r]`` (PEFT's
+            ``lora_embedding_A`` / ``lora_embedding_B``), any float dtype.
+        scale: s, e.g. alpha / r.
+        padding_idx: as nn.Embedding's: that row of weight and that column of
+            lora_A get no gradient.
+    Returns:
+        ``[*ids.shape, embedding_dim]`` in weight's dtype.
+    """
+    _check_embedding_tensors(ids, weight, lora_A, lora_B)
+    scale, _ = check_scalars(scale, 0.0)
+    padding_idx = _check_padding_idx(padding_idx, weight.shape[0])
+    _check_ids_in_range(ids, weight.shape[0])
+    if select_backend(weight, lora_A, lora_B) == "reference":
+        return reference_lora_embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
+    return FusedLoRAEmbedding.apply(ids, weight, lora_A, lora_B, scale, padding_idx)
