@@ -10,6 +10,11 @@ as it is and sets ``fan_in_fan_out``; the forward passes a transposed view.
 Merging adds ``s * B @ A`` into ``weight`` in place, in float32, a block of
 ``MERGE_CHUNK_ROWS`` stored rows at a time: the extra memory is a few
 ``MERGE_CHUNK_ROWS x cols`` float32 buffers, never an out x in temporary.
+
+The state dict carries the merged state with the weight (``_extra_state``):
+``load_state_dict`` gives a layer the merged flag of the layer it was saved
+from, so a merged checkpoint loads as a merged layer (``unmerge()`` works on
+it), whatever the state of the layer it is loaded into.
 """
 import math
 import numbers
@@ -27,6 +32,7 @@ from .api import lora_linear
 MERGE_CHUNK_ROWS = 1024
 
 INITS = ("kaiming", "gaussian")
+_EXTRA_STATE = "_extra_state"  # the state dict key torch gives get_extra_state's value
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -87,6 +93,19 @@ def _reset_linear(weight, bias):
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _merged_state(state):
+    """(merged, merged scale) from a LoRALinear ``_extra_state`` tensor; ValueError
+    naming the value for anything else."""
+    ok = (isinstance(state, torch.Tensor) and state.dtype.is_floating_point
+          and state.shape == (2,) and bool(torch.isfinite(state).all())
+          and float(state[0]) in (0.0, 1.0))
+    if not ok:
+        raise ValueError(f"a LoRALinear _extra_state is a float tensor [merged (0 or 1), scale "
+                         f"merged with], got {state!r}")
+    merged = float(state[0]) == 1.0
+    return merged, (float(state[1]) if merged else None)
+
+
 class LoRALinear(nn.Module):
     """``nn.Linear`` plus a LoRA adapter, computed by the fused kernels.
 
@@ -107,6 +126,15 @@ class LoRALinear(nn.Module):
     ``bias`` (out,) frozen or None, ``lora_A`` (r, in), ``lora_B`` (out, r),
     ``in_features``, ``out_features``, ``r``, ``alpha``, ``use_rslora``,
     ``scale``, ``dropout`` (the probability), ``fan_in_fan_out``, ``merged``.
+
+    State dict: ``weight``, ``bias``, ``lora_A``, ``lora_B`` and ``_extra_state``,
+    a float64 tensor ``[merged, scale merged with]`` (``[0, 0]`` unmerged).
+    Loading it makes the layer merged or not as the saved layer was: the weight
+    and the flag always travel together, so the outputs are the saved layer's.
+    A state dict without ``_extra_state`` (written before the flag existed)
+    loads as unmerged, also with ``strict=True``. Loading ``lora_A``/``lora_B``
+    without ``weight`` (``strict=False``) into a merged layer is refused: the
+    weight would keep the old adapter merged in.
     """
 
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
@@ -194,6 +222,51 @@ class LoRALinear(nn.Module):
             return F.linear(x, weight, self.bias)
         return lora_linear(x, weight, self.lora_A, self.lora_B, self.scale, self.bias,
                            self.dropout if self.training else 0.0)
+
+    # ------------------------------------------------------------------ state dict
+    def get_extra_state(self):
+        # a tensor, not a dict: state dicts stay all-tensor (safetensors can save them),
+        # float64 so that the scale comes back bit for bit
+        scale = self._merged_scale if self._merged else 0.0
+        return torch.tensor([float(self._merged), scale], dtype=torch.float64)
+
+    def set_extra_state(self, state):
+        self._merged, self._merged_scale = _merged_state(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        before = (self._merged, self._merged_scale)
+        errors_before = len(error_msgs)
+        try:
+            after = self._incoming_merged_state(state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(f"LoRALinear '{prefix[:-1]}': {err}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        extra_key = prefix + _EXTRA_STATE
+        if extra_key not in state_dict and extra_key in missing_keys:
+            missing_keys.remove(extra_key)  # an older state dict: loads as unmerged
+        failed = len(error_msgs) > errors_before  # e.g. a weight of another shape
+        self._merged, self._merged_scale = before if failed else after
+
+    def _incoming_merged_state(self, state_dict, prefix):
+        """(merged, merged scale) the layer has after loading ``state_dict``;
+        ValueError if the state dict cannot give a consistent layer."""
+        extra = state_dict.get(prefix + _EXTRA_STATE)
+        incoming = None if extra is None else _merged_state(extra)
+        if prefix + "weight" in state_dict:
+            return incoming or (False, None)
+        current = (self._merged, self._merged_scale)
+        if incoming is not None and incoming[0] != current[0]:
+            raise ValueError(f"the state dict says merged={incoming[0]} but holds no weight, and "
+                             f"this layer is merged={current[0]}")
+        adapters = [k for k in ("lora_A", "lora_B") if prefix + k in state_dict]
+        if current[0] and adapters:
+            raise ValueError(f"the state dict holds {' and '.join(adapters)} but no weight, and "
+                             f"this layer is merged: its weight would keep the old adapter merged "
+                             f"in; unmerge() it first, or load a state dict with the weight")
+        return current
 
     # ------------------------------------------------------------------ merging
     def merge(self):

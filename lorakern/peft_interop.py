@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import re
+import secrets
+import shutil
 import types
 import warnings
 
@@ -27,7 +29,7 @@ from torch import nn
 
 from .api import lora_linear
 from .inject import inject_lora
-from .modules import LoRALinear
+from .modules import LoRALinear, _check_lora_args, base_layout
 
 log = logging.getLogger("lorakern")
 
@@ -378,10 +380,14 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
 
     Ranks and alphas that differ between layers go into PEFT's ``rank_pattern``
     / ``alpha_pattern``; ``use_rslora`` and the dropout probability must be the
-    same for all layers (ValueError otherwise).
-    """
-    from safetensors.torch import save_file
+    same for all layers (ValueError otherwise). Merged layers save the same
+    adapter as unmerged ones: A and B, never the base weight, so the adapter
+    applies to the original base model either way.
 
+    Both files are written beside their final names and then renamed over the
+    old ones: a save that fails (disk full, ...) leaves an adapter already in
+    ``path`` as it was, and no temporary files.
+    """
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: this {type(model).__name__} has no LoRALinear layers "
@@ -451,10 +457,92 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
             tensors[f"{PREFIX}{module_path}.{key}"] = cpu(t)
 
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_adapter_files(path, config, tensors)
     return path
+
+
+def _write_adapter_files(path, config, tensors):
+    """Both files of the adapter replaced, or neither: each is written to a temporary
+    file beside it first, and if installing the config fails after the weights went
+    in, the old weights are put back (a crash between the two renames is the only
+    way to get a mixed pair)."""
+    from safetensors.torch import save_file
+
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    config_file = os.path.join(path, CONFIG_NAME)
+    weights_tmp = _temporary_name(path, WEIGHTS_NAME)
+    config_tmp = _temporary_name(path, CONFIG_NAME)
+    backup = None
+    try:
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        _fsync(weights_tmp)
+        with open(config_tmp, "x", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        backup = _backup_of(weights_file, path)
+        os.replace(weights_tmp, weights_file)
+        try:
+            os.replace(config_tmp, config_file)
+        except BaseException:
+            _restore(weights_file, backup)
+            backup = None
+            raise
+    finally:
+        for leftover in (weights_tmp, config_tmp, backup):
+            if leftover is not None and os.path.lexists(leftover):
+                os.remove(leftover)
+    _fsync_directory(path)
+
+
+def _temporary_name(directory, name):
+    """An unused name beside ``name``: os.replace is then a rename within one
+    filesystem, which is atomic. Only a name: whoever writes the file creates it,
+    with the usual permissions (mkstemp's would be owner-only)."""
+    return os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+
+
+def _backup_of(file, directory):
+    """A second name for ``file`` (a hard link, or a copy where links are not
+    supported), or None when there is no such file."""
+    if not os.path.exists(file):
+        return None
+    backup = _temporary_name(directory, os.path.basename(file) + ".old")
+    try:
+        os.link(file, backup)
+    except OSError:
+        shutil.copy2(file, backup)
+    return backup
+
+
+def _restore(file, backup):
+    if backup is None:  # there was no file before this save
+        os.remove(file)
+    else:
+        os.replace(backup, file)
+
+
+def _fsync(file):
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory):
+    """Makes the renames durable where the OS allows syncing a directory (POSIX);
+    elsewhere the renames are done all the same, only not flushed yet."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,24 +562,108 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 def _read_adapter(path):
+    return _read_config(path), _read_weights(path)
+
+
+def _read_config(path):
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         raise ValueError(f"load_adapter: no {CONFIG_NAME} in '{path}'")
-    with open(config_file) as f:
-        config = json.load(f)
-    weights = os.path.join(path, WEIGHTS_NAME)
-    if os.path.isfile(weights):
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as err:  # invalid JSON or not UTF-8
+        raise ValueError(f"load_adapter: '{config_file}' is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: '{config_file}' holds a JSON {type(config).__name__}, "
+                         f"not an object of LoraConfig fields")
+    return config
+
+
+def _read_weights(path):
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    bin_file = os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(weights_file):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        state = load_file(weights)
-    elif os.path.isfile(os.path.join(path, "adapter_model.bin")):
-        state = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu",
-                           weights_only=True)
+        try:
+            state = load_file(weights_file)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"load_adapter: '{weights_file}' is not a readable safetensors "
+                             f"file (corrupt or truncated?): {err}") from err
+    elif os.path.isfile(bin_file):
+        weights_file = bin_file
+        try:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load's errors on a damaged file have no common type
+            raise ValueError(f"load_adapter: '{bin_file}' is not a readable PyTorch weights "
+                             f"file (corrupt or truncated?): {type(err).__name__}: {err}"
+                             ) from err
     else:
         raise ValueError(f"load_adapter: no {WEIGHTS_NAME} (or adapter_model.bin) in '{path}'")
-    return config, state
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                              for k, t in state.items()):
+        raise ValueError(f"load_adapter: '{weights_file}' is not a mapping of names to tensors")
+    return state
+
+
+def _is_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _pattern_problems(config, field, value_ok, wanted):
+    pattern = config.get(field)
+    if pattern is None:
+        return []
+    if not isinstance(pattern, dict):
+        return [f"{field}={pattern!r} (an object of module-name patterns)"]
+    problems = []
+    for key, value in pattern.items():
+        try:
+            re.compile(key)
+        except re.error as err:
+            problems.append(f"{field} key {key!r} is not a regular expression ({err})")
+        if not value_ok(value):
+            problems.append(f"{field}[{key!r}]={value!r} ({wanted})")
+    return problems
+
+
+def _field_problems(config):
+    """What is malformed among the fields load_adapter uses."""
+    problems = []
+    r = config.get("r", 8)
+    if not _is_integer(r) or r < 1:
+        problems.append(f"r={r!r} (an integer >= 1)")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_finite_number(alpha):
+        problems.append(f"lora_alpha={alpha!r} (a finite number)")
+    dropout = config.get("lora_dropout", 0.0)
+    if dropout is not None and not (_is_finite_number(dropout) and 0.0 <= dropout < 1.0):
+        problems.append(f"lora_dropout={dropout!r} (a probability in [0, 1))")
+    rslora = config.get("use_rslora", False)
+    if rslora is not None and not isinstance(rslora, bool):
+        problems.append(f"use_rslora={rslora!r} (true or false)")
+    problems += _pattern_problems(config, "rank_pattern",
+                                  lambda v: _is_integer(v) and v >= 1, "an integer >= 1")
+    problems += _pattern_problems(config, "alpha_pattern", _is_finite_number, "a finite number")
+    entries = config.get("modules_to_save")
+    if entries is not None and not (isinstance(entries, list)
+                                    and all(isinstance(e, str) and e for e in entries)):
+        problems.append(f"modules_to_save={entries!r} (a list of module names)")
+    return problems
 
 
 def _check_config(config, path):
+    config_file = os.path.join(path, CONFIG_NAME)
+    malformed = _field_problems(config)
+    if malformed:
+        raise ValueError(f"load_adapter: '{config_file}' has invalid values: "
+                         f"{'; '.join(malformed)}")
     problems = []
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type={config.get('peft_type')!r} (only 'LORA' adapters)")
@@ -547,6 +719,92 @@ def _split_state(state, path):
     return adapters, others
 
 
+def _layer_settings(model, adapters, config, path):
+    """{module name: (r, alpha)} for every adapted layer; ValueError listing every
+    module the adapter does not fit."""
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    problems, settings = [], {}
+    for name, pair in sorted(adapters.items()):
+        problem = _layer_problem(model, name, pair)
+        if problem:
+            problems.append(f"'{name}'{problem}")
+            continue
+        r = pair["A"].shape[0]
+        expected_r = _pattern_value(config.get("rank_pattern"), name, r_default)
+        if r != expected_r:
+            problems.append(f"'{name}': lora_A has rank {r}, the config says r={expected_r}")
+            continue
+        settings[name] = (r, _pattern_value(config.get("alpha_pattern"), name, alpha_default))
+    if problems:
+        raise ValueError(f"load_adapter: '{path}' cannot be loaded into this model: "
+                         f"{'; '.join(problems)}")
+    return settings
+
+
+def _layer_problem(model, name, pair):
+    """Why the LoRA pair cannot go on module ``name`` (text after the name), or None."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return f": no such module in this {type(model).__name__}"
+    if not _is_linear_like(module) or isinstance(module, LoRALinear):
+        return f" is a {type(module).__name__}, not an nn.Linear or Conv1D without an adapter"
+    try:
+        in_features, out_features, _ = base_layout(module)
+    except TypeError as err:
+        return f": {err}"
+    a, b = pair.get("A"), pair.get("B")
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        return (f": lora_A {None if a is None else tuple(a.shape)} and lora_B "
+                f"{None if b is None else tuple(b.shape)} are not a LoRA pair of a linear layer")
+    if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+        return f": lora_A ({a.dtype}) and lora_B ({b.dtype}) must be floating point"
+    if a.shape[1] != in_features or b.shape[0] != out_features:
+        return (f": lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit its "
+                f"{in_features} inputs and {out_features} outputs")
+    return None
+
+
+def _check_injection_args(settings, dropout, adapter_dtype, path):
+    """inject_lora's argument checks, run before anything is changed."""
+    for r, alpha in sorted(set(settings.values())):
+        try:
+            _check_lora_args(r, alpha, dropout, "kaiming", adapter_dtype)
+        except ValueError as err:
+            raise ValueError(f"load_adapter: '{path}': {err}") from None
+
+
+def _saved_module_names(model, config, settings, path):
+    """modules_to_save as PEFT selects them (a plain suffix test; entries that match
+    nothing are ignored, e.g. the "classifier"/"score" pair of SEQ_CLS), by exact
+    name; ValueError if one of them holds or is inside an adapted layer."""
+    entries = config.get("modules_to_save") or []
+    names = [n for n, _ in model.named_modules() if n]
+    saved = [n for n in names if any(n.endswith(e) for e in entries)]
+    clashes = [f"'{s}' and '{t}'" for t in settings for s in saved
+               if t == s or t.startswith(s + ".") or s.startswith(t + ".")]
+    if clashes:
+        raise ValueError(f"load_adapter: '{path}': modules_to_save {entries} select modules "
+                         f"that are (or hold, or are inside) LoRA layers: {'; '.join(clashes)}")
+    return saved
+
+
+def _base_tensors(model, others, path):
+    """{name: the model's tensor} for the tensors the adapter carries whole
+    (modules_to_save, resized embeddings); ValueError for any the model lacks or
+    holds in another shape."""
+    targets = {n: t for n, t in model.state_dict().items()
+               if isinstance(t, torch.Tensor) and not n.endswith("._extra_state")}
+    unexpected = sorted(set(others) - set(targets))
+    if unexpected:
+        raise ValueError(f"load_adapter: '{path}' holds tensors this model lacks: {unexpected}")
+    mismatched = [f"'{n}' {tuple(t.shape)} in the adapter, {tuple(targets[n].shape)} in the model"
+                  for n, t in others.items() if t.shape != targets[n].shape]
+    if mismatched:
+        raise ValueError(f"load_adapter: '{path}': shapes differ: {'; '.join(mismatched)}")
+    return {n: targets[n] for n in others}
+
+
 def load_adapter(model, path, adapter_dtype=None):
     """Inject a PEFT LoRA adapter into ``model`` as ``LoRALinear`` layers.
 
@@ -560,9 +818,13 @@ def load_adapter(model, path, adapter_dtype=None):
     loaded, and the tensors of ``modules_to_save`` (and any other base tensors
     the adapter carries, e.g. resized embeddings) are copied into the model.
 
-    Raises ValueError naming what it cannot reproduce: non-LORA ``peft_type``,
-    ``bias`` other than "none", ``use_dora``, ``lora_bias`` and other LoRA
-    variants, LoRA on embeddings or other non-Linear layers.
+    Raises ValueError, before the model is changed in any way, naming what it
+    cannot reproduce: non-LORA ``peft_type``, ``bias`` other than "none",
+    ``use_dora``, ``lora_bias`` and other LoRA variants, LoRA on embeddings or
+    other non-Linear layers; invalid config values (``r``, ``lora_alpha``,
+    ``lora_dropout``, patterns, ``modules_to_save``); tensors that do not fit
+    the model; a config file that is not a JSON object, or a weights file that
+    cannot be read (both named by path).
 
     Returns:
         ``model``, in place.
@@ -572,65 +834,19 @@ def load_adapter(model, path, adapter_dtype=None):
     adapters, others = _split_state(state, path)
     if not adapters:
         raise ValueError(f"load_adapter: '{path}' holds no lora_A/lora_B weights")
-
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    if _is_linear_like(model) or isinstance(model, LoRALinear):
+        raise ValueError(f"load_adapter: the model is a {type(model).__name__} itself; give the "
+                         f"model that holds the adapted layers")
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    problems, settings = [], {}
-    for name, pair in sorted(adapters.items()):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"'{name}': no such module in this {type(model).__name__}")
-            continue
-        if not _is_linear_like(module) or isinstance(module, LoRALinear):
-            problems.append(f"'{name}' is a {type(module).__name__}, not an nn.Linear or "
-                            f"Conv1D without an adapter")
-            continue
-        a, b = pair.get("A"), pair.get("B")
-        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            problems.append(f"'{name}': lora_A {None if a is None else tuple(a.shape)} and "
-                            f"lora_B {None if b is None else tuple(b.shape)} are not a LoRA "
-                            f"pair of a linear layer")
-            continue
-        out_features, in_features = (module.weight.shape if isinstance(module, nn.Linear)
-                                     else module.weight.shape[::-1])
-        if a.shape[1] != in_features or b.shape[0] != out_features:
-            problems.append(f"'{name}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
-                            f"not fit its {in_features} inputs and {out_features} outputs")
-            continue
-        r = a.shape[0]
-        expected_r = _pattern_value(config.get("rank_pattern"), name, r_default)
-        if r != expected_r:
-            problems.append(f"'{name}': lora_A has rank {r}, the config says r={expected_r}")
-            continue
-        settings[name] = (r, _pattern_value(config.get("alpha_pattern"), name, alpha_default))
-    if problems:
-        raise ValueError(f"load_adapter: '{path}' cannot be loaded into this model: "
-                         f"{'; '.join(problems)}")
+    settings = _layer_settings(model, adapters, config, path)
+    _check_injection_args(settings, dropout, adapter_dtype, path)
+    saved = _saved_module_names(model, config, settings, path)
+    base_tensors = _base_tensors(model, others, path)
 
-    # tensors saved whole (modules_to_save, resized embeddings) go into the base model
-    # under the names they have before injection; every check before any write
-    targets = model.state_dict()
-    unexpected = sorted(set(others) - set(targets))
-    if unexpected:
-        raise ValueError(f"load_adapter: '{path}' holds tensors this model lacks: {unexpected}")
-    mismatched = [f"'{n}' {tuple(t.shape)} in the adapter, {tuple(targets[n].shape)} in the model"
-                  for n, t in others.items() if t.shape != targets[n].shape]
-    if mismatched:
-        raise ValueError(f"load_adapter: '{path}': shapes differ: {'; '.join(mismatched)}")
-    with torch.no_grad():
-        for name, t in others.items():
-            targets[name].copy_(t)
-
-    # modules_to_save as PEFT selects them (a plain suffix test; entries that match
-    # nothing are ignored, e.g. the "classifier"/"score" pair of SEQ_CLS), by exact name
-    entries = config.get("modules_to_save") or []
-    names = [n for n, _ in model.named_modules() if n]
-    saved = [n for n in names if any(n.endswith(e) for e in entries)]
-
-    # one inject_lora per (r, alpha): rank_pattern / alpha_pattern give several
-    # (inject_lora keeps the adapters of earlier calls trainable)
+    # everything is checked: from here on the model changes. One inject_lora per
+    # (r, alpha): rank_pattern / alpha_pattern give several (inject_lora keeps the
+    # adapters of earlier calls trainable)
     groups = {}
     for name, value in settings.items():
         groups.setdefault(value, []).append(name)
@@ -638,10 +854,13 @@ def load_adapter(model, path, adapter_dtype=None):
         inject_lora(model, _exact_regex(group), r=r, alpha=alpha, dropout=dropout,
                     modules_to_save=_exact_regex(saved) if saved else None,
                     use_rslora=use_rslora, adapter_dtype=adapter_dtype)
-
     with torch.no_grad():
         for name, pair in adapters.items():
             layer = model.get_submodule(name)
             layer.lora_A.copy_(pair["A"])
             layer.lora_B.copy_(pair["B"])
+        # the base tensors keep their objects (LoRALinear holds the base layer's own
+        # Parameters), so the references taken before injection are still the model's
+        for name, t in others.items():
+            base_tensors[name].copy_(t)
     return model

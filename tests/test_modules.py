@@ -1,5 +1,6 @@
 """``LoRALinear``: forward and gradients against the float64 oracle, init, dtypes,
-``from_linear`` (nn.Linear and GPT-2's Conv1D), merge and unmerge.
+``from_linear`` (nn.Linear and GPT-2's Conv1D), merge and unmerge, the merged
+state through state dicts.
 
 The kernels run in Triton's interpreter on CPU (see conftest): shapes are tens.
 """
@@ -113,7 +114,7 @@ def test_only_the_adapters_are_trainable(device):
     layer = LoRALinear(8, 6, r=2, device=device)
     trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B"}
-    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "_extra_state"}
 
 
 def test_dropout_applies_in_training_only(device, monkeypatch):
@@ -524,3 +525,127 @@ def test_merged_forward_is_a_plain_linear(device):
     layer.merge()
     x = torch.randn(4, 10, device=device)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+# ---------------------------------------------------------------- merged state in the state dict
+
+def _adapter_oracle(layer, x):
+    """The float64 output of the layer's unmerged function: base + s * B A."""
+    return oracle(x, out_in(layer), layer.lora_A, layer.lora_B, layer.scale, layer.bias)[0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_merged_state_dict_loads_as_a_merged_layer_with_the_same_outputs(layout, device):
+    torch.manual_seed(22)
+    source = with_random_adapter(LAYOUTS[layout](torch.float32, device))
+    x = torch.randn(4, source.in_features, device=device)
+    expected = _adapter_oracle(source, x)
+    source.merge()
+    target = LAYOUTS[layout](torch.float32, device)
+    assert not target.merged
+
+    target.load_state_dict(source.state_dict())
+    assert target.merged
+    assert torch.equal(target(x), source(x))
+    assert_matches_oracle(target(x), expected, torch.float32, "loaded merged layer")
+    # the scale it was merged with travels too: unmerge gives the source's base weight back
+    target.unmerge()
+    source.unmerge()
+    assert torch.equal(target.weight, source.weight)
+    assert_matches_oracle(target(x), expected, torch.float32, "loaded layer, unmerged")
+
+
+def test_an_unmerged_state_dict_loads_into_a_merged_layer_as_unmerged(device):
+    torch.manual_seed(23)
+    source = with_random_adapter(LoRALinear(12, 9, r=3, alpha=5, device=device))
+    target = with_random_adapter(LoRALinear(12, 9, r=3, alpha=5, device=device))
+    target.merge()
+    x = torch.randn(4, 12, device=device)
+
+    target.load_state_dict(source.state_dict())
+    assert not target.merged
+    assert torch.equal(target(x), source(x))
+    assert_matches_oracle(target(x), _adapter_oracle(source, x), torch.float32, "loaded layer")
+
+
+def test_unmerge_after_loading_uses_the_saved_merge_scale_not_the_layers_own(device):
+    torch.manual_seed(24)
+    source = with_random_adapter(LoRALinear(12, 9, r=3, alpha=5, device=device), b_std=0.1)
+    base = source.weight.detach().clone()
+    source.merge()
+    target = LoRALinear(12, 9, r=3, alpha=50, device=device)  # scale 50/3, not 5/3
+    target.load_state_dict(source.state_dict())
+    target.unmerge()
+    torch.testing.assert_close(target.weight.detach(), base, atol=1e-6, rtol=1e-6)
+
+
+def test_a_state_dict_without_the_merged_flag_loads_strictly_as_unmerged(device):
+    """State dicts written before the flag existed hold no ``_extra_state``."""
+    torch.manual_seed(25)
+    source = with_random_adapter(LoRALinear(12, 9, r=3, device=device))
+    old = {k: v for k, v in source.state_dict().items() if k != "_extra_state"}
+    target = with_random_adapter(LoRALinear(12, 9, r=3, device=device))
+    target.merge()
+
+    result = target.load_state_dict(old, strict=True)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    assert not target.merged
+    x = torch.randn(4, 12, device=device)
+    assert torch.equal(target(x), source(x))
+
+
+def test_loading_adapters_without_the_weight_into_a_merged_layer_is_refused(device):
+    torch.manual_seed(26)
+    source = with_random_adapter(LoRALinear(12, 9, r=3, device=device))
+    target = with_random_adapter(LoRALinear(12, 9, r=3, device=device))
+    target.merge()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    adapters_only = {k: v for k, v in source.state_dict().items() if k.startswith("lora_")}
+
+    with pytest.raises(RuntimeError, match=r"lora_A and lora_B but no weight.*merged.*unmerge"):
+        target.load_state_dict(adapters_only, strict=False)
+    assert target.merged
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # into an unmerged layer the same partial load is fine
+    target.unmerge()
+    target.load_state_dict(adapters_only, strict=False)
+    assert torch.equal(target.lora_B, source.lora_B)
+
+
+@pytest.mark.parametrize("state", [torch.tensor([2.0, 1.0], dtype=torch.float64),
+                                   torch.tensor([1.0, float("nan")], dtype=torch.float64),
+                                   torch.tensor([1.0], dtype=torch.float64),
+                                   torch.tensor([1, 2])], ids=str)
+def test_a_malformed_merged_flag_is_refused_naming_it(state, device):
+    source = LoRALinear(12, 9, r=3, device=device)
+    target = LoRALinear(12, 9, r=3, device=device)
+    broken = {**source.state_dict(), "_extra_state": state}
+    with pytest.raises(RuntimeError, match=r"_extra_state is a float tensor \[merged"):
+        target.load_state_dict(broken)
+    assert not target.merged
+
+
+def test_a_merged_model_round_trips_through_its_state_dict(device):
+    def model(seed):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                            nn.Linear(16, 6)).to(device)
+        lorakern.inject_lora(net, ["0", "2", "4"], r=2, alpha=3)
+        for layer in net:
+            if isinstance(layer, LoRALinear):
+                with_random_adapter(layer, b_std=0.3)
+        return net
+
+    x = torch.randn(5, 10, device=device)
+    source = model(27)
+    unmerged_out = source(x).detach()
+    lorakern.merge_lora(source)
+    merged_out = source(x).detach()
+    target = model(28)
+
+    target.load_state_dict(source.state_dict(), strict=True)
+    assert all(layer.merged for layer in target if isinstance(layer, LoRALinear))
+    assert torch.equal(target(x), merged_out)
+    lorakern.unmerge_lora(target)
+    assert_matches_oracle(target(x), unmerged_out.double(), torch.float32, "unmerged again")
