@@ -100,13 +100,170 @@ def _merged_state(state):
           and state.shape == (2,) and bool(torch.isfinite(state).all())
           and float(state[0]) in (0.0, 1.0))
     if not ok:
-        raise ValueError(f"a LoRALinear _extra_state is a float tensor [merged (0 or 1), scale "
+        raise ValueError(f"a LoRA layer's _extra_state is a float tensor [merged (0 or 1), scale "
                          f"merged with], got {state!r}")
     merged = float(state[0]) == 1.0
     return merged, (float(state[1]) if merged else None)
 
 
-class LoRALinear(nn.Module):
+class LoRALayer(nn.Module):
+    """What every lorakern adapter layer shares: a frozen base ``weight`` stored
+    (out, in), or (in, out) when ``fan_in_fan_out``; the adapters ``lora_A`` (r, in)
+    and ``lora_B`` (out, r); ``scale``; merging ``s * B @ A`` into the weight and
+    back; and the merged flag in the state dict (``_extra_state``, see
+    ``LoRALinear``). ``merge_lora``/``unmerge_lora`` act on every LoRALayer."""
+
+    def _setup_adapter(self, weight, in_features, out_features, fan_in_fan_out, r, alpha,
+                       use_rslora, adapter_dtype):
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.r = int(r)
+        self.alpha = alpha
+        self.use_rslora = bool(use_rslora)
+        self.scale = alpha / (math.sqrt(r) if use_rslora else r)
+        self._merged = False
+        self._merged_scale = None
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self._adapter_dtype = adapter_dtype
+
+    def _add_adapters(self):
+        """lora_A and lora_B, registered after the base parameters (state dict order)."""
+        adapters = {"device": self.weight.device,
+                    "dtype": self._adapter_dtype or default_adapter_dtype(self.weight.dtype)}
+        del self._adapter_dtype
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **adapters))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **adapters))
+        self.reset_lora_parameters()
+
+    @property
+    def merged(self):
+        """Whether ``s * B @ A`` is currently added into ``weight``."""
+        return self._merged
+
+    # ------------------------------------------------------------------ state dict
+    def get_extra_state(self):
+        # a tensor, not a dict: state dicts stay all-tensor (safetensors can save them),
+        # float64 so that the scale comes back bit for bit
+        scale = self._merged_scale if self._merged else 0.0
+        return torch.tensor([float(self._merged), scale], dtype=torch.float64)
+
+    def set_extra_state(self, state):
+        self._merged, self._merged_scale = _merged_state(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        before = (self._merged, self._merged_scale)
+        errors_before = len(error_msgs)
+        try:
+            after = self._incoming_merged_state(state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(f"{type(self).__name__} '{prefix[:-1]}': {err}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        extra_key = prefix + _EXTRA_STATE
+        if extra_key not in state_dict and extra_key in missing_keys:
+            missing_keys.remove(extra_key)  # an older state dict: loads as unmerged
+        failed = len(error_msgs) > errors_before  # e.g. a weight of another shape
+        self._merged, self._merged_scale = before if failed else after
+
+    def _incoming_merged_state(self, state_dict, prefix):
+        """(merged, merged scale) the layer has after loading ``state_dict``;
+        ValueError if the state dict cannot give a consistent layer."""
+        extra = state_dict.get(prefix + _EXTRA_STATE)
+        incoming = None if extra is None else _merged_state(extra)
+        if prefix + "weight" in state_dict:
+            return incoming or (False, None)
+        current = (self._merged, self._merged_scale)
+        if incoming is not None and incoming[0] != current[0]:
+            raise ValueError(f"the state dict says merged={incoming[0]} but holds no weight, and "
+                             f"this layer is merged={current[0]}")
+        adapters = [k for k in ("lora_A", "lora_B") if prefix + k in state_dict]
+        if current[0] and adapters:
+            raise ValueError(f"the state dict holds {' and '.join(adapters)} but no weight, and "
+                             f"this layer is merged: its weight would keep the old adapter merged "
+                             f"in; unmerge() it first, or load a state dict with the weight")
+        return current
+
+    # ------------------------------------------------------------------ merging
+    def merge(self):
+        """Add ``scale * B @ A`` into ``weight`` in place (float32, chunked).
+
+        Raises RuntimeError when already merged, ValueError (weight untouched)
+        when the merged weight would hold a non-finite value.
+        """
+        if self._merged:
+            raise RuntimeError(f"{type(self).__name__}.merge: the adapter is already merged into "
+                               f"the weight; call unmerge() first")
+        self._apply_delta(+1.0)
+
+    def unmerge(self):
+        """Subtract the merged ``scale * B @ A`` from ``weight`` (float32, chunked).
+
+        The weight comes back to within the two roundings of a merge and an
+        unmerge: one unit in the last place of the merged weight's magnitude.
+        Raises RuntimeError when not merged.
+        """
+        if not self._merged:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter is not merged into "
+                               f"the weight")
+        self._apply_delta(-1.0)
+
+    def _delta_scale(self, sign):
+        # unmerge subtracts what merge added, even if ``scale`` was changed since
+        return self.scale if sign > 0 else self._merged_scale
+
+    def _apply_delta(self, sign, check=True):
+        """Merge (sign +1) or unmerge (-1); with ``check``, every chunk is checked
+        finite before any is written."""
+        scale = self._delta_scale(sign)
+        if check:
+            self._check_delta(sign, scale)
+        self._write_delta(sign, scale)
+        self._merged = sign > 0
+        self._merged_scale = scale if sign > 0 else None
+
+    def _delta_chunks(self, sign, scale):
+        """Yields (stored weight rows, W + sign * scale * delta over those rows in the
+        weight's dtype): the stored layout, (out, in) or (in, out) when
+        fan_in_fan_out, in blocks of MERGE_CHUNK_ROWS rows."""
+        weight = self.weight
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        a = self.lora_A.to(device=weight.device, dtype=compute)
+        b = self.lora_B.to(device=weight.device, dtype=compute)
+        rows = weight.shape[0]
+        step = max(1, int(MERGE_CHUNK_ROWS))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            if self.fan_in_fan_out:  # stored rows are input features: (A^T B^T)[start:stop]
+                delta = a[:, start:stop].t() @ b.t()
+            else:
+                delta = b[start:stop] @ a
+            # the same ops in merge and unmerge, so both use the same delta bits
+            delta.mul_(sign * scale)
+            delta.add_(weight[start:stop])
+            yield weight[start:stop], delta.to(weight.dtype)
+
+    @torch.no_grad()
+    def _check_delta(self, sign, scale):
+        """Raises ValueError if any merged (or unmerged) weight would be non-finite."""
+        for _, new in self._delta_chunks(sign, scale):
+            if not torch.isfinite(new).all():
+                what = "merging" if sign > 0 else "unmerging"
+                raise ValueError(
+                    f"{type(self).__name__}: {what} the adapter (scale={scale}) would put non-finite "
+                    f"values into the weight (lora_A or lora_B holds non-finite or too large "
+                    f"values for {self.weight.dtype}); the weight is left unchanged")
+
+    @torch.no_grad()
+    def _write_delta(self, sign, scale):
+        for rows, new in self._delta_chunks(sign, scale):
+            rows.copy_(new)
+
+
+class LoRALinear(LoRALayer):
     """``nn.Linear`` plus a LoRA adapter, computed by the fused kernels.
 
     Args:
@@ -170,28 +327,14 @@ class LoRALinear(nn.Module):
 
     def _setup(self, weight, bias, in_features, out_features, fan_in_fan_out, r, alpha,
                dropout, use_rslora, init, adapter_dtype):
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.fan_in_fan_out = bool(fan_in_fan_out)
-        self.r = int(r)
-        self.alpha = alpha
-        self.use_rslora = bool(use_rslora)
-        self.scale = alpha / (math.sqrt(r) if use_rslora else r)
+        self._setup_adapter(weight, in_features, out_features, fan_in_fan_out, r, alpha,
+                            use_rslora, adapter_dtype)
         self.dropout = float(dropout)
         self.init = init
-        self._merged = False
-        self._merged_scale = None
-
-        self.weight = weight
-        self.weight.requires_grad_(False)
         self.bias = bias
         if bias is not None:
             self.bias.requires_grad_(False)
-        adapters = {"device": weight.device,
-                    "dtype": adapter_dtype or default_adapter_dtype(weight.dtype)}
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **adapters))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **adapters))
-        self.reset_lora_parameters()
+        self._add_adapters()
 
     def reset_base_parameters(self):
         """The base weight and bias drawn as ``nn.Linear.reset_parameters`` does."""
@@ -211,136 +354,12 @@ class LoRALinear(nn.Module):
         """The base weight as (out, in): a view, transposed when fan_in_fan_out."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    @property
-    def merged(self):
-        """Whether ``s * B @ A`` is currently added into ``weight``."""
-        return self._merged
-
     def forward(self, x):
         weight = self._weight_out_in()
         if self._merged:
             return F.linear(x, weight, self.bias)
         return lora_linear(x, weight, self.lora_A, self.lora_B, self.scale, self.bias,
                            self.dropout if self.training else 0.0)
-
-    # ------------------------------------------------------------------ state dict
-    def get_extra_state(self):
-        # a tensor, not a dict: state dicts stay all-tensor (safetensors can save them),
-        # float64 so that the scale comes back bit for bit
-        scale = self._merged_scale if self._merged else 0.0
-        return torch.tensor([float(self._merged), scale], dtype=torch.float64)
-
-    def set_extra_state(self, state):
-        self._merged, self._merged_scale = _merged_state(state)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        before = (self._merged, self._merged_scale)
-        errors_before = len(error_msgs)
-        try:
-            after = self._incoming_merged_state(state_dict, prefix)
-        except ValueError as err:
-            error_msgs.append(f"LoRALinear '{prefix[:-1]}': {err}")
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        extra_key = prefix + _EXTRA_STATE
-        if extra_key not in state_dict and extra_key in missing_keys:
-            missing_keys.remove(extra_key)  # an older state dict: loads as unmerged
-        failed = len(error_msgs) > errors_before  # e.g. a weight of another shape
-        self._merged, self._merged_scale = before if failed else after
-
-    def _incoming_merged_state(self, state_dict, prefix):
-        """(merged, merged scale) the layer has after loading ``state_dict``;
-        ValueError if the state dict cannot give a consistent layer."""
-        extra = state_dict.get(prefix + _EXTRA_STATE)
-        incoming = None if extra is None else _merged_state(extra)
-        if prefix + "weight" in state_dict:
-            return incoming or (False, None)
-        current = (self._merged, self._merged_scale)
-        if incoming is not None and incoming[0] != current[0]:
-            raise ValueError(f"the state dict says merged={incoming[0]} but holds no weight, and "
-                             f"this layer is merged={current[0]}")
-        adapters = [k for k in ("lora_A", "lora_B") if prefix + k in state_dict]
-        if current[0] and adapters:
-            raise ValueError(f"the state dict holds {' and '.join(adapters)} but no weight, and "
-                             f"this layer is merged: its weight would keep the old adapter merged "
-                             f"in; unmerge() it first, or load a state dict with the weight")
-        return current
-
-    # ------------------------------------------------------------------ merging
-    def merge(self):
-        """Add ``scale * B @ A`` into ``weight`` in place (float32, chunked).
-
-        Raises RuntimeError when already merged, ValueError (weight untouched)
-        when the merged weight would hold a non-finite value.
-        """
-        if self._merged:
-            raise RuntimeError("LoRALinear.merge: the adapter is already merged into the "
-                               "weight; call unmerge() first")
-        self._apply_delta(+1.0)
-
-    def unmerge(self):
-        """Subtract the merged ``scale * B @ A`` from ``weight`` (float32, chunked).
-
-        The weight comes back to within the two roundings of a merge and an
-        unmerge: one unit in the last place of the merged weight's magnitude.
-        Raises RuntimeError when not merged.
-        """
-        if not self._merged:
-            raise RuntimeError("LoRALinear.unmerge: the adapter is not merged into the weight")
-        self._apply_delta(-1.0)
-
-    def _delta_scale(self, sign):
-        # unmerge subtracts what merge added, even if ``scale`` was changed since
-        return self.scale if sign > 0 else self._merged_scale
-
-    def _apply_delta(self, sign, check=True):
-        """Merge (sign +1) or unmerge (-1); with ``check``, every chunk is checked
-        finite before any is written."""
-        scale = self._delta_scale(sign)
-        if check:
-            self._check_delta(sign, scale)
-        self._write_delta(sign, scale)
-        self._merged = sign > 0
-        self._merged_scale = scale if sign > 0 else None
-
-    def _delta_chunks(self, sign, scale):
-        """Yields (stored weight rows, W + sign * scale * delta over those rows in the
-        weight's dtype): the stored layout, (out, in) or (in, out) when
-        fan_in_fan_out, in blocks of MERGE_CHUNK_ROWS rows."""
-        weight = self.weight
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        a = self.lora_A.to(device=weight.device, dtype=compute)
-        b = self.lora_B.to(device=weight.device, dtype=compute)
-        rows = weight.shape[0]
-        step = max(1, int(MERGE_CHUNK_ROWS))
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            if self.fan_in_fan_out:  # stored rows are input features: (A^T B^T)[start:stop]
-                delta = a[:, start:stop].t() @ b.t()
-            else:
-                delta = b[start:stop] @ a
-            # the same ops in merge and unmerge, so both use the same delta bits
-            delta.mul_(sign * scale)
-            delta.add_(weight[start:stop])
-            yield weight[start:stop], delta.to(weight.dtype)
-
-    @torch.no_grad()
-    def _check_delta(self, sign, scale):
-        """Raises ValueError if any merged (or unmerged) weight would be non-finite."""
-        for _, new in self._delta_chunks(sign, scale):
-            if not torch.isfinite(new).all():
-                what = "merging" if sign > 0 else "unmerging"
-                raise ValueError(
-                    f"LoRALinear: {what} the adapter (scale={scale}) would put non-finite "
-                    f"values into the weight (lora_A or lora_B holds non-finite or too large "
-                    f"values for {self.weight.dtype}); the weight is left unchanged")
-
-    @torch.no_grad()
-    def _write_delta(self, sign, scale):
-        for rows, new in self._delta_chunks(sign, scale):
-            rows.copy_(new)
 
     def extra_repr(self):
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
