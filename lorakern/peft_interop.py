@@ -14,12 +14,12 @@ switched to the fused kernels in place.
 peft, transformers and safetensors are optional: each is imported inside the
 function that needs it, never by ``import lorakern``.
 """
+import functools
 import json
 import logging
 import math
 import os
 import re
-import types
 import warnings
 
 import torch
@@ -186,7 +186,7 @@ def _fused_forward(self, x, *args, **kwargs):
 
 def _is_patched(module):
     fwd = vars(module).get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ is _fused_forward
+    return isinstance(fwd, functools.partial) and fwd.func is _fused_forward
 
 
 def patch_peft(peft_model, strict=True):
@@ -239,7 +239,9 @@ def patch_peft(peft_model, strict=True):
                       RuntimeWarning, stacklevel=2)
     for name, module in to_patch:
         module._lorakern_name = name
-        module.forward = types.MethodType(_fused_forward, module)
+        # a partial of a module-level function pickles by reference (torch.save of the
+        # whole model); a bound method would pickle as getattr(module, "_fused_forward")
+        module.forward = functools.partial(_fused_forward, module)
     log.info("lorakern: patch_peft switched %d PEFT LoRA Linear module(s) to the fused kernels "
              "(%d already patched, %d left on PEFT's forward)", len(to_patch),
              len(layers) - len(to_patch) - len(refused), len(refused))

@@ -513,3 +513,23 @@ def test_patched_peft_bf16_base_fp32_adapters_as_accurate_as_peft():
         f"mean error: fused {fused_err.mean():.3e}, PEFT {peft_err.mean():.3e}")
     assert fused_err.max() <= 2 * peft_err.max(), (
         f"max error: fused {fused_err.max():.3e}, PEFT {peft_err.max():.3e}")
+
+
+def test_a_patched_peft_model_pickles_and_loads_still_fused(tmp_path):
+    model = peft_model("llama", target_modules=FEW_TARGETS)
+    patch_peft(model)
+    expected = logits(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+
+    assert patched_modules(loaded) == patched_modules(model) != []
+    launches = fused_forward_launches()
+    assert_close(logits(loaded), expected, "logits of the loaded patched model")
+    assert fused_forward_launches() - launches == len(patched_modules(model))
+    # each loaded module's forward is bound to that module, not to the saved model's
+    with torch.no_grad():
+        for name, p in loaded.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert_close(logits(loaded), logits(base_model("llama")), "loaded, lora_B zeroed")
+    assert_close(logits(model), expected, "the saved model, unchanged")
