@@ -13,10 +13,12 @@ from .api import lora_linear
 from .function import FusedLoRALinear
 from .inject import count_parameters, inject_lora, lora_report, merge_lora, unmerge_lora
 from .modules import LoRALinear
-from .peft_interop import load_adapter, patch_peft, patched_modules, save_adapter, unpatch_peft
+from .peft_interop import (load_adapter, patch_peft, patch_summary, patched_modules, save_adapter,
+                           unpatch_peft)
 
 __version__ = "0.1.0"
 
 __all__ = ["FusedLoRALinear", "LoRALinear", "count_parameters", "inject_lora", "load_adapter",
-           "lora_linear", "lora_report", "merge_lora", "patch_peft", "patched_modules",
+           "lora_linear", "lora_report", "merge_lora", "patch_peft", "patch_summary",
+           "patched_modules",
            "reference", "save_adapter", "unmerge_lora", "unpatch_peft", "__version__"]
