@@ -3,7 +3,8 @@
 - ``inject_lora(model, target_modules, ...)``: replace the matching ``nn.Linear``
   (and transformers ``Conv1D``) modules in place, freeze everything but the
   adapters and the ``modules_to_save``.
-- ``lora_report(model)`` / ``count_parameters(model)``: what trains.
+- ``lora_report(model)`` (prints) / ``format_lora_report(model)`` (the text) /
+  ``count_parameters(model)``: what trains.
 - ``merge_lora(model)`` / ``unmerge_lora(model)``: every ``LoRALinear`` at once.
 
 Names match as in PEFT: a list entry matches a module whose name equals it or
@@ -452,9 +453,9 @@ def _percent(part, whole):
     return 100.0 * part / whole if whole else 0.0
 
 
-def lora_report(model):
-    """Prints and returns one line per parameter (name, trainable 1/0, elements),
-    then ``Total parameters: N, trainable: T (P%)``."""
+def format_lora_report(model):
+    """One line per parameter (name, trainable 1/0, elements), then
+    ``Total parameters: N, trainable: T (P%)``, as a string."""
     rows = [(name, int(param.requires_grad), param.numel())
             for name, param in model.named_parameters()]
     width = max((len(name) for name, _, _ in rows), default=0)
@@ -462,9 +463,13 @@ def lora_report(model):
     total, trainable = count_parameters(model)
     lines.append(f"Total parameters: {total}, trainable: {trainable} "
                  f"({_percent(trainable, total):.4f}%)")
-    report = "\n".join(lines)
-    print(report)
-    return report
+    return "\n".join(lines)
+
+
+def lora_report(model):
+    """Prints ``format_lora_report(model)``. Returns None, so that a REPL or a
+    notebook shows the report once; ``format_lora_report`` gives the text."""
+    print(format_lora_report(model))
 
 
 def _lora_layers(model):
