@@ -229,3 +229,21 @@ def test_every_lora_config_field_is_read_or_refused():
             assert not getattr(defaults, field.name), (
                 f"LoraConfig.{field.name} defaults to a set value; inject_lora would refuse "
                 f"every config")
+
+
+def test_a_seq_cls_config_saves_the_score_head_and_keeps_it_out_of_all_linear():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0))
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS")
+    reference = get_peft_model(classifier(), copy.deepcopy(config))
+    model = inject_lora(classifier(), config)
+    assert "score" not in lorakern_layers(model)
+    assert sorted(lorakern_layers(model)) == sorted(peft_layers(reference))
+    assert "score.weight" in trainable(model)
+    assert trainable(model) == peft_trainable(reference)
