@@ -270,7 +270,8 @@ def _check_pattern(pattern, what, check_value):
         try:
             re.compile(key)
         except re.error as err:
-            raise ValueError(f"{what} key {key!r} is not a valid regular expression: {err}") from err
+            raise ValueError(f"{what} key {key!r} is not a valid regular expression: "
+                             f"{err}") from err
         check_value(value)
     return dict(pattern)
 
@@ -388,7 +389,8 @@ def _ranks_and_alphas(targets, r, alpha, rank_pattern, alpha_pattern):
         if unused:
             raise ValueError(f"{what} keys {unused} match no target module (targets: "
                              f"{_listing(targets)})")
-    return {name: (_pattern_value(rank_pattern, name, r), _pattern_value(alpha_pattern, name, alpha))
+    return {name: (_pattern_value(rank_pattern, name, r),
+                   _pattern_value(alpha_pattern, name, alpha))
             for name in targets}
 
 
@@ -401,9 +403,9 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
     _check_peft_settings(bias, fan_in_fan_out, inference_mode, task_type)
     _check_lora_args(r, alpha, dropout, init, adapter_dtype)
     rank_pattern = _check_pattern(rank_pattern, "rank_pattern",
-                                  lambda v: _check_lora_args(v, alpha, dropout, init, adapter_dtype))
+                                  lambda v: _check_lora_args(v, alpha, dropout, init, None))
     alpha_pattern = _check_pattern(alpha_pattern, "alpha_pattern",
-                                   lambda v: _check_lora_args(r, v, dropout, init, adapter_dtype))
+                                   lambda v: _check_lora_args(r, v, dropout, init, None))
     named = {name: module for name, module in model.named_modules() if name}
     saved = _select_saved(named, modules_to_save, task_type, from_config)
     targets = _select_targets(model, named, target_modules, exclude_modules, saved, task_type)

@@ -32,8 +32,9 @@ QV = ["q_proj", "v_proj"]
 CONFIGS = {
     "target list": dict(r=4, lora_alpha=8, target_modules=QV),
     "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
-    "all-linear, exclude list": dict(r=4, lora_alpha=8, target_modules="all-linear",
-                                     exclude_modules=["down_proj", "model.layers.0.self_attn.o_proj"]),
+    "all-linear, exclude list": dict(
+        r=4, lora_alpha=8, target_modules="all-linear",
+        exclude_modules=["down_proj", "model.layers.0.self_attn.o_proj"]),
     "regex, exclude regex": dict(r=4, lora_alpha=8, target_modules=r".*\.(q|k|v)_proj",
                                  exclude_modules=r".*layers\.1\.self_attn\.k_proj"),
     "rank and alpha patterns": dict(r=4, lora_alpha=8, target_modules="all-linear",
