@@ -12,12 +12,15 @@ from . import reference
 from .api import lora_linear
 from .embedding import FusedLoRAEmbedding, lora_embedding
 from .function import FusedLoRALinear
-from .inject import count_parameters, inject_lora, lora_report, merge_lora, unmerge_lora
+from .inject import (count_parameters, format_lora_report, inject_lora, lora_report, merge_lora,
+                     unmerge_lora)
 from .modules import LoRALinear
-from .peft_interop import load_adapter, patch_peft, patched_modules, save_adapter, unpatch_peft
+from .peft_interop import (load_adapter, patch_peft, patch_summary, patched_modules, save_adapter,
+                           unpatch_peft)
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRAEmbedding", "FusedLoRALinear", "LoRALinear", "count_parameters", "inject_lora", "load_adapter",
-           "lora_embedding", "lora_linear", "lora_report", "merge_lora", "patch_peft", "patched_modules",
+__all__ = ["FusedLoRAEmbedding", "FusedLoRALinear", "LoRALinear", "count_parameters",
+           "format_lora_report", "inject_lora", "load_adapter", "lora_embedding", "lora_linear",
+           "lora_report", "merge_lora", "patch_peft", "patch_summary", "patched_modules",
            "reference", "save_adapter", "unmerge_lora", "unpatch_peft", "__version__"]

@@ -14,6 +14,7 @@ switched to the fused kernels in place.
 peft, transformers and safetensors are optional: each is imported inside the
 function that needs it, never by ``import lorakern``.
 """
+import functools
 import json
 import logging
 import math
@@ -21,8 +22,8 @@ import os
 import re
 import secrets
 import shutil
-import types
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -188,7 +189,7 @@ def _fused_forward(self, x, *args, **kwargs):
 
 def _is_patched(module):
     fwd = vars(module).get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ is _fused_forward
+    return isinstance(fwd, functools.partial) and fwd.func is _fused_forward
 
 
 def patch_peft(peft_model, strict=True):
@@ -213,8 +214,11 @@ def patch_peft(peft_model, strict=True):
             layers. If False, such layers keep PEFT's forward and a warning lists
             them.
     Returns:
-        ``peft_model``; the number of modules patched is logged (logger
-        "lorakern") and ``patched_modules(peft_model)`` lists them.
+        ``peft_model``, so that ``model = patch_peft(get_peft_model(...))`` chains.
+        What was fused and what was left to PEFT (with the reason) is logged as
+        one INFO line (logger "lorakern") and returned by
+        ``patch_summary(peft_model)``; ``patched_modules(peft_model)`` lists the
+        fused modules.
     """
     lora_linear_cls, lora_layer_cls = _peft_lora_classes()
     layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, lora_layer_cls)]
@@ -236,21 +240,58 @@ def patch_peft(peft_model, strict=True):
             listed += f"; ... ({len(refused)} modules in all)"
         if strict:
             raise ValueError(f"patch_peft: these PEFT LoRA modules cannot run on lorakern's fused "
-                             f"kernels (nothing was patched): {listed}")
+                             f"kernels (nothing was patched): {listed}. For a model that mixes "
+                             f"them with fusable layers, patch_peft(model, strict=False) patches "
+                             f"the rest and leaves these on PEFT's forward")
         warnings.warn(f"patch_peft: these PEFT LoRA modules keep PEFT's forward: {listed}",
                       RuntimeWarning, stacklevel=2)
     for name, module in to_patch:
         module._lorakern_name = name
-        module.forward = types.MethodType(_fused_forward, module)
-    log.info("lorakern: patch_peft switched %d PEFT LoRA Linear module(s) to the fused kernels "
-             "(%d already patched, %d left on PEFT's forward)", len(to_patch),
-             len(layers) - len(to_patch) - len(refused), len(refused))
+        # a partial of a module-level function pickles by reference (torch.save of the
+        # whole model); a bound method would pickle as getattr(module, "_fused_forward")
+        module.forward = functools.partial(_fused_forward, module)
+    log.info("lorakern: patch_peft: %s", patch_summary(peft_model))
     return peft_model
 
 
 def patched_modules(model):
     """Names of the modules of ``model`` that ``patch_peft`` switched to the fused kernels."""
     return [name for name, m in model.named_modules() if _is_patched(m)]
+
+
+class PatchSummary(NamedTuple):
+    """Which PEFT LoRA modules of a model run fused, and why the others do not.
+
+    ``fused``: names of the modules on lorakern's kernels (``patched_modules``).
+    ``left_to_peft``: {name: reason} for every other PEFT LoRA layer.
+    ``str()`` gives one line: the counts, then the modules left to PEFT.
+    """
+    fused: list
+    left_to_peft: dict
+
+    def __str__(self):
+        line = (f"{len(self.fused)} PEFT LoRA module(s) on the fused kernels, "
+                f"{len(self.left_to_peft)} left on PEFT's forward")
+        if self.left_to_peft:
+            shown = list(self.left_to_peft.items())[:_SHOWN]
+            line += ": " + "; ".join(f"'{name}' ({reason})" for name, reason in shown)
+            if len(self.left_to_peft) > _SHOWN:
+                line += f"; ... ({len(self.left_to_peft)} in all)"
+        return line
+
+
+def patch_summary(model):
+    """The ``PatchSummary`` of ``model`` as it is now (after ``patch_peft``,
+    ``unpatch_peft`` or adapter changes): computed from the modules, never stored."""
+    lora_linear_cls, lora_layer_cls = _peft_lora_classes()
+    fused, left = [], {}
+    for name, module in model.named_modules():
+        if _is_patched(module):
+            fused.append(name)
+        elif isinstance(module, lora_layer_cls):
+            left[name] = (_unservable(module, lora_linear_cls)
+                          or "fusable, not patched (patch_peft patches it)")
+    return PatchSummary(fused, left)
 
 
 def unpatch_peft(peft_model):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lorakern.inject import count_parameters, inject_lora, lora_report, merge_lora, unmerge_lora
+from lorakern.inject import (count_parameters, format_lora_report, inject_lora, lora_report,
+                             merge_lora, unmerge_lora)
 from lorakern.modules import LoRALinear
 from oracle import assert_matches_oracle
 
@@ -251,10 +252,9 @@ def test_count_parameters(toy):
     assert count_parameters(toy) == (total_before + adapters, adapters + head)
 
 
-def test_lora_report_lists_every_parameter_and_the_trainable_share(toy, capsys):
+def test_lora_report_lists_every_parameter_and_the_trainable_share(toy):
     inject_lora(toy, ["q_proj"], r=2)
-    report = lora_report(toy)
-    assert capsys.readouterr().out.strip() == report.strip()
+    report = format_lora_report(toy)
     lines = report.splitlines()
     params = dict(toy.named_parameters())
     assert len(lines) == len(params) + 1
@@ -271,7 +271,13 @@ def test_lora_report_lists_every_parameter_and_the_trainable_share(toy, capsys):
 
 
 def test_lora_report_of_a_model_without_parameters():
-    assert lora_report(nn.ReLU()) == "Total parameters: 0, trainable: 0 (0.0000%)"
+    assert format_lora_report(nn.ReLU()) == "Total parameters: 0, trainable: 0 (0.0000%)"
+
+
+def test_lora_report_prints_the_report_and_returns_none_so_a_repl_shows_it_once(toy, capsys):
+    inject_lora(toy, ["q_proj"], r=2)
+    assert lora_report(toy) is None
+    assert capsys.readouterr().out == format_lora_report(toy) + "\n"
 
 
 # ---------------------------------------------------------------- merging the model

@@ -16,6 +16,7 @@ would demand less than one ulp of agreement on large tensors and almost nothing
 on small ones.
 """
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -513,3 +514,50 @@ def test_patched_peft_bf16_base_fp32_adapters_as_accurate_as_peft():
         f"mean error: fused {fused_err.mean():.3e}, PEFT {peft_err.mean():.3e}")
     assert fused_err.max() <= 2 * peft_err.max(), (
         f"max error: fused {fused_err.max():.3e}, PEFT {peft_err.max():.3e}")
+
+
+def test_a_patched_peft_model_pickles_and_loads_still_fused(tmp_path):
+    model = peft_model("llama", target_modules=FEW_TARGETS)
+    patch_peft(model)
+    expected = logits(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+
+    assert patched_modules(loaded) == patched_modules(model) != []
+    launches = fused_forward_launches()
+    assert_close(logits(loaded), expected, "logits of the loaded patched model")
+    assert fused_forward_launches() - launches == len(patched_modules(model))
+    # each loaded module's forward is bound to that module, not to the saved model's
+    with torch.no_grad():
+        for name, p in loaded.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert_close(logits(loaded), logits(base_model("llama")), "loaded, lora_B zeroed")
+    assert_close(logits(model), expected, "the saved model, unchanged")
+
+
+def test_patch_peft_logs_and_summarises_what_it_fused_and_what_it_left_to_peft(caplog):
+    model = peft_model("llama", target_modules=["embed_tokens", "q_proj", "v_proj"])
+    with caplog.at_level(logging.INFO, logger="lorakern"), pytest.warns(RuntimeWarning):
+        assert patch_peft(model, strict=False) is model
+    summary = lorakern.patch_summary(model)
+    assert summary.fused == patched_modules(model)
+    assert len(summary.fused) == 4
+    assert list(summary.left_to_peft) == ["base_model.model.model.embed_tokens"]
+    assert "Embedding" in summary.left_to_peft["base_model.model.model.embed_tokens"]
+    records = [r for r in caplog.records if r.name == "lorakern" and "patch_peft" in r.message]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert records[0].getMessage() == f"lorakern: patch_peft: {summary}"
+    assert str(summary).startswith("4 PEFT LoRA module(s) on the fused kernels, 1 left on "
+                                   "PEFT's forward: 'base_model.model.model.embed_tokens' (")
+    # the summary follows the model, not the last patch_peft call
+    unpatch_peft(model)
+    after = lorakern.patch_summary(model)
+    assert after.fused == [] and len(after.left_to_peft) == 5
+    assert "not patched" in after.left_to_peft["base_model.model.model.layers.0.self_attn.q_proj"]
+
+
+def test_patch_peft_strict_refusal_points_to_strict_false():
+    model = peft_model("llama", target_modules=["embed_tokens", "q_proj"])
+    with pytest.raises(ValueError, match=r"embed_tokens.*patch_peft\(model, strict=False\)"):
+        patch_peft(model)
