@@ -10,7 +10,7 @@ over the kernels; ``reference.lora_linear`` the same math in plain PyTorch;
 """
 from . import reference
 from .api import lora_linear
-from .embedding import FusedLoRAEmbedding, lora_embedding
+from .embedding import FusedLoRAEmbedding, LoRAEmbedding, lora_embedding
 from .function import FusedLoRALinear
 from .inject import (count_parameters, format_lora_report, inject_lora, lora_report, merge_lora,
                      unmerge_lora)
@@ -20,7 +20,7 @@ from .peft_interop import (load_adapter, patch_peft, patch_summary, patched_modu
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRAEmbedding", "FusedLoRALinear", "LoRALinear", "count_parameters",
+__all__ = ["FusedLoRAEmbedding", "FusedLoRALinear", "LoRAEmbedding", "LoRALinear", "count_parameters",
            "format_lora_report", "inject_lora", "load_adapter", "lora_embedding", "lora_linear",
            "lora_report", "merge_lora", "patch_peft", "patch_summary", "patched_modules",
            "reference", "save_adapter", "unmerge_lora", "unpatch_peft", "__version__"]

@@ -18,13 +18,23 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .modules import LoRALinear, _check_lora_args, _is_conv1d, base_layout
+from .embedding import LoRAEmbedding, embedding_layout
+from .modules import LoRALayer, LoRALinear, _check_lora_args, _is_conv1d, base_layout
 
 _SHOWN_NAMES = 20
 
 
 def _is_linear(module):
     return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _is_embedding(module):
+    return isinstance(module, nn.Embedding)
+
+
+def _is_target_kind(module):
+    """What LoRA layers can replace: linear modules and embeddings."""
+    return _is_linear(module) or _is_embedding(module)
 
 
 def _matches(name, entry):
@@ -367,12 +377,12 @@ def _select_targets(model, named, target_modules, exclude_modules, saved, task_t
                              f"target_modules {target_modules!r}")
     for name in targets:
         module = named[name]
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"target module {name!r} is already a LoRALinear")
-        if not _is_linear(module):
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"target module {name!r} is already a {type(module).__name__}")
+        if not _is_target_kind(module):
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA "
-                             f"targets must be nn.Linear or transformers Conv1D (linear "
-                             f"modules: {_listing(linear_names)})")
+                             f"targets must be nn.Linear, transformers Conv1D or nn.Embedding "
+                             f"(linear modules: {_listing(linear_names)})")
     for target in targets:
         for save in saved:
             if _inside(target, [save]) or save.startswith(target + "."):
@@ -397,9 +407,10 @@ def _ranks_and_alphas(targets, r, alpha, rank_pattern, alpha_pattern):
 def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslora, init,
             adapter_dtype, rank_pattern, alpha_pattern, exclude_modules, bias, fan_in_fan_out,
             inference_mode, task_type, from_config):
-    if _is_linear(model) or isinstance(model, LoRALinear):
+    if _is_target_kind(model) or isinstance(model, LoRALayer):
         raise ValueError(f"inject_lora replaces submodules of the model, but the model is a "
-                         f"{type(model).__name__} itself; use LoRALinear.from_linear")
+                         f"{type(model).__name__} itself; use LoRALinear.from_linear or "
+                         f"LoRAEmbedding.from_embedding")
     _check_peft_settings(bias, fan_in_fan_out, inference_mode, task_type)
     _check_lora_args(r, alpha, dropout, init, adapter_dtype)
     rank_pattern = _check_pattern(rank_pattern, "rank_pattern",
@@ -414,13 +425,11 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
     # every argument and target is checked before any module is touched
     for name in targets:
         try:
-            base_layout(named[name])
+            (embedding_layout if _is_embedding(named[name]) else base_layout)(named[name])
         except TypeError as err:
             raise TypeError(f"target module {name!r}: {err}") from None
-    new_layers = {name: LoRALinear.from_linear(named[name], r=settings[name][0],
-                                               alpha=settings[name][1], dropout=dropout,
-                                               use_rslora=use_rslora, init=init,
-                                               adapter_dtype=adapter_dtype)
+    new_layers = {name: _lora_layer(named[name], settings[name], dropout, use_rslora, init,
+                                    adapter_dtype)
                   for name in targets}
     for name, layer in new_layers.items():
         parent_name, _, child = name.rpartition(".")
@@ -431,7 +440,7 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
         param.requires_grad_(False)
     frozen = {id(layer) for layer in new_layers.values()} if inference_mode else set()
     for module in model.modules():
-        if isinstance(module, LoRALinear) and id(module) not in frozen:
+        if isinstance(module, LoRALayer) and id(module) not in frozen:
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
     if not inference_mode:
@@ -439,6 +448,17 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
             for param in model.get_submodule(name).parameters():
                 param.requires_grad_(True)
     return model
+
+
+def _lora_layer(module, rank_and_alpha, dropout, use_rslora, init, adapter_dtype):
+    """The LoRA layer around ``module``. Embeddings take PEFT's embedding adapter: no
+    dropout, A zeros and B normal whatever ``init`` says."""
+    r, alpha = rank_and_alpha
+    if _is_embedding(module):
+        return LoRAEmbedding.from_embedding(module, r=r, alpha=alpha, use_rslora=use_rslora,
+                                            adapter_dtype=adapter_dtype)
+    return LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout,
+                                  use_rslora=use_rslora, init=init, adapter_dtype=adapter_dtype)
 
 
 def count_parameters(model):
@@ -475,10 +495,10 @@ def lora_report(model):
 
 
 def _lora_layers(model):
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     if not layers:
-        raise ValueError(f"the model ({type(model).__name__}) has no LoRALinear layers; "
-                         f"call inject_lora first")
+        raise ValueError(f"the model ({type(model).__name__}) has no LoRA layers "
+                         f"(LoRALinear, LoRAEmbedding); call inject_lora first")
     return layers
 
 
@@ -487,7 +507,7 @@ def _merge_all(model, sign):
     wrong = [name or "<root>" for name, layer in layers if layer.merged == (sign > 0)]
     if wrong:
         state = "already merged" if sign > 0 else "not merged"
-        raise RuntimeError(f"{len(wrong)} LoRALinear layers are {state}: {wrong}; "
+        raise RuntimeError(f"{len(wrong)} LoRA layers are {state}: {wrong}; "
                            f"nothing was changed")
     # every layer is checked before any weight is written
     for _, layer in layers:
@@ -498,10 +518,11 @@ def _merge_all(model, sign):
 
 
 def merge_lora(model):
-    """Merge every ``LoRALinear`` of the model (all or none). Returns the model."""
+    """Merge every LoRA layer (``LoRALinear``, ``LoRAEmbedding``) of the model (all or
+    none). Returns the model."""
     return _merge_all(model, +1.0)
 
 
 def unmerge_lora(model):
-    """Unmerge every ``LoRALinear`` of the model (all or none). Returns the model."""
+    """Unmerge every LoRA layer of the model (all or none). Returns the model."""
     return _merge_all(model, -1.0)

@@ -144,3 +144,83 @@ def test_bad_input_is_refused_by_name(changes, error, message):
     args.update(changes)
     with pytest.raises(error, match=message):
         lorakern.lora_embedding(**args)
+
+
+# ---------------------------------------------------------------- LoRAEmbedding
+def _trained(layer):
+    """Adapters away from PEFT's init (A = 0), as after some training."""
+    with torch.no_grad():
+        layer.lora_A.normal_()
+    return layer
+
+
+def test_a_new_layer_computes_the_base_embedding(device):
+    torch.manual_seed(4)
+    base = torch.nn.Embedding(20, 12, padding_idx=3, device=device)
+    layer = lorakern.LoRAEmbedding.from_embedding(base, r=4, alpha=8)
+    assert layer.weight is base.weight and not layer.weight.requires_grad
+    assert torch.all(layer.lora_A == 0) and layer.lora_B.std() > 0.5  # PEFT: A zeros, B normal
+    ids = torch.randint(0, 20, (3, 5), device=device)
+    assert torch.equal(layer(ids), base(ids))
+    assert layer.scale == 2.0 and layer.padding_idx == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_module_output_and_gradients_match_the_oracle(dtype, device):
+    torch.manual_seed(5)
+    layer = _trained(lorakern.LoRAEmbedding(15, 10, r=3, alpha=6, padding_idx=1,
+                                            device=device, dtype=dtype))
+    assert layer.lora_A.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    ids = torch.randint(0, 15, (4, 6), device=device)
+    tensors = {"weight": layer.weight, "lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    y = layer(ids)
+    grad_y = torch.randn(y.shape, device=device).to(y.dtype)
+    y.backward(grad_y)
+    y_ref, grads = embedding_oracle(ids, tensors, layer.scale, 1, grad_y)
+    assert_matches_oracle(y.detach().cpu(), y_ref, dtype, "y")
+    for name in ("lora_A", "lora_B"):
+        assert_matches_oracle(tensors[name].grad.cpu(), grads[name], dtype, f"d{name}")
+
+
+def test_merge_and_unmerge_keep_the_output_and_survive_the_state_dict(device):
+    torch.manual_seed(6)
+    layer = _trained(lorakern.LoRAEmbedding(30, 8, r=2, alpha=4, device=device))
+    ids = torch.randint(0, 30, (2, 9), device=device)
+    before = layer(ids).detach()
+    lorakern.merge_lora(torch.nn.Sequential(layer))
+    assert layer.merged
+    torch.testing.assert_close(layer(ids), before, rtol=1e-5, atol=1e-5)
+    fresh = lorakern.LoRAEmbedding(30, 8, r=2, alpha=4, device=device)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.merged
+    torch.testing.assert_close(fresh(ids), before, rtol=1e-5, atol=1e-5)
+    fresh.unmerge()
+    torch.testing.assert_close(fresh(ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_max_norm_renormalises_the_table_as_nn_embedding_does(device):
+    torch.manual_seed(7)
+    base = torch.nn.Embedding(12, 6, max_norm=1.0, device=device)
+    twin = torch.nn.Embedding(12, 6, max_norm=1.0, device=device)
+    twin.weight.data.copy_(base.weight.data)
+    layer = lorakern.LoRAEmbedding.from_embedding(base, r=2, alpha=2)
+    ids = torch.tensor([[0, 4, 4, 7]], device=device)
+    torch.testing.assert_close(layer(ids), twin(ids))
+    torch.testing.assert_close(base.weight, twin.weight)
+    assert base.weight[[0, 4, 7]].norm(dim=1).max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("module,message", [
+    (torch.nn.Embedding(5, 4, sparse=True), "sparse=True"),
+    (torch.nn.Embedding(5, 4, scale_grad_by_freq=True), "scale_grad_by_freq=True"),
+    (torch.nn.Linear(5, 4), "takes an nn.Embedding, got Linear"),
+])
+def test_from_embedding_refuses_what_it_cannot_reproduce(module, message):
+    with pytest.raises(TypeError, match=message):
+        lorakern.LoRAEmbedding.from_embedding(module)
+
+
+def test_repr_names_the_shape_rank_and_padding():
+    layer = lorakern.LoRAEmbedding(100, 16, r=4, alpha=8, padding_idx=0)
+    assert repr(layer) == ("LoRAEmbedding(100, 16, r=4, alpha=8, scale=2, padding_idx=0, "
+                           "merged=False)")

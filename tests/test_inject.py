@@ -301,7 +301,7 @@ def test_merge_and_unmerge_the_model_round_trip(toy, device):
     assert merge_lora(toy) is toy
     assert all(toy.get_submodule(name).merged for name in lora_names(toy))
     assert_matches_oracle(toy(x).detach().cpu(), y_ref, torch.float32, "y merged")
-    with pytest.raises(RuntimeError, match="6 LoRALinear layers are already merged"):
+    with pytest.raises(RuntimeError, match="6 LoRA layers are already merged"):
         merge_lora(toy)
 
     assert unmerge_lora(toy) is toy
@@ -328,7 +328,7 @@ def test_a_non_finite_layer_stops_the_whole_merge_before_any_weight_changes(toy)
 
 
 def test_merging_a_model_without_lora_layers_is_an_error(toy):
-    with pytest.raises(ValueError, match="no LoRALinear"):
+    with pytest.raises(ValueError, match="no LoRA layers"):
         merge_lora(toy)
-    with pytest.raises(ValueError, match="no LoRALinear"):
+    with pytest.raises(ValueError, match="no LoRA layers"):
         unmerge_lora(toy)
