@@ -37,6 +37,7 @@ class KernelLaunch:
     grid: tuple
     tensors: dict = field(default_factory=dict)  # argument name -> (key, bytes)
     ints: dict = field(default_factory=dict)     # integer arguments by name (sizes, strides)
+    launcher: str = ""                           # the Python function that launched it
 
     @property
     def programs(self):
@@ -110,6 +111,8 @@ def _launch_recorder(arch, sink):
     binders = {}
 
     def run(self, *args, grid, warmup, **kwargs):
+        # frame 1 is the lambda that ``kernel[grid]`` returns; frame 2 the launcher
+        launcher = sys._getframe(2).f_code.co_name
         if self not in binders:
             binders[self] = create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, options = binders[self](*args, **kwargs)
@@ -123,7 +126,7 @@ def _launch_recorder(arch, sink):
         ints = {name: v for name, v in bound.items()
                 if isinstance(v, int) and not isinstance(v, bool)}
         sink.append(KernelLaunch(self, self.fn.__name__, signature, constexprs, attrs,
-                                 dict(options.__dict__), grid, tensors, ints))
+                                 dict(options.__dict__), grid, tensors, ints, launcher))
         return None
 
     return run

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the kernels and records to this JSON file")
     p.add_argument("--launches", action="store_true",
                    help="also print every lorakern launch with its roofline terms")
+    p.add_argument("--launches-json", help="write every lorakern launch (what was compiled, "
+                   "its trip count and roofline terms) to this JSON file")
     return p.parse_args(argv)
 
 
@@ -81,13 +83,13 @@ def predict_lorakern(case, arch, machine, kernel_reports, launch_log=None):
                 trips = sass.main_loop_trips(report.ttir, item.ints)
                 work = roofline.kernel_work(report, item, trips)
                 seconds, bound, details = roofline.predict_kernel(machine, work)
-                details.update(grid=item.grid, trips=trips)
+                details.update(grid=item.grid, trips=trips, report=report)
             else:
                 seconds, bound = roofline.elementwise(machine,
                                                       item.read_bytes + item.write_bytes)
                 details = {"bytes": item.read_bytes + item.write_bytes}
             if launch_log is not None:
-                launch_log.append((str(case), phase, item.name, seconds, bound, details))
+                launch_log.append((case, phase, item, seconds, bound, details))
             total += seconds
             slowest = max(slowest, (seconds, bound))
         result[phase] = (total, slowest[1])
@@ -145,12 +147,13 @@ def run(args):
 
 def format_launches(launch_log):
     lines = ["", "lorakern launches (predicted us; terms in us):"]
-    for case, phase, name, seconds, bound, d in launch_log:
+    for case, phase, item, seconds, bound, d in launch_log:
         terms = " ".join(f"{k}={d[k] * 1e6:.1f}" for k in ("tensor", "issue", "hbm", "l2")
                          if k in d)
         extra = (f"grid={d['grid']} trips={d['trips']} ctas/SM={d['ctas_per_sm']} "
                  f"busiest={d['busiest_sm_ctas']}" if "grid" in d else f"bytes={d['bytes']}")
-        lines.append(f"  {case} {phase} {name}: {seconds * 1e6:.1f} ({bound}) {terms} {extra}")
+        lines.append(f"  {case} {phase} {item.name}: {seconds * 1e6:.1f} ({bound}) {terms} "
+                     f"{extra}")
     return "\n".join(lines)
 
 
@@ -189,6 +192,28 @@ def format_tables(result):
     return "\n".join(lines)
 
 
+def describe_launches(launch_log):
+    """Every lorakern launch as JSON: the case, what was compiled and its roofline terms."""
+    rows = []
+    for case, phase, item, seconds, bound, d in launch_log:
+        row = {"shape": case.shape, "M": case.tokens, "r": case.rank, "dropout": case.dropout,
+               "phase": phase, "name": item.name, "predicted_us": seconds * 1e6,
+               "bound": bound}
+        if "report" in d:
+            report = d["report"]
+            row.update(launcher=item.launcher, grid=list(item.grid), programs=item.programs,
+                       trips=d["trips"], meta=item.meta, ints=item.ints,
+                       kernel=report.as_json(), spill_instructions=report.spill_instructions,
+                       main_loop_instructions=report.main_loop_instructions,
+                       other_instructions=report.other_instructions,
+                       terms_us={k: d[k] * 1e6 for k in ("tensor", "issue", "hbm", "l2")},
+                       ctas_per_sm=d["ctas_per_sm"])
+        else:
+            row["bytes"] = d["bytes"]
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -202,6 +227,10 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"\nwrote {args.json}")
+    if args.launches_json:
+        Path(args.launches_json).write_text(
+            json.dumps(describe_launches(launch_log), indent=1, default=str) + "\n")
+        print(f"wrote {args.launches_json}")
 
 
 if __name__ == "__main__":
