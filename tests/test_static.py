@@ -276,9 +276,10 @@ def _thread_instructions(row):
     return per_warp * warps * 32 * row["programs"]
 
 
-@pytest.mark.xfail(strict=True, reason="the forward regenerates the mask in every column "
-                   "block (N / BLOCK_N times) with a 10-round Philox per element: about 1600 "
-                   "instructions per element of x, and the dA kernel about 100")
+@pytest.mark.xfail(strict=True, reason="a 10-round Philox per element: the forward "
+                   "regenerates the mask in each of its N / BLOCK_N column blocks (about 1590 "
+                   "instructions per element of x at 4096x4096), grad-input and the dA "
+                   "tn_matmul about 50 each")
 def test_dropout_mask_costs_a_bounded_number_of_instructions_per_element(static_run):
     launches = _kernel_launches(static_run)
     without = [r for r in launches if r["dropout"] == 0.0]
@@ -286,7 +287,7 @@ def test_dropout_mask_costs_a_bounded_number_of_instructions_per_element(static_
     assert [r["name"] for r in without] == [r["name"] for r in with_dropout]
     elements = 8192 * 4096  # x, M x K
     cost = {}
-    for off, on in zip(without, with_dropout):
+    for index, (off, on) in enumerate(zip(without, with_dropout)):
         extra = _thread_instructions(on) - _thread_instructions(off)
-        cost[f"{on['phase']} {on['name']} {on['launcher']}"] = round(extra / elements, 1)
+        cost[f"{index}: {on['phase']} {on['name']}"] = round(extra / elements, 1)
     assert all(c <= MASK_INSTRUCTIONS_PER_ELEMENT for c in cost.values()), cost
