@@ -32,6 +32,9 @@ PRESETS = {
     # everything in the grid (480 cases; peft-compile compiles anew for each)
     "full": dict(shapes=tuple(SHAPES), tokens=TOKENS, ranks=RANKS, dtypes=("bf16", "fp16"),
                  dropout=(0.0, 0.1)),
+    # the Llama-3-8B MLP projections (gate/up and down) at mid to long sequences
+    "llama-mlp": dict(shapes=("4096x14336", "14336x4096"), tokens=(2048, 8192, 16384),
+                      ranks=(16,), dtypes=("bf16",), dropout=(0.0, 0.1)),
     # the default without CUDA: small enough for CI on two CPU cores
     "cpu-smoke": dict(shapes=("512x768",), tokens=(64, 256), ranks=(8,),
                       dtypes=("fp32", "bf16"), dropout=(0.0, 0.1)),

@@ -38,7 +38,8 @@ the big fp32 builds (--full-over-limit lowers them anyway).
 
 Output: JSON lines on stdout, first {"plan": [...]} (kernel, label, signature,
 constexprs, options of every job), then one record per compile (kernel, label,
-shared, num_warps, ptx_target, cubin_bytes, seconds, cpu_seconds, error). A
+shared, num_warps, ptx_target, cubin_bytes, regs, spill_bytes (local memory per
+thread), seconds, cpu_seconds, error). A
 compile that raises is recorded and the script goes on. With --list only the
 plan is printed.
 """
@@ -335,6 +336,23 @@ def _cpu_seconds():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def resource_usage(cubin):
+    """{'REG': registers, 'LOCAL': local memory bytes (spill slots), ...} per thread,
+    from the cuobjdump that Triton ships."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia import __file__ as nvidia_init
+
+    tool = os.path.join(os.path.dirname(nvidia_init), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True,
+                               text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)", usage)}
+
+
 def compile_job(job, arch):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -357,6 +375,8 @@ def compile_job(job, arch):
                       ptx_has_entry=f".entry {job['kernel']}" in ptx,
                       cubin_bytes=len(compiled.asm.get("cubin", b"")),
                       error=None)
+        usage = resource_usage(compiled.asm["cubin"])
+        record.update(regs=usage.get("REG"), spill_bytes=usage.get("LOCAL"))
     except SharedMemoryOverLimit as over:
         record.update(shared=over.shared, error=None, stopped_before_ptx=True)
     except Exception as exc:  # recorded per entry; the other entries still compile

@@ -204,6 +204,9 @@ def _problems(record, arch):
                         f"entry point present: {record['ptx_has_entry']}")
     if record["cubin_bytes"] == 0:
         problems.append("no cubin")
+    if record.get("spill_bytes"):
+        problems.append(f"spills registers: {record['spill_bytes']} bytes of local memory per "
+                        f"thread ({record['regs']} registers)")
     if record["num_warps"] != record["num_warps_requested"]:
         problems.append(f"compiled with {record['num_warps']} warps, the launcher asks for "
                         f"{record['num_warps_requested']}")
