@@ -509,12 +509,29 @@ def _merge_all(model, sign):
         state = "already merged" if sign > 0 else "not merged"
         raise RuntimeError(f"{len(wrong)} LoRA layers are {state}: {wrong}; "
                            f"nothing was changed")
+    _check_untied(model, layers)
     # every layer is checked before any weight is written
     for _, layer in layers:
         layer._check_delta(sign, layer._delta_scale(sign))
     for _, layer in layers:
         layer._apply_delta(sign, check=False)
     return model
+
+
+def _check_untied(model, layers):
+    """ValueError if a LoRA layer's base weight is also a parameter of another module
+    (tied input and output embeddings): merging would change that module too."""
+    owners = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, layer in layers:
+        others = [o for o in owners.get(id(layer.weight), [])
+                  if o.rsplit(".", 1)[0] != name]
+        if others:
+            raise ValueError(f"the base weight of LoRA layer '{name}' is tied to {others}: "
+                             f"merging its adapter would change those modules too; nothing "
+                             f"was changed (untie the weights first, e.g. "
+                             f"tie_word_embeddings=False)")
 
 
 def merge_lora(model):

@@ -1,13 +1,13 @@
 """Interoperation with Hugging Face PEFT: adapter files both ways, and PEFT models
 switched to the fused kernels in place.
 
-- ``save_adapter(model, path)``: a model injected with lorakern (``LoRALinear``
+- ``save_adapter(model, path)``: a model injected with lorakern (``LoRALinear``, ``LoRAEmbedding``
   layers) written as a PEFT LoRA adapter (``adapter_config.json`` +
   ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads.
 - ``load_adapter(model, path)``: a PEFT LoRA adapter injected into a base model
-  as ``LoRALinear`` layers (via ``inject_lora``), weights loaded.
+  as ``LoRALinear``/``LoRAEmbedding`` layers (via ``inject_lora``), weights loaded.
 - ``patch_peft(peft_model)`` / ``unpatch_peft(peft_model)``: every PEFT LoRA
-  ``Linear`` module computes ``base(x) + s * B(A(drop(x)))`` with one call of
+  ``Linear`` (and ``Embedding``) module computes ``base(x) + s * B(A(drop(x)))`` with one call of
   ``lorakern.lora_linear`` instead of PEFT's three modules; PEFT keeps owning the
   parameters, the state dict, saving, merging and adapter switching.
 
@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from .api import lora_linear
+from .embedding import lora_embedding
 from .inject import inject_lora
-from .modules import LoRALinear, _check_lora_args, base_layout
+from .embedding import LoRAEmbedding, embedding_layout
+from .modules import LoRALayer, LoRALinear, _check_lora_args, base_layout
 
 log = logging.getLogger("lorakern")
 
@@ -40,6 +42,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # whose .model is the wrapped transformers model); the adapter name is stripped
 PREFIX = "base_model.model."
 _A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+# an embedding's adapter: PEFT keeps A and B as Parameters, not as nn.Linear modules
+_EMBEDDING_A_SUFFIX, _EMBEDDING_B_SUFFIX = ".lora_embedding_A", ".lora_embedding_B"
 _SHOWN = 8  # refused modules listed in one error message
 
 
@@ -62,11 +66,33 @@ def _is_linear_like(module):
 # ------------------------------------------------------------------------------------------------
 
 def _peft_lora_classes():
+    """(the PEFT LoRA layer classes lorakern fuses, PEFT's LoraLayer base class)."""
     try:
-        from peft.tuners.lora.layer import Linear, LoraLayer
+        from peft.tuners.lora.layer import Embedding, Linear, LoraLayer
     except ImportError as exc:
         raise ImportError("lorakern.patch_peft needs the peft package (pip install peft)") from exc
-    return Linear, LoraLayer
+    return (Linear, Embedding), LoraLayer
+
+
+def _is_peft_embedding(module):
+    return type(module).__name__ == "Embedding" and hasattr(module, "lora_embedding_A")
+
+
+def _embedding_base_reason(base):
+    """Why a PEFT LoRA Embedding's base layer cannot run fused, or None."""
+    if not isinstance(base, nn.Embedding) or type(base).forward is not nn.Embedding.forward:
+        return (f"its base layer is a {type(base).__module__}.{type(base).__qualname__}, not an "
+                f"nn.Embedding with its own forward (scaled embeddings are not fused)")
+    if "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
+        return ("its base layer has forward hooks or a replaced forward (e.g. accelerate "
+                "offloading), which the fused call would bypass")
+    if type(base.weight.data) is not torch.Tensor or not base.weight.dtype.is_floating_point:
+        return (f"its base weight is a {type(base.weight.data).__name__} of dtype "
+                f"{base.weight.dtype}, not a plain floating-point tensor")
+    for flag in ("max_norm", "scale_grad_by_freq", "sparse"):
+        if getattr(base, flag):
+            return f"its base embedding sets {flag}={getattr(base, flag)}"
+    return None
 
 
 def _base_weight_and_bias(base):
@@ -103,6 +129,8 @@ def _adapter_reason(module, adapter):
         return f"adapter '{adapter}' uses DoRA (use_dora=True)"
     if variant is not None:
         return f"adapter '{adapter}' is a LoRA variant ({type(variant).__name__})"
+    if _is_peft_embedding(module):
+        return None  # PEFT applies no dropout and no bias to embedding adapters
     if getattr(module, "lora_bias", {}).get(adapter, False):
         return f"adapter '{adapter}' has lora_bias=True (a bias on lora_B)"
     if module.lora_B[adapter].bias is not None:
@@ -114,9 +142,13 @@ def _adapter_reason(module, adapter):
     return None
 
 
+def _adapters_of(module):
+    return module.lora_embedding_A if _is_peft_embedding(module) else module.lora_A
+
+
 def _active_here(module):
     """The active adapters that this module holds (PEFT skips the others)."""
-    return [a for a in module.active_adapters if a in module.lora_A]
+    return [a for a in module.active_adapters if a in _adapters_of(module)]
 
 
 def _state_reason(module):
@@ -135,14 +167,18 @@ def _state_reason(module):
     return None
 
 
-def _unservable(module, lora_linear_cls):
+def _unservable(module, fused_classes):
     """The reason a module (a PEFT LoRA layer) cannot be patched, or None."""
-    if type(module) is not lora_linear_cls:
+    if type(module) not in fused_classes:
         cls = type(module)
         return (f"it is a PEFT {cls.__module__}.{cls.__qualname__} layer, not "
-                f"peft.tuners.lora.layer.Linear: lorakern fuses LoRA on nn.Linear and Conv1D only "
-                f"(not embeddings, convolutions, attention, quantized or parallel layers)")
-    _, reason = _base_weight_and_bias(module.get_base_layer())
+                f"peft.tuners.lora.layer.Linear or Embedding: lorakern fuses LoRA on nn.Linear, "
+                f"Conv1D and nn.Embedding only (not convolutions, attention, quantized or "
+                f"parallel layers)")
+    if _is_peft_embedding(module):
+        reason = _embedding_base_reason(module.get_base_layer())
+    else:
+        _, reason = _base_weight_and_bias(module.get_base_layer())
     return reason or _state_reason(module)
 
 
@@ -172,6 +208,8 @@ def _fused_forward(self, x, *args, **kwargs):
     active = _active_here(self)
     if self.disable_adapters or self.merged or not active:
         return _peft_forward(self, x)
+    if _is_peft_embedding(self):
+        return _fused_embedding(self, x, active)
     weight_bias, reason = _base_weight_and_bias(self.get_base_layer())
     reason = reason or _state_reason(self)
     if reason:
@@ -187,20 +225,36 @@ def _fused_forward(self, x, *args, **kwargs):
                        scale=self.scaling[adapter], bias=bias, dropout_p=dropout_p)
 
 
+def _fused_embedding(self, ids, active):
+    """PEFT's ``Embedding.forward`` for one plain LoRA adapter, as one ``lora_embedding``."""
+    base = self.get_base_layer()
+    reason = _embedding_base_reason(base) or _state_reason(self)
+    if reason:
+        raise ValueError(f"lorakern-patched PEFT module '{self._lorakern_name}' cannot run "
+                         f"fused: {reason}; unpatch_peft() the model to use PEFT's forward")
+    adapter = active[0]
+    return lora_embedding(ids, base.weight, self.lora_embedding_A[adapter],
+                          self.lora_embedding_B[adapter], self.scaling[adapter],
+                          base.padding_idx)
+
+
 def _is_patched(module):
     fwd = vars(module).get("forward")
     return isinstance(fwd, functools.partial) and fwd.func is _fused_forward
 
 
 def patch_peft(peft_model, strict=True):
-    """Switch every PEFT LoRA ``Linear`` module of ``peft_model`` to the fused kernels, in place.
+    """Switch every PEFT LoRA ``Linear`` and ``Embedding`` module of ``peft_model`` to the
+    fused kernels, in place.
 
     Each ``peft.tuners.lora.layer.Linear`` (on an ``nn.Linear`` or a transformers
     ``Conv1D`` base, i.e. ``fan_in_fan_out`` too) gets a forward that calls
     ``lorakern.lora_linear(x, W, A, B, scaling, bias, p)`` with the base layer's
     weight and bias and the active adapter's ``lora_A``/``lora_B`` weights,
     scaling and dropout probability (dropout only while the dropout module is in
-    training mode, as nn.Dropout). Parameters, state dict, saving, merging and
+    training mode, as nn.Dropout). Each ``peft.tuners.lora.layer.Embedding`` on an
+    ``nn.Embedding`` calls ``lorakern.lora_embedding(ids, E, lora_embedding_A,
+    lora_embedding_B, scaling, padding_idx)`` (PEFT applies no dropout there). Parameters, state dict, saving, merging and
     adapter switching stay PEFT's; PEFT's forward runs whenever there is no LoRA
     term (adapters disabled or merged, or no active adapter on the layer).
 
@@ -210,8 +264,8 @@ def patch_peft(peft_model, strict=True):
         strict: if True (default), any PEFT LoRA layer that cannot run fused raises
             ValueError naming it and why: DoRA or another LoRA variant,
             ``lora_bias``, several active adapters, merged or disabled adapters,
-            LoRA on embeddings/convolutions/attention, quantized or hooked base
-            layers. If False, such layers keep PEFT's forward and a warning lists
+            LoRA on convolutions/attention, scaled or max_norm embeddings,
+            quantized or hooked base layers. If False, such layers keep PEFT's forward and a warning lists
             them.
     Returns:
         ``peft_model``, so that ``model = patch_peft(get_peft_model(...))`` chains.
@@ -220,7 +274,7 @@ def patch_peft(peft_model, strict=True):
         ``patch_summary(peft_model)``; ``patched_modules(peft_model)`` lists the
         fused modules.
     """
-    lora_linear_cls, lora_layer_cls = _peft_lora_classes()
+    fused_classes, lora_layer_cls = _peft_lora_classes()
     layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, lora_layer_cls)]
     if not layers:
         raise ValueError(f"patch_peft: no PEFT LoRA layers in this {type(peft_model).__name__}")
@@ -229,7 +283,7 @@ def patch_peft(peft_model, strict=True):
     for name, module in layers:
         if _is_patched(module):
             continue
-        reason = _unservable(module, lora_linear_cls)
+        reason = _unservable(module, fused_classes)
         if reason:
             refused.append(f"'{name}': {reason}")
         else:
@@ -283,13 +337,13 @@ class PatchSummary(NamedTuple):
 def patch_summary(model):
     """The ``PatchSummary`` of ``model`` as it is now (after ``patch_peft``,
     ``unpatch_peft`` or adapter changes): computed from the modules, never stored."""
-    lora_linear_cls, lora_layer_cls = _peft_lora_classes()
+    fused_classes, lora_layer_cls = _peft_lora_classes()
     fused, left = [], {}
     for name, module in model.named_modules():
         if _is_patched(module):
             fused.append(name)
         elif isinstance(module, lora_layer_cls):
-            left[name] = (_unservable(module, lora_linear_cls)
+            left[name] = (_unservable(module, fused_classes)
                           or "fusable, not patched (patch_peft patches it)")
     return PatchSummary(fused, left)
 
@@ -314,12 +368,19 @@ def unpatch_peft(peft_model):
 # ------------------------------------------------------------------------------------------------
 
 def _lora_layers(model):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _adapter_keys(name, layer):
+    """The state-dict keys PEFT gives this layer's A and B."""
+    if isinstance(layer, LoRAEmbedding):
+        return PREFIX + name + _EMBEDDING_A_SUFFIX, PREFIX + name + _EMBEDDING_B_SUFFIX
+    return PREFIX + name + _A_SUFFIX, PREFIX + name + _B_SUFFIX
 
 
 def _base_module_names(model, lora_names):
     """Module names as PEFT sees them on a fresh base model: the lorakern model's,
-    minus anything inside a LoRALinear."""
+    minus anything inside a LoRA layer."""
     inside = tuple(n + "." for n in lora_names)
     return [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
 
@@ -431,10 +492,12 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
     """
     layers = _lora_layers(model)
     if not layers:
-        raise ValueError(f"save_adapter: this {type(model).__name__} has no LoRALinear layers "
+        raise ValueError(f"save_adapter: this {type(model).__name__} has no LoRA layers "
                          f"(inject_lora first)")
     use_rslora = _uniform(layers, "use_rslora", "use_rslora")
-    dropout = _uniform(layers, "dropout", "lora_dropout")
+    # PEFT applies lora_dropout to linear layers only: embeddings do not count here
+    linear_layers = [(n, m) for n, m in layers if not isinstance(m, LoRAEmbedding)]
+    dropout = _uniform(linear_layers, "dropout", "lora_dropout") if linear_layers else 0.0
     for name, m in layers:
         expected = m.alpha / (math.sqrt(m.r) if m.use_rslora else m.r)
         if not math.isclose(m.scale, expected, rel_tol=1e-12):
@@ -475,7 +538,7 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
         "target_modules": target_modules,
         "bias": "none",
         "use_rslora": use_rslora,
-        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in linear_layers),
         "modules_to_save": modules_to_save,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -491,8 +554,9 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
 
     tensors = {}
     for name, m in layers:
-        tensors[PREFIX + name + _A_SUFFIX] = cpu(m.lora_A)
-        tensors[PREFIX + name + _B_SUFFIX] = cpu(m.lora_B)
+        key_a, key_b = _adapter_keys(name, m)
+        tensors[key_a] = cpu(m.lora_A)
+        tensors[key_b] = cpu(m.lora_B)
     for module_path, module in saved_whole.items():
         for key, t in module.state_dict().items():
             tensors[f"{PREFIX}{module_path}.{key}"] = cpu(t)
@@ -744,8 +808,10 @@ def _split_state(state, path):
             adapters.setdefault(name[:-len(_A_SUFFIX)], {})["A"] = t
         elif name.endswith(_B_SUFFIX):
             adapters.setdefault(name[:-len(_B_SUFFIX)], {})["B"] = t
-        elif re.search(r"(^|\.)lora_embedding_[AB]$", name):
-            problems.append(f"'{name.rsplit('.', 1)[0]}': LoRA on an embedding (Embedding)")
+        elif name.endswith(_EMBEDDING_A_SUFFIX):
+            adapters.setdefault(name[:-len(_EMBEDDING_A_SUFFIX)], {"embedding": True})["A"] = t
+        elif name.endswith(_EMBEDDING_B_SUFFIX):
+            adapters.setdefault(name[:-len(_EMBEDDING_B_SUFFIX)], {"embedding": True})["B"] = t
         elif re.search(r"(^|\.)lora_magnitude_vector(\.|$)", name):
             problems.append(f"'{name.split('.lora_magnitude_vector')[0]}': DoRA magnitude")
         elif name.endswith(".lora_B.bias"):
@@ -788,12 +854,23 @@ def _layer_problem(model, name, pair):
         module = model.get_submodule(name)
     except AttributeError:
         return f": no such module in this {type(model).__name__}"
-    if not _is_linear_like(module) or isinstance(module, LoRALinear):
-        return f" is a {type(module).__name__}, not an nn.Linear or Conv1D without an adapter"
-    try:
-        in_features, out_features, _ = base_layout(module)
-    except TypeError as err:
-        return f": {err}"
+    if pair.get("embedding"):
+        if not isinstance(module, nn.Embedding):
+            return (f" is a {type(module).__name__}, not an nn.Embedding without an adapter "
+                    f"(the adapter holds lora_embedding_A/B for it)")
+        try:
+            embedding_layout(module)
+        except TypeError as err:
+            return f": {err}"
+        in_features, out_features = module.weight.shape
+    else:
+        if not _is_linear_like(module) or isinstance(module, LoRALayer):
+            return (f" is a {type(module).__name__}, not an nn.Linear or Conv1D without an "
+                    f"adapter")
+        try:
+            in_features, out_features, _ = base_layout(module)
+        except TypeError as err:
+            return f": {err}"
     a, b = pair.get("A"), pair.get("B")
     if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         return (f": lora_A {None if a is None else tuple(a.shape)} and lora_B "
@@ -830,6 +907,16 @@ def _saved_module_names(model, config, settings, path):
     return saved
 
 
+def _unwrap_base_layers(others, adapters):
+    """PEFT saves the base table of an adapted embedding as '<module>.base_layer.<tensor>'
+    (save_embedding_layers): in the base model it is '<module>.<tensor>'."""
+    unwrapped = {}
+    for key, t in others.items():
+        module, sep, tensor = key.partition(".base_layer.")
+        unwrapped[f"{module}.{tensor}" if sep and module in adapters else key] = t
+    return unwrapped
+
+
 def _base_tensors(model, others, path):
     """{name: the model's tensor} for the tensors the adapter carries whole
     (modules_to_save, resized embeddings); ValueError for any the model lacks or
@@ -847,13 +934,15 @@ def _base_tensors(model, others, path):
 
 
 def load_adapter(model, path, adapter_dtype=None):
-    """Inject a PEFT LoRA adapter into ``model`` as ``LoRALinear`` layers.
+    """Inject a PEFT LoRA adapter into ``model`` as ``LoRALinear``/``LoRAEmbedding`` layers.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (or
     ``adapter_model.bin``) as PEFT's ``save_pretrained`` writes them. The layers
-    adapted are those the file holds ``lora_A``/``lora_B`` for; each must be an
+    adapted are those the file holds ``lora_A``/``lora_B`` for, each an
     ``nn.Linear`` or a transformers ``Conv1D`` in ``model`` (a fresh copy of the
-    adapter's base model). They get ``inject_lora`` with the adapter's ``r``,
+    adapter's base model), and those it holds ``lora_embedding_A``/``_B`` for,
+    each an ``nn.Embedding`` (``LoRAEmbedding``; a base table PEFT saved beside
+    it is loaded into the embedding). They get ``inject_lora`` with the adapter's ``r``,
     ``lora_alpha`` (``rank_pattern``/``alpha_pattern`` per layer),
     ``use_rslora``, ``lora_dropout`` and ``modules_to_save``; A and B are
     loaded, and the tensors of ``modules_to_save`` (and any other base tensors
@@ -861,8 +950,8 @@ def load_adapter(model, path, adapter_dtype=None):
 
     Raises ValueError, before the model is changed in any way, naming what it
     cannot reproduce: non-LORA ``peft_type``, ``bias`` other than "none",
-    ``use_dora``, ``lora_bias`` and other LoRA variants, LoRA on embeddings or
-    other non-Linear layers; invalid config values (``r``, ``lora_alpha``,
+    ``use_dora``, ``lora_bias`` and other LoRA variants, LoRA on layers other
+    than Linear, Conv1D and Embedding; invalid config values (``r``, ``lora_alpha``,
     ``lora_dropout``, patterns, ``modules_to_save``); tensors that do not fit
     the model; a config file that is not a JSON object, or a weights file that
     cannot be read (both named by path).
@@ -875,6 +964,7 @@ def load_adapter(model, path, adapter_dtype=None):
     adapters, others = _split_state(state, path)
     if not adapters:
         raise ValueError(f"load_adapter: '{path}' holds no lora_A/lora_B weights")
+    others = _unwrap_base_layers(others, adapters)
     if _is_linear_like(model) or isinstance(model, LoRALinear):
         raise ValueError(f"load_adapter: the model is a {type(model).__name__} itself; give the "
                          f"model that holds the adapted layers")

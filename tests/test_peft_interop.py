@@ -238,7 +238,7 @@ def test_save_adapter_refuses_what_one_peft_config_cannot_hold(tmp_path):
     inject_lora(model, ["v_proj"], use_rslora=False)
     with pytest.raises(ValueError, match=r"use_rslora.*q_proj"):
         save_adapter(model, tmp_path)
-    with pytest.raises(ValueError, match="no LoRALinear"):
+    with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(base_model("llama"), tmp_path)
     assert not os.path.exists(tmp_path / "adapter_config.json")
 
@@ -309,7 +309,6 @@ def test_rslora_round_trip_both_ways(tmp_path):
     ("dora", r"use_dora=True"),
     ("lora_bias", r"lora_bias=True"),
     ("bias_all", r"bias='all'"),
-    ("embedding", r"model\.embed_tokens.*embedding"),
     ("ia3", r"peft_type='IA3'"),
     ("pissa", r"init_lora_weights='pissa'"),
 ])
@@ -320,8 +319,7 @@ def test_load_adapter_refuses_what_loralinear_cannot_reproduce(case, match, tmp_
         get_peft_model(base_model("llama"), config).save_pretrained(tmp_path)
     else:
         kwargs = {"dora": {"use_dora": True}, "lora_bias": {"lora_bias": True},
-                  "bias_all": {"bias": "all"}, "pissa": {"init_lora_weights": "pissa"},
-                  "embedding": {"target_modules": ["embed_tokens", "q_proj"]}}[case]
+                  "bias_all": {"bias": "all"}, "pissa": {"init_lora_weights": "pissa"}}[case]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # lora_bias on a bias-free base warns
             peft_model("llama", **kwargs).save_pretrained(tmp_path)
@@ -437,7 +435,7 @@ def _peft_with_second_adapter():
     ("dora", r"model\.layers\.0\.self_attn\.q_proj.*DoRA"),
     ("two_active", r"model\.layers\.0\.self_attn\.q_proj.*several adapters"),
     ("lora_bias", r"model\.layers\.0\.self_attn\.q_proj.*lora_bias"),
-    ("embedding", r"model\.embed_tokens.*Embedding"),
+    ("hooked_embedding", r"model\.embed_tokens.*forward hooks"),
     ("merged", r"model\.layers\.0\.self_attn\.q_proj.*merged"),
 ])
 def test_patch_peft_refuses_what_it_cannot_fuse_naming_the_module(case, match):
@@ -447,8 +445,8 @@ def test_patch_peft_refuses_what_it_cannot_fuse_naming_the_module(case, match):
         model = _peft_with_second_adapter()
     elif case == "lora_bias":
         model = peft_model("llama", lora_bias=True)
-    elif case == "embedding":
-        model = peft_model("llama", target_modules=["embed_tokens", "q_proj"])
+    elif case == "hooked_embedding":
+        model = _peft_with_hooked_embedding(["embed_tokens", "q_proj"])
     else:
         model = peft_model("llama")
         model.merge_adapter()
@@ -464,13 +462,22 @@ def test_patch_peft_refuses_disabled_adapters():
             patch_peft(model)
 
 
+def _peft_with_hooked_embedding(targets):
+    """A PEFT model whose LoRA embedding cannot run fused: a forward hook on its base
+    layer (as accelerate's offloading adds) would be bypassed by the fused call."""
+    model = peft_model("llama", target_modules=targets)
+    model.base_model.model.model.embed_tokens.base_layer.register_forward_hook(
+        lambda module, args, out: None)
+    return model
+
+
 def test_patch_peft_not_strict_patches_the_rest_and_says_which_it_left():
-    model = peft_model("llama", target_modules=["embed_tokens", "q_proj", "v_proj"])
+    model = _peft_with_hooked_embedding(["embed_tokens", "q_proj", "v_proj"])
     expected = logits(model)
     with pytest.warns(RuntimeWarning, match=r"embed_tokens"):
         patch_peft(model, strict=False)
     assert len(patched_modules(model)) == 4
-    assert_close(logits(model), expected, "logits, embedding LoRA left on PEFT")
+    assert_close(logits(model), expected, "logits, hooked embedding LoRA left on PEFT")
 
 
 def test_patch_peft_refuses_a_model_without_lora_layers():
@@ -537,14 +544,14 @@ def test_a_patched_peft_model_pickles_and_loads_still_fused(tmp_path):
 
 
 def test_patch_peft_logs_and_summarises_what_it_fused_and_what_it_left_to_peft(caplog):
-    model = peft_model("llama", target_modules=["embed_tokens", "q_proj", "v_proj"])
+    model = _peft_with_hooked_embedding(["embed_tokens", "q_proj", "v_proj"])
     with caplog.at_level(logging.INFO, logger="lorakern"), pytest.warns(RuntimeWarning):
         assert patch_peft(model, strict=False) is model
     summary = lorakern.patch_summary(model)
     assert summary.fused == patched_modules(model)
     assert len(summary.fused) == 4
     assert list(summary.left_to_peft) == ["base_model.model.model.embed_tokens"]
-    assert "Embedding" in summary.left_to_peft["base_model.model.model.embed_tokens"]
+    assert "forward hooks" in summary.left_to_peft["base_model.model.model.embed_tokens"]
     records = [r for r in caplog.records if r.name == "lorakern" and "patch_peft" in r.message]
     assert len(records) == 1 and records[0].levelno == logging.INFO
     assert records[0].getMessage() == f"lorakern: patch_peft: {summary}"
@@ -558,6 +565,18 @@ def test_patch_peft_logs_and_summarises_what_it_fused_and_what_it_left_to_peft(c
 
 
 def test_patch_peft_strict_refusal_points_to_strict_false():
-    model = peft_model("llama", target_modules=["embed_tokens", "q_proj"])
+    model = _peft_with_hooked_embedding(["embed_tokens", "q_proj"])
     with pytest.raises(ValueError, match=r"embed_tokens.*patch_peft\(model, strict=False\)"):
         patch_peft(model)
+
+
+def test_load_adapter_reads_peft_embedding_adapters_and_their_saved_base_table(tmp_path):
+    """PEFT saves an adapted embed_tokens' base table too (base_layer.weight): it lands in
+    the model's own embedding, and the LoRA embedding computes what PEFT's does."""
+    theirs = peft_model("llama", target_modules=["embed_tokens", "q_proj"])
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.base_layer.weight.mul_(1.5)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(base_model("llama"), tmp_path)
+    assert isinstance(ours.model.embed_tokens, lorakern.LoRAEmbedding)
+    assert_close(logits(ours.eval()), logits(theirs), "logits with PEFT's embedding adapter")
