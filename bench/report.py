@@ -185,6 +185,15 @@ def markdown(doc):
                 "adapter initialisation, hence another first loss). Peak memory: all "
                 "allocated memory, weights and optimizer state included.", "",
                 e2e_table(doc["e2e"]), ""]
+    if doc.get("embedding"):
+        from .embedding import table as embedding_table
+        r = doc["embedding"][0]
+        out += ["## LoRA embedding", "",
+                f"`{r['case']}`: one table, adapters of the table's dtype promoted to fp32 "
+                "as PEFT's default; `embedding`: nn.Embedding alone (the floor); `peft`: "
+                "PEFT's LoRA Embedding; `lorakern`: LoRAEmbedding. Forward under no_grad; "
+                "fwd+bwd with the adapters trained, the table frozen.", "",
+                embedding_table(doc["embedding"]), ""]
     lines = problems(doc)
     if lines:
         out += ["## Not timed, or worth a look", ""] + lines + [""]

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from . import e2e, layers, metrics, report
+from . import e2e, embedding, layers, metrics, report
 from .cases import MODES, PRESETS, make_cases
 from .providers import PROVIDERS, lorakern_path
 
@@ -70,6 +70,9 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
     p.add_argument("--no-layers", action="store_true", help="skip the layer benchmarks")
     p.add_argument("--no-e2e", action="store_true", help="skip the training-step benchmark")
+    p.add_argument("--no-embedding", action="store_true",
+                   help="skip the LoRA embedding benchmark (vocab 49152, dim 2048, 8192 tokens "
+                        "with CUDA; a tiny case without)")
     p.add_argument("--e2e-only", action="store_true", help="= --no-layers")
     p.add_argument("--e2e-config", choices=sorted(e2e.CONFIGS),
                    help="default: llama3-8b-4layers with CUDA, cpu-tiny without")
@@ -129,6 +132,8 @@ def plan(args):
                              max_sets=32 if cuda else 2),
         layers=not (args.no_layers or args.e2e_only),
         e2e=None if args.no_e2e else _e2e_config(args, cuda),
+        embedding=None if (args.no_embedding or args.e2e_only) else (
+            embedding.CUDA_CASE if cuda else embedding.CPU_CASE),
         e2e_providers=_check(e2e_providers, list(e2e.PROVIDERS), "e2e provider"),
         e2e_steps=args.e2e_steps or (10 if cuda else 5),
     )
@@ -143,8 +148,8 @@ def _environment(device):
 
 
 def measure(todo, env):
-    """(layer records, e2e records) for the plan."""
-    device, layer_records, e2e_records = todo["device"], [], []
+    """(layer records, e2e records, embedding records) for the plan."""
+    device, layer_records, e2e_records, embedding_records = todo["device"], [], [], []
     if todo["layers"]:
         for i, case in enumerate(todo["cases"], 1):
             print(f"[{i}/{len(todo['cases'])}] {case}", flush=True)
@@ -155,7 +160,11 @@ def measure(todo, env):
         e2e_records = e2e.run_e2e(todo["e2e"], todo["e2e_providers"], device, env,
                                   steps=todo["e2e_steps"],
                                   warmup=3 if device.type == "cuda" else 1)
-    return layer_records, e2e_records
+    if todo["embedding"] is not None:
+        print(f"[embedding] {todo['embedding']}", flush=True)
+        embedding_records = embedding.run_embedding(todo["embedding"], device, env,
+                                                    todo["timing"])
+    return layer_records, e2e_records, embedding_records
 
 
 def _print_tables(doc):
@@ -164,6 +173,8 @@ def _print_tables(doc):
         print(f"== layer, {mode} ==\n{timing}\n")
     if doc["e2e"]:
         print(f"== training step ==\n{report.e2e_table(doc['e2e'])}\n")
+    if doc["embedding"]:
+        print(f"== LoRA embedding ==\n{embedding.table(doc['embedding'])}\n")
     for line in report.problems(doc):
         print(line)
 
@@ -183,14 +194,14 @@ def main(argv=None):
                   "--providers adds it back)")
     env = _environment(device)
     start = time.perf_counter()
-    layer_records, e2e_records = measure(todo, env)
+    layer_records, e2e_records, embedding_records = measure(todo, env)
     doc = {
         "schema": "lorakern-bench/1", "environment": env, "label": label,
         "command": " ".join(["python -m bench.run"] + [shlex.quote(a) for a in argv]),
         "providers": {p.name: p.description for p in todo["providers"]},
         "method": METHOD_CUDA if device.type == "cuda" else METHOD_CPU,
         "seconds": round(time.perf_counter() - start, 1),
-        "layer": layer_records, "e2e": e2e_records,
+        "layer": layer_records, "e2e": e2e_records, "embedding": embedding_records,
     }
     _print_tables(doc)
     paths, why = report.write(doc, report.output_stem(args.out, env))
@@ -199,7 +210,8 @@ def main(argv=None):
         print(why)
     if device.type != "cuda":
         print("Reminder: " + label)
-    return 1 if any(r["status"] == "error" for r in layer_records + e2e_records) else 0
+    records = layer_records + e2e_records + embedding_records
+    return 1 if any(r["status"] == "error" for r in records) else 0
 
 
 if __name__ == "__main__":

@@ -115,15 +115,21 @@ def _lora_embedding_grad_kernel(
                  (scale * da).to(da_ptr.dtype.element_ty), mask=in_r)
 
 
-# One forward tile: BLOCK_T tokens x BLOCK_D features; the rank block rides along.
-FORWARD_BLOCK_T, FORWARD_BLOCK_D = 32, 128
+# One forward tile: BLOCK_T tokens x BLOCK_D features, with the (BLOCK_T x BLOCK_R) rows
+# of A^T and the (BLOCK_R x BLOCK_D) tile of B^T in registers: wide ranks narrow BLOCK_D
+# so that the B tile stays at 64 fp32 values per thread (4 warps).
+FORWARD_BLOCK_T = 32
+FORWARD_B_TILE_ELEMENTS = 64 * 128
 FORWARD_INTERPRET = (16, 32)
 GRAD_BLOCK_D = 256
 GRAD_BLOCK_D_INTERPRET = 32
 
 
-def _forward_config():
-    return FORWARD_INTERPRET if INTERPRET else (FORWARD_BLOCK_T, FORWARD_BLOCK_D)
+def forward_config(block_r):
+    """(BLOCK_T, BLOCK_D) of the forward for this rank block."""
+    if INTERPRET:
+        return FORWARD_INTERPRET
+    return FORWARD_BLOCK_T, max(32, min(128, FORWARD_B_TILE_ELEMENTS // block_r))
 
 
 def lora_embedding_forward(ids, weight, lora_a, lora_b, scale):
@@ -133,8 +139,8 @@ def lora_embedding_forward(ids, weight, lora_a, lora_b, scale):
     y = empty((t, d), weight.dtype, weight.device)
     if t == 0 or d == 0:
         return y
-    block_t, block_d = _forward_config()
     block_r = rank_block(r)
+    block_t, block_d = forward_config(block_r)
     grid = (triton.cdiv(t, block_t), triton.cdiv(d, block_d))
     _lora_embedding_forward_kernel[grid](
         ids, weight, lora_a, lora_b, y,
