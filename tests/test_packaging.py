@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +134,25 @@ def test_readme_states_setup_lower_bounds():
         stated = re.findall(rf"\b{name} ≥ ?([0-9][0-9.]*[0-9])", readme)
         assert stated == [lower_bound(requires[name])], (
             f"README.md states {name} ≥ {stated}; setup.py requires `{requires[name]}`")
+
+
+def test_quickstart_python_is_admitted_by_every_exact_pin():
+    # An exact pin cannot fall back to an older release for an older Python, so
+    # its Requires-Python bounds the Python the Quickstart can promise.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    stated = re.findall(r"Python ≥ ?([0-9]+\.[0-9]+) and pip", readme)
+    assert len(stated) == 1, f"README.md states the Quickstart's Python as {stated}"
+    for name, pin in requirements_txt().items():
+        if pin.marker is not None and not pin.marker.evaluate():
+            continue
+        version = pinned_version(pin) if "==" in str(pin.specifier) else None
+        if version is None or importlib.metadata.version(name).split("+")[0] != version:
+            continue  # a range, or not this pin's release: its Requires-Python is unknown here
+        requires_python = importlib.metadata.metadata(name).get("Requires-Python")
+        if requires_python:
+            assert SpecifierSet(requires_python).contains(stated[0]), (
+                f"README.md says the Quickstart works with Python ≥ {stated[0]}, but the "
+                f"pinned {name}=={version} requires Python {requires_python}")
 
 
 def unmet_triton_requirements(torch_requires, triton_version):
