@@ -100,7 +100,8 @@ def test_triton_pin_is_the_one_the_pinned_torch_requires():
     declared, source = torch_wheel_record(torch_version)
     pin = pins.get("triton")
     assert pin is not None, f"requirements.txt pins no triton; torch {torch_version} needs {declared}"
-    assert (str(pin.specifier), str(pin.marker)) == (str(declared.specifier), str(declared.marker)), (
+    same_pin = (str(pin.specifier), str(pin.marker)) == (str(declared.specifier), str(declared.marker))
+    assert same_pin, (
         f"requirements.txt pins `{pin}`, but torch {torch_version} from PyPI requires "
         f"`{declared}` ({source}): pip cannot install both")
 
@@ -136,6 +137,14 @@ def test_readme_states_setup_lower_bounds():
             f"README.md states {name} ≥ {stated}; setup.py requires `{requires[name]}`")
 
 
+def installed_release(name):
+    """The installed version without a local label (2.13.0+cpu -> 2.13.0), or None."""
+    try:
+        return importlib.metadata.version(name).split("+")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def test_quickstart_python_is_admitted_by_every_exact_pin():
     # An exact pin cannot fall back to an older release for an older Python, so
     # its Requires-Python bounds the Python the Quickstart can promise.
@@ -146,7 +155,7 @@ def test_quickstart_python_is_admitted_by_every_exact_pin():
         if pin.marker is not None and not pin.marker.evaluate():
             continue
         version = pinned_version(pin) if "==" in str(pin.specifier) else None
-        if version is None or importlib.metadata.version(name).split("+")[0] != version:
+        if version is None or installed_release(name) != version:
             continue  # a range, or not this pin's release: its Requires-Python is unknown here
         requires_python = importlib.metadata.metadata(name).get("Requires-Python")
         if requires_python:
