@@ -99,9 +99,9 @@ def test_triton_pin_is_the_one_the_pinned_torch_requires():
     torch_version = pinned_version(pins["torch"])
     declared, source = torch_wheel_record(torch_version)
     pin = pins.get("triton")
-    assert pin is not None, f"requirements.txt pins no triton; torch {torch_version} needs {declared}"
-    same_pin = (str(pin.specifier), str(pin.marker)) == (str(declared.specifier), str(declared.marker))
-    assert same_pin, (
+    assert pin is not None, (
+        f"requirements.txt pins no triton; torch {torch_version} requires `{declared}`")
+    assert (pin.specifier, str(pin.marker)) == (declared.specifier, str(declared.marker)), (
         f"requirements.txt pins `{pin}`, but torch {torch_version} from PyPI requires "
         f"`{declared}` ({source}): pip cannot install both")
 
