@@ -11,7 +11,12 @@ setup(
     packages=["lorakern", "lorakern.kernels"],
     package_dir={"lorakern": "lorakern", "lorakern.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.3", "triton>=3.0"],
+    # torch 2.4 is the first with torch.library.custom_op and its register_fake /
+    # register_autograd (lorakern/ops.py); on Linux it requires triton 3.0, whose
+    # tl.dot takes input_precision, the newest language feature the kernels use.
+    # triton has no macOS or Windows wheels: there lorakern runs its PyTorch
+    # reference, as it does on any machine without triton.
+    install_requires=["torch>=2.4", 'triton>=3.0; platform_system == "Linux"'],
     extras_require={
         "test": ["pytest>=7", "numpy", "peft>=0.13", "transformers>=4.45", "safetensors"],
         "peft": ["peft>=0.13", "safetensors"],
