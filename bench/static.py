@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=_list(int), help="LoRA ranks, e.g. 16,64,128")
     p.add_argument("--dropout", type=_list(float), help="dropout probabilities, e.g. 0,0.1")
     p.add_argument("--json", help="write the kernels and records to this JSON file")
+    p.add_argument("--no-embedding", action="store_true",
+                   help="leave out the LoRA embedding case (vocab 49152, dim 2048, 8192 tokens)")
     p.add_argument("--launches", action="store_true",
                    help="also print every lorakern launch with its roofline terms")
     p.add_argument("--launches-json", help="write every lorakern launch (what was compiled, "
@@ -139,6 +141,9 @@ def run(args):
                                predict_lorakern(case, arch, machine, kernel_reports, launch_log))
         records += records_for(case, "nn.Linear", predict_ops(roofline.linear_ops(case), machine))
         records += records_for(case, "peft", predict_ops(roofline.peft_ops(case), machine))
+    if not getattr(args, "no_embedding", False):
+        from . import static_embedding
+        records += static_embedding.run(arch, machine, kernel_reports)
     result = {"assumptions": assumptions(arch, machine),
               "kernels": [r.as_json() for r in kernel_reports.values()],
               "records": records}
@@ -178,6 +183,8 @@ def format_tables(result):
                   f"{p:>28}" for p in PROVIDERS)]
     groups = {}
     for rec in result["records"]:
+        if rec["provider"] not in PROVIDERS:
+            continue
         key = (rec["K"], rec["N"], rec["M"], rec["r"], rec["dropout"])
         groups.setdefault(key, {})[(rec["provider"], rec["mode"])] = rec
     for (k, n, m, r, p), recs in groups.items():
@@ -189,6 +196,11 @@ def format_tables(result):
         lines.append(f"{f'{k}x{n}':>11} {m:>6} {r:>4} {p:>4g}  " + "  ".join(
             f"{c:>28}" for c in cells))
     lines.append("(cells: fwd + bwd = fwd+bwd predicted ms, and the bound of the slowest launch)")
+    from .static_embedding import PROVIDERS as EMBEDDING_PROVIDERS, format_table
+    embedding_rows = [rec for rec in result["records"]
+                      if rec["provider"] in EMBEDDING_PROVIDERS.values()]
+    if embedding_rows:
+        lines.append(format_table(embedding_rows))
     return "\n".join(lines)
 
 

@@ -70,7 +70,8 @@ def test_report_json_has_the_documented_schema(static_run):
     record_keys = {"M", "K", "N", "r", "dtype", "dropout", "provider", "mode", "predicted_ms",
                    "bound"}
     combos = Counter()
-    for record in report["records"]:
+    linear = [r for r in report["records"] if r["provider"] in ("lorakern", "nn.Linear", "peft")]
+    for record in linear:
         assert set(record) == record_keys
         assert (record["M"], record["K"], record["N"], record["r"], record["dtype"]) == \
             (8192, 4096, 4096, 16, "bf16")
@@ -81,6 +82,24 @@ def test_report_json_has_the_documented_schema(static_run):
                            for m in ("fwd", "bwd", "fwd+bwd") for d in (0.0, 0.1)}
     assert set(combos.values()) == {1}
     assert "PREDICTED" in static_run["stdout"]
+
+
+def test_the_lora_embedding_case_is_compiled_and_predicted(static_run):
+    """vocab 49152, dim 2048, 8192 tokens, r = 16: both embedding kernels compiled for
+    sm_90 without spills, and rows for lorakern, nn.Embedding and PEFT in every mode."""
+    report = static_run["report"]
+    names = {k["name"]: k for k in report["kernels"]}
+    for kernel in ("_lora_embedding_forward_kernel", "_lora_embedding_grad_kernel"):
+        assert kernel in names and names[kernel]["spills"] == 0, kernel
+    rows = {(r["provider"], r["mode"]): r for r in report["records"]
+            if r["provider"] in ("lorakern-embedding", "nn.Embedding", "peft-embedding")}
+    assert len(rows) == 9
+    for row in rows.values():
+        assert (row["M"], row["K"], row["N"], row["r"]) == (8192, 49152, 2048, 16)
+        assert row["mode"] != "fwd" or row["predicted_ms"] > 0
+    floor = rows[("nn.Embedding", "fwd+bwd")]["predicted_ms"]
+    assert rows[("lorakern-embedding", "fwd+bwd")]["predicted_ms"] >= floor
+    assert "LoRA embedding" in static_run["stdout"]
 
 
 def test_fwd_plus_bwd_is_the_sum_and_the_base_gemms_are_the_floor(static_run):
