@@ -27,7 +27,10 @@ def lora_linear_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
 @lora_linear_op.register_fake
 def _lora_linear_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
     rows = x.shape[:-1].numel()
-    return [x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, lora_A.shape[0])]
+    # h is in the rank products' dtype: fp32 with fp32 adapters, as the kernels make it
+    h_dtype = torch.promote_types(torch.promote_types(x.dtype, lora_A.dtype), lora_B.dtype)
+    return [x.new_empty(*x.shape[:-1], weight.shape[0]),
+            x.new_empty(rows, lora_A.shape[0], dtype=h_dtype)]
 
 
 @torch.library.custom_op("lorakern::lora_linear_backward", mutates_args=())
