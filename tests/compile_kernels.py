@@ -13,13 +13,14 @@ launchers pass for it) compile the rank pass, the LoRA GEMM and tn_matmul;
 ``dropout_mask`` compiles the dtype-independent mask kernel.
 
 What one group compiles, for the kernels' x dtype:
-- the rank pass (``rank_product_candidates()``) at every config and rank block
-  it can pick, as the layer launches it: h = drop(x) A^T (dropout on, A read
-  transposed) and G = dY B (dropout off);
+- the rank pass (``rank_product_candidates()``) at every config it can pick,
+  as the forward launches it: h = drop(x) A^T (dropout on, A read transposed);
+  G = dY B (dropout off, B read as stored) once, at the widest rank block;
 - the LoRA GEMM (``lora_gemm_candidates()``) at every config and epilogue rank
   block, as the forward launches it (W^T, B^T; bias on) and as dX does (W, A;
   dropout on); the forward build also with dropout on, the superset of the code;
-- tn_matmul (``tn_candidates()``) with every flag on, for an output in the
+- tn_matmul (``tn_candidates()``, each row-block shape at its widest BLOCK_Q
+  and the narrowest once) with every flag on, for an output in the
   operands' dtype, fp32 (the split partials, an fp32 adapter's gradient) and
   dA's transposed output;
 - each of these again with fp32 adapters under fp16/bf16 x (h and G then fp32,
@@ -233,9 +234,13 @@ def rank_and_gemm_jobs(x, adapter, precision):
     """The forward's and grad-input's kernels at every config, for one adapter dtype."""
     rank_precision = _adapter_precision(x, adapter, precision)
     jobs = []
-    for cfg, block_r in rank_pairs(x, adapter):
+    pairs = rank_pairs(x, adapter)
+    for cfg, block_r in pairs:
         jobs.append(rank_job(cfg, block_r, x, adapter, rank_precision, "h"))
-        jobs.append(rank_job(cfg, block_r, x, adapter, rank_precision, "G"))
+    # G's build differs from h's only by the mask (off) and which stride of the
+    # adapter is 1: once, at the widest rank block
+    cfg, block_r = max(pairs, key=lambda pair: pair[1])
+    jobs.append(rank_job(cfg, block_r, x, adapter, rank_precision, "G"))
     for cfg, block_r in gemm_pairs(x, adapter):
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "y",
                              bias=True, dropout=True))
@@ -244,15 +249,26 @@ def rank_and_gemm_jobs(x, adapter, precision):
     return jobs
 
 
+def tn_configs_compiled(operand_bytes):
+    """tn_matmul's configs, each row-block shape at its widest BLOCK_Q (the rank
+    block) and the narrowest once, as for the other kernels."""
+    from lorakern.kernels.lora_grad_weights import tn_candidates
+    from dataclasses import replace
+
+    configs = tn_candidates(operand_bytes)
+    pairs = [(replace(c, block_q=0), c.block_q) for c in configs]
+    return sorted({replace(c, block_q=q) for c, q in _widest_and_narrowest(pairs)}, key=repr)
+
+
 def tn_jobs(x, precision):
     """tn_matmul: dA^T, dB (rank-wide configs) and dW, for same-dtype and fp32 adapters."""
-    from lorakern.kernels.lora_grad_weights import tn_candidates, tn_config_gpu
+    from lorakern.kernels.lora_grad_weights import tn_config_gpu
 
     jobs = []
     # (out, colsum) dtypes it is launched with: the operands' dtype (dW, and dB / db
     # into same-dtype parameters) and fp32 for both (the split partial buffers)
     out_colsum = [(x, x)] if x == "fp32" else [(x, x), ("fp32", "fp32")]
-    tn_configs = tn_candidates(ELEMENT_BYTES[x])
+    tn_configs = tn_configs_compiled(ELEMENT_BYTES[x])
     for index, cfg in enumerate(tn_configs):
         # the output dtypes change only the epilogue's stores: all of them at one
         # config (all configs with LORAKERN_COMPILE_ALL=1), the first elsewhere
@@ -265,7 +281,7 @@ def tn_jobs(x, precision):
     if x != "fp32":
         # fp32 adapters: Q = G or h is fp32, the products run in fp32 and write an
         # fp32 dA^T or dB (with db, in the bias's dtype x, beside it)
-        for cfg in tn_candidates(4):
+        for cfg in tn_configs_compiled(4):
             if cfg == tn_config_gpu(None, 4):
                 continue
             jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", x, True, True,

@@ -52,14 +52,12 @@ def launcher_configs(x_dtype, adapter_dtype):
     """Per kernel, the launch configs its launcher can pick on a GPU for these
     dtypes (each tile config at its largest rank block, and the smallest rank
     block once, unless LORAKERN_COMPILE_ALL=1; see compile_kernels)."""
-    from lorakern.kernels.lora_grad_weights import tn_candidates
-
     rank = {(c.block_m, c.block_k, r, c.num_warps, c.num_stages)
             for c, r in compile_kernels.rank_pairs(x_dtype, adapter_dtype)}
     gemm = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
             for c, r in compile_kernels.gemm_pairs(x_dtype, adapter_dtype)}
-    tn = {_tn_tuple(c) for c in tn_candidates(max(compile_kernels.ELEMENT_BYTES[x_dtype],
-                                     compile_kernels.ELEMENT_BYTES[adapter_dtype]))}
+    tn = {_tn_tuple(c) for c in compile_kernels.tn_configs_compiled(
+        max(compile_kernels.ELEMENT_BYTES[x_dtype], compile_kernels.ELEMENT_BYTES[adapter_dtype]))}
     return {RANK: rank, GEMM: gemm, TN: tn}
 
 
