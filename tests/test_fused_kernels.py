@@ -419,3 +419,20 @@ def test_a_layer_without_inputs_or_outputs_behaves_like_nn_linear(k, n, dtype, d
                              1.5, layer["bias"], 0.2)
     assert y.shape == base.shape == (2, 5, n)
     assert torch.equal(y.detach(), base)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=str)
+def test_the_custom_ops_fake_h_has_the_kernels_dtype(adapter_dtype, device):
+    """torch.compile builds its graph from the fake implementation: h is fp32
+    with fp32 adapters, as the rank pass writes it, and x's dtype otherwise."""
+    from lorakern.ops import lora_linear_op
+
+    torch.manual_seed(15)
+    layer = make_layer((6,), 16, 12, 4, torch.float16, device, adapter_dtype=adapter_dtype)
+    args = (layer["x"].detach(), layer["weight"].detach(), layer["lora_A"].detach(),
+            layer["lora_B"].detach(), layer["bias"].detach(), 0.5, 0.0,
+            torch.zeros(1, dtype=torch.int64))
+    _, h = lora_linear_op(*args)
+    assert h.dtype == adapter_dtype
+    torch.library.opcheck(lora_linear_op, args,
+                          test_utils=("test_schema", "test_faketensor"))
