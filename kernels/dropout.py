@@ -14,10 +14,10 @@ the row and the column group separately, so any M * K (beyond 2^31) is covered
 with 32-bit arithmetic.
 
 Why these numbers:
-- 7 rounds: Philox4x32 passes TestU01's BigCrush from 7 rounds (Salmon et al.,
-  "Parallel random numbers: as easy as 1, 2, 3", SC'11); Triton's default of
-  10 is a safety margin that costs 10/7 of the integer work. FlashAttention-2
-  uses 7 rounds for its dropout too.
+- 7 rounds: Salmon et al. ("Parallel random numbers: as easy as 1, 2, 3",
+  SC'11) report Philox4x32 passing TestU01's BigCrush from 7 rounds and take
+  10 as the default for a safety margin; Triton's default is that 10, which
+  costs 10/7 of the integer work. FlashAttention-2's dropout uses 7 rounds.
 - 16 bits per element: 8 elements per call (FlashAttention-2 takes 8 bits, 16
   per call, and quantises p to 1/256). With 16 bits p is quantised to 1/65536:
   the effective drop probability is p_eff = t / 65536, within 2^-17 of p
@@ -28,6 +28,9 @@ Why these numbers:
 
 A tile of BLOCK_ROWS x BLOCK_COLS (BLOCK_COLS a multiple of 8, starting at a
 column that is a multiple of 8) costs BLOCK_ROWS * BLOCK_COLS / 8 Philox calls.
+Where it is evaluated: once per element of x in the forward's rank pass, once
+per element of dX in the backward GEMM's epilogue, once per element of x in
+dA's tn_matmul; never in a GEMM's main loop.
 """
 import triton
 import triton.language as tl
