@@ -1,22 +1,30 @@
 """lorakern's Triton kernels (installed as ``lorakern.kernels``).
 
 The layer:  y = x W^T + b + s * drop(x) A^T B^T,  x (M, K), W (N, K), b (N),
-A (R, K), B (N, R), drop(x) = x * m / (1 - p) with a Philox keep-mask m.
-With h = drop(x) A^T (kept from the forward) and G = dY B:
+A (R, K), B (N, R), drop(x) = x * m / (1 - p_eff) with the Philox keep-mask m
+(dropout.py; p_eff is p quantised to 1/65536). With h = drop(x) A^T (kept from
+the forward) and G = dY B:
 
-    dX = dY W + (s / (1 - p)) (G A) * m       lora_grad_input
-    dA = (s / (1 - p)) G^T (x * m)             tn_matmul
-    dB = s dY^T h,  db = sum_m dY              tn_matmul (one pass)
-    dW = dY^T x   (only when W trains)         tn_matmul
+    h  = (1 / (1 - p_eff)) (x * m) A^T          rank_product       (mask made here)
+    y  = x W^T + b + s h B^T                    lora_gemm
+    G  = dY B                                   rank_product
+    dX = dY W + (s / (1 - p_eff)) (G A) * m     lora_gemm          (mask in the epilogue)
+    dA = (s / (1 - p_eff)) G^T (x * m)          tn_matmul          (mask per x tile)
+    dB = s dY^T h,  db = sum_m dY               tn_matmul (one pass)
+    dW = dY^T x   (only when W trains)          tn_matmul
 
-No kernel forms the N x K product A B.
+No kernel forms the N x K product A B. h and G are fp32 when the adapters are
+(PEFT's default on a 16-bit base), else in x's dtype.
 """
 from ._common import SUPPORTED_DTYPES, empty, launch_counts, rank_block
+from .dropout import effective_dropout_p, keep_scale
 from .dropout_mask import dropout_keep_mask
 from .lora_embedding import lora_embedding_backward, lora_embedding_forward
-from .lora_forward import lora_forward
-from .lora_grad_input import lora_grad_input
+from .lora_gemm import lora_gemm
 from .lora_grad_weights import tn_matmul
+from .lora_layer import lora_forward, lora_grad_input
+from .rank_product import rank_product
 
-__all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "dropout_keep_mask",
-           "lora_embedding_backward", "lora_embedding_forward", "lora_forward", "lora_grad_input", "tn_matmul"]
+__all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
+           "keep_scale", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
+           "lora_gemm", "rank_product", "lora_forward", "lora_grad_input", "tn_matmul"]

@@ -1,13 +1,6 @@
-"""Pieces shared by every lorakern kernel: dtype handling, the dropout mask, the
-tile-config table and small launcher helpers.
-
-Dropout mask
-------------
-Element (m, k) of the LoRA input is kept when ``uniform(seed, m, k) >= p``. The
-uniform number comes from Philox with the column in counter 0 and the row in
-counter 1, so the mask is a pure function of (seed, m, k): the forward kernel
-and the backward kernels regenerate exactly the same mask and nothing is
-stored. Two 32-bit counters cover any M*K without 64-bit Philox arithmetic.
+"""Pieces shared by every lorakern kernel: dtype handling, the tensor-core dot,
+program ordering and small launcher helpers. The dropout mask has its own
+module (``dropout.py``); each kernel module holds its own config table.
 """
 import os
 from collections import Counter
@@ -32,13 +25,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, dropout_p):
-    """Boolean keep-mask for the broadcast of ``rows`` and ``cols`` (int32 indices)."""
-    c0 = (cols + rows * 0).to(tl.uint32)
-    c1 = (rows + cols * 0).to(tl.uint32)
-    zero = c0 * 0
-    bits, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
+def promote_pair(a, b):
+    """a and b in one dtype, as torch promotes them: the same dtype stays, any
+    mix (fp32 with a 16-bit type, or fp16 with bf16) goes to fp32."""
+    if a.dtype != b.dtype:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
 
 
 @triton.jit
@@ -65,6 +58,21 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 ``x`` cast to the storage ``dtype``, rounding to nearest even.
+
+    A GPU rounds this way; the interpreter truncates fp32 -> bf16 (its rounding
+    option is ignored), so under it the rounding is done on the bits first,
+    and the truncating cast is then exact. NaN is left alone.
+    """
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -109,75 +117,25 @@ def target_programs(device):
     return 2 * _SM_COUNT[index]
 
 
-# Tile configs of the two row-block GEMMs (forward, grad-input): a tile of
-# BLOCK_M rows x BLOCK_N output columns, reducing over BLOCK_K, plus an
-# (BLOCK_M x BLOCK_R) rank accumulator. Keyed on the token count M and on the
-# rank block, then fitted to shared memory for the operand dtypes. Every config
-# the launchers can pick is compiled for sm_80 and sm_90 in the test suite.
-ROW_GEMM_INTERPRET = TileConfig(16, 32, 32, num_warps=1, num_stages=1, group_m=2)
-ROW_GEMM_DECODE = TileConfig(16, 32, 128, num_warps=4, num_stages=4)
-ROW_GEMM_SMALL_M = TileConfig(64, 64, 64, num_warps=4, num_stages=4)
-ROW_GEMM_LARGE_M = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
-# Ranks of 128 and more: a 128-row rank accumulator next to a 128x128 output
-# accumulator would spill registers, so the row block halves.
-ROW_GEMM_LARGE_M_WIDE_RANK = TileConfig(64, 128, 32, num_warps=8, num_stages=3)
-
-# Pipelined operand tiles may use this much shared memory: sm_80 has 163 KiB
-# per block (sm_90 227 KiB); the rest is left to the epilogue's layout changes.
+# Pipelined operand tiles and the epilogue's tiles may use this much shared
+# memory: sm_80 has 163 KiB per block (sm_90 227 KiB); the rest is left to the
+# compiler's layout changes.
 SHARED_MEMORY_BUDGET = 144 * 1024
-RANK_BLOCKS = (16, 32, 64, 128, 256)
 
 
-def row_gemm_stage_bytes(cfg, block_r, x_bytes, adapter_bytes):
-    """Shared memory of one pipeline stage, the larger of the two kernels':
-    forward streams x, W^T and A^T tiles over K; grad-input streams dY, W and B
-    tiles over N (its BLOCK_N is the reduction)."""
-    forward = ((cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * x_bytes
-               + cfg.block_k * block_r * adapter_bytes)
-    grad_input = ((cfg.block_m * cfg.block_n + cfg.block_n * cfg.block_k) * x_bytes
-                  + cfg.block_n * block_r * adapter_bytes)
-    return max(forward, grad_input)
+def fit_stages(cfg, stage_bytes, fixed_bytes=0, min_stages=2):
+    """``cfg`` with as many of its stages as fit the budget next to
+    ``fixed_bytes`` (never fewer than ``min_stages``)."""
+    stages = cfg.num_stages
+    while stages > min_stages and stages * stage_bytes + fixed_bytes > SHARED_MEMORY_BUDGET:
+        stages -= 1
+    return replace(cfg, num_stages=stages)
 
 
-def fit_shared_memory(cfg, block_r, x_bytes, adapter_bytes):
-    """Fewer stages, then smaller tiles (the larger of BLOCK_K and BLOCK_N
-    first, then BLOCK_M), until the pipeline stages fit the budget."""
-    def fits(c):
-        stage = row_gemm_stage_bytes(c, block_r, x_bytes, adapter_bytes)
-        return c.num_stages * stage <= SHARED_MEMORY_BUDGET
-    while not fits(cfg) and cfg.num_stages > 2:
-        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
-    while not fits(cfg) and max(cfg.block_k, cfg.block_n) > 32:
-        if cfg.block_k >= cfg.block_n:
-            cfg = replace(cfg, block_k=cfg.block_k // 2)
-        else:
-            cfg = replace(cfg, block_n=cfg.block_n // 2)
-    while not fits(cfg) and cfg.block_m > 16:
-        cfg = replace(cfg, block_m=cfg.block_m // 2)
-    return cfg
-
-
-def row_gemm_config(m, block_r, x_bytes, adapter_bytes):
-    if INTERPRET:
-        return ROW_GEMM_INTERPRET
-    return row_gemm_config_gpu(m, block_r, x_bytes, adapter_bytes)
-
-
-def row_gemm_config_gpu(m, block_r, x_bytes, adapter_bytes):
-    if m <= 16:
-        cfg = ROW_GEMM_DECODE
-    elif m <= 128:
-        cfg = ROW_GEMM_SMALL_M
-    elif block_r >= 128:
-        cfg = ROW_GEMM_LARGE_M_WIDE_RANK
-    else:
-        cfg = ROW_GEMM_LARGE_M
-    return fit_shared_memory(cfg, block_r, x_bytes, adapter_bytes)
-
-
-def row_gemm_candidates(x_bytes, adapter_bytes):
-    """Every (config, rank block) pair the launchers can pick on a GPU for
-    operands of these element sizes."""
-    pairs = {(row_gemm_config_gpu(m, block_r, x_bytes, adapter_bytes), block_r)
-             for block_r in RANK_BLOCKS for m in (1, 128, 8192)}
-    return sorted(pairs, key=repr)
+def lora_dtype(*tensors):
+    """The dtype the rank products run in: torch's promotion of x and the
+    adapters (fp32 adapters on a 16-bit base compute in fp32, as PEFT does)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

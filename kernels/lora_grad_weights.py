@@ -13,6 +13,11 @@ and a slice of the M rows. When the output has too few tiles to fill the
 device, the rows are split: each slice writes an fp32 partial and the partials
 are summed afterwards (deterministic, no atomics). dA is written through
 transposed strides, so A's (R, K) layout is filled directly.
+
+With fp32 adapters, G and h are fp32 (rank_product.py): the x or dY tile is
+upcast and the product runs in fp32, as PEFT's does, so a 16-bit base never
+rounds G or h (nor overflows fp16 in dB). The mask of dA is the forward's,
+regenerated per (BLOCK_M x BLOCK_P) tile of x from the seed (dropout.py).
 """
 import torch
 import triton
@@ -20,8 +25,9 @@ import triton.language as tl
 
 from dataclasses import dataclass
 
-from ._common import (INTERPRET, dot_precision, dropout_keep, empty, launch_counts, mma,
-                      target_programs)
+from ._common import (INTERPRET, dot_precision, empty, launch_counts, mma, promote_pair,
+                      target_programs, to_storage)
+from .dropout import dropout_keep_tile, dropout_threshold
 
 
 @triton.jit
@@ -34,7 +40,7 @@ def _tn_matmul_kernel(
     stride_lm, stride_lp, stride_qm, stride_qq,
     stride_os, stride_op, stride_oq, stride_cs, stride_cp,
     # scalars
-    scale, dropout_p, seed,
+    scale, threshold, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr,
@@ -53,7 +59,6 @@ def _tn_matmul_kernel(
     cols_q = offs_q.to(tl.int64)
     m_start = pid_s * rows_per_split
     m_end = min(M, m_start + rows_per_split)
-    compute_dtype = l_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -67,15 +72,17 @@ def _tn_matmul_kernel(
         if HAS_COLSUM:
             colsum += tl.sum(l_t.to(tl.float32), axis=1)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, ms[None, :], offs_p[:, None], dropout_p)
-            l_t = tl.where(keep, l_t, 0.0)
+            keep = dropout_keep_tile(seed, ms, pid_p * BLOCK_P, threshold, BLOCK_P)
+            l_t = tl.where(tl.trans(keep), l_t, 0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qm + cols_q[None, :] * stride_qq,
-                    mask=in_m[:, None] & in_q[None, :], other=0.0).to(compute_dtype)
+                    mask=in_m[:, None] & in_q[None, :], other=0.0)
+        l_t, q = promote_pair(l_t, q)
         acc = mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
 
     out = out_ptr + pid_s * stride_os
     tl.store(out + cols_p[:, None] * stride_op + cols_q[None, :] * stride_oq,
-             (acc * scale).to(out_ptr.dtype.element_ty), mask=in_p[:, None] & in_q[None, :])
+             to_storage(acc * scale, out_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=in_p[:, None] & in_q[None, :])
     if HAS_COLSUM:
         colsum_cols = tl.where(pid_q == 0, P, 0)  # only the first Q block writes it
         tl.store(colsum_ptr + pid_s * stride_cs + offs_p * stride_cp,
@@ -93,7 +100,7 @@ class TnConfig:
 
 def tn_config(rank_block, x_bytes):
     """Tiles for an output of width ``rank_block`` (dA^T, dB), or for dW (None),
-    with operands of ``x_bytes`` per element.
+    with operands of at most ``x_bytes`` per element.
 
     Rank-wide outputs take the whole padded rank as BLOCK_Q; dW tiles both sides.
     """
@@ -141,7 +148,7 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
         if colsum is not None:
             colsum.copy_(lhs.sum(0, dtype=torch.float32))
         return out
-    cfg = tn_config(rank_block, lhs.element_size())
+    cfg = tn_config(rank_block, max(lhs.element_size(), rhs.element_size()))
     tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
     splits, rows_per_split = _split_rows(m, cfg.block_m, tiles, lhs.device)
     if splits == 1:
@@ -150,6 +157,7 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
         target = empty((splits, p, q), torch.float32, lhs.device)
         target_colsum = None if colsum is None else empty((splits, p), torch.float32, lhs.device)
     has_colsum = colsum is not None
+    threshold = dropout_threshold(dropout_p)
     grid = (triton.cdiv(p, cfg.block_p), triton.cdiv(q, cfg.block_q), splits)
     _tn_matmul_kernel[grid](
         lhs, rhs, target, target_colsum if has_colsum else target,
@@ -158,10 +166,10 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
         target.stride(0) if splits > 1 else 0, target.stride(-2), target.stride(-1),
         target_colsum.stride(0) if has_colsum and splits > 1 else 0,
         target_colsum.stride(-1) if has_colsum else 0,
-        float(scale), float(dropout_p), seed,
+        float(scale), threshold, seed,
         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
-        HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=has_colsum,
-        UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lhs.dtype),
+        HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, UPCAST_DOT=INTERPRET,
+        DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs.dtype)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_counts["tn_matmul"] += 1

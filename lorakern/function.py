@@ -3,7 +3,14 @@
 Saved for the backward: x (only when dA or dW is wanted), h = drop(x) A^T
 (M x r, only when dB is wanted), the dropout seed (an int), and references to
 W, A and B. Neither the dropout mask nor a dropped copy of x is stored: the
-kernels regenerate the mask from the seed.
+kernels regenerate the mask from the seed. Beyond x and the parameters, a
+layer keeps M * r * 4 bytes for h when the adapters (or x) are fp32, M * r * 2
+with 16-bit adapters of x's dtype, and an int.
+
+Backward launches: G = dY B once (rank pass, fp32 with fp32 adapters); dX by
+the GEMM with the rank term in its epilogue; dA from x and G; dB and db from
+dY and h in one pass; dW only when W trains. Only the gradients autograd asks
+for are computed.
 
 ``fused_forward`` and ``fused_backward`` hold the launch sequence; the
 autograd Function here and the torch.library op in ``ops.py`` both call them.
@@ -26,7 +33,7 @@ def draw_seed():
 
 
 def fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
-    """Returns (y [..., out], h [M, r])."""
+    """Returns (y [..., out], h [M, r]); h is fp32 with fp32 adapters, else x's dtype."""
     kernels = load_kernels(x.device)
     y, h = kernels.lora_forward(_flatten(x), weight, lora_A, lora_B, bias, scale, dropout_p,
                                 seed)
@@ -58,7 +65,7 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     if need_a:
         grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
         # dA^T (K, r) is written straight into dA's (r, K) storage
-        kernels.tn_matmul(x2, g, grad_a.t(), scale / (1.0 - dropout_p),
+        kernels.tn_matmul(x2, g, grad_a.t(), scale * kernels.keep_scale(dropout_p),
                           rank_block=rank_block, dropout_p=dropout_p, seed=seed)
     if need_b:
         grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)

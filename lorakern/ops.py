@@ -30,7 +30,10 @@ def _lora_linear_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
     # math.prod keeps M symbolic; torch.Size.numel() would specialize it to an int, and
     # torch.compile would then recompile for every new token count
     rows = math.prod(x.shape[:-1])
-    return [x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, lora_A.shape[0])]
+    # h is in the rank products' dtype: fp32 with fp32 adapters, as the kernels make it
+    h_dtype = torch.promote_types(torch.promote_types(x.dtype, lora_A.dtype), lora_B.dtype)
+    return [x.new_empty(*x.shape[:-1], weight.shape[0]),
+            x.new_empty(rows, lora_A.shape[0], dtype=h_dtype)]
 
 
 @torch.library.custom_op("lorakern::lora_linear_backward", mutates_args=())

@@ -9,18 +9,22 @@ in subprocesses, because a kernel decorated while ``TRITON_INTERPRET=1`` is set
     python tests/compile_kernels.py --arch 80 --group fp32-ieee --list
 
 Groups: fp16, bf16, fp32-ieee, fp32-tf32 (the x dtype and the DOT_PRECISION the
-launchers pass for it) compile the forward, grad-input and tn_matmul kernels;
+launchers pass for it) compile the rank pass, the LoRA GEMM and tn_matmul;
 ``dropout_mask`` compiles the dtype-independent mask kernel.
 
 What one group compiles, for the kernels' x dtype:
-- every config the launcher can pick on a GPU (``row_gemm_candidates()`` for the
-  forward and grad-input, ``tn_candidates()`` for tn_matmul), with every
-  optional flag on (HAS_BIAS, HAS_DROPOUT, NEED_DX, HAS_COLSUM): the superset
-  of the code;
-- at the same configs, the mixed cases the launchers meet: fp32 lora A/B with
-  fp16/bf16 x (forward, grad-input); for tn_matmul an fp32 output (the split
-  partial buffers, or an fp32 adapter's gradient) besides an output in the
-  operands' dtype, and dA's transposed output;
+- the rank pass (``rank_product_candidates()``) at every config it can pick,
+  as the forward launches it: h = drop(x) A^T (dropout on, A read transposed);
+  G = dY B (dropout off, B read as stored) once, at the widest rank block;
+- the LoRA GEMM (``lora_gemm_candidates()``) at every config and epilogue rank
+  block, as the forward launches it (W^T, B^T; bias on) and as dX does (W, A;
+  dropout on); the forward build also with dropout on, the superset of the code;
+- tn_matmul (``tn_candidates()``, each row-block shape at its widest BLOCK_Q
+  and the narrowest once) with every flag on, for an output in the
+  operands' dtype, fp32 (the split partials, an fp32 adapter's gradient) and
+  dA's transposed output;
+- each of these again with fp32 adapters under fp16/bf16 x (h and G then fp32,
+  their products in fp32: IEEE, torch's default, here; TF32 once per kernel);
 - at one config per kernel: every flag off, and the generic specialization.
 
 Specialization. A launch on contiguous, 16-byte aligned tensors (the common
@@ -41,7 +45,7 @@ constexprs, options of every job), then one record per compile (kernel, label,
 shared, num_warps, ptx_target, cubin_bytes, regs, spill_bytes (local memory per
 thread), seconds, cpu_seconds, error). A
 compile that raises is recorded and the script goes on. With --list only the
-plan is printed.
+plan is printed. ``--dump DIR`` also writes each cubin to DIR (for nvdisasm).
 """
 import argparse
 import importlib
@@ -63,22 +67,35 @@ PRECISION_GROUPS = {  # group -> (x dtype, DOT_PRECISION as the launchers pass i
 }
 GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask",)
 DIVISIBLE_16 = [["tt.divisibility", 16]]
+ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# the precision of an fp32 product when torch's allow_tf32 is off, its default
+FP32_DEFAULT_PRECISION = "ieee"
 
 # Scalar arguments typed fp32; every other non-pointer, non-constexpr argument
-# is an i32 size, stride or seed.
-FLOAT_ARGS = {"scale", "dropout_p", "keep_scale", "lora_scale"}
+# is an i32 size, stride, threshold or seed.
+FLOAT_ARGS = {"scale", "lora_scale"}
 # The aligned specialization: sizes that are multiples of 16 (feature sizes and
-# rank; not the token count M), and per kernel the strides that are 1 on
+# rank; not the token count M), and per launch the strides that are 1 on
 # contiguous tensors.
-ROW_GEMM_DIVISIBLE_SIZES = {"N", "K", "R"}
-TN_DIVISIBLE_SIZES = {"P", "Q", "rows_per_split"}
-FORWARD_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_bias",
-                        "stride_yn", "stride_hr"}
-GRAD_INPUT_UNIT_STRIDES = {"stride_dyn", "stride_wk", "stride_ak", "stride_br",
-                           "stride_dxk", "stride_gr"}
+DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split"}
+RANK_H_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_or"}      # x, A^T, h
+RANK_G_UNIT_STRIDES = {"stride_lk", "stride_rr", "stride_or"}      # dY, B, G
+GEMM_Y_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_pr", "stride_qr", "stride_bias",
+                       "stride_on"}                                # x, W^T, h, B^T, b, y
+GEMM_DX_UNIT_STRIDES = {"stride_lk", "stride_rn", "stride_pr", "stride_qn", "stride_bias",
+                        "stride_on"}                               # dY, W, G, A, dX
 TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}
 # dA^T is written through A's gradient transposed: unit stride along P.
 TN_TRANSPOSED_OUT_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_op", "stride_cp"}
+KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "lora_gemm",
+                  "_tn_matmul_kernel": "lora_grad_weights",
+                  "_dropout_mask_kernel": "dropout_mask"}
+# LORAKERN_COMPILE_ALL=1 compiles every rank block of every tile config. By
+# default each tile config is compiled at the largest rank block the launchers
+# pair it with, and the smallest rank block (16, tl.dot's minimum) once: the
+# rank block only widens the rank tiles, so the largest is the one that can run
+# out of shared memory or registers. That keeps the CI run short.
+COMPILE_ALL = os.environ.get("LORAKERN_COMPILE_ALL", "0") == "1"
 
 
 def _constexpr_params(fn):
@@ -122,89 +139,44 @@ def build_source_args(fn, pointer_dtypes, meta, *, aligned, unit_strides=(),
     return signature, constexprs, attrs
 
 
-def _job(kernel, label, fn, pointer_dtypes, meta, num_warps, num_stages, **spec):
+def kernel_fn(kernel):
+    module = importlib.import_module(f"lorakern.kernels.{KERNEL_MODULES[kernel]}")
+    return getattr(module, kernel)
+
+
+def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None):
+    """One compile: ``unit_strides`` None means the generic specialization."""
+    fn = kernel_fn(kernel)
+    if unit_strides is None:
+        spec = dict(aligned=False)
+        words = words + ["generic strides"]
+    else:
+        spec = dict(aligned=True, unit_strides=unit_strides, divisible_sizes=DIVISIBLE_SIZES)
     signature, constexprs, attrs = build_source_args(fn, dict(pointer_dtypes), meta, **spec)
+    shown = " ".join(f"{k}={v}" for k, v in meta.items()
+                     if k.startswith("BLOCK_") or k == "GROUP_M")
+    flags = " ".join(f"{k}={'on' if v else 'off'}" for k, v in meta.items()
+                     if k.startswith(("HAS_", "NEED_")))
+    pointers = " ".join(f"{k[:-4]}:{v}" for k, v in pointer_dtypes.items())
+    label = ", ".join([f"{shown} warps={cfg.num_warps} stages={cfg.num_stages}", pointers,
+                       flags] + [f"{k}={v}" for k, v in meta.items() if "PRECISION" in k]
+                      + words)
     return {"kernel": kernel, "label": label, "fn": fn, "signature": signature,
             "constexprs": constexprs, "attrs": attrs,
-            "options": {"num_warps": num_warps, "num_stages": num_stages}}
+            "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
 
 
-def _row_gemm_label(cfg, block_r):
-    return (f"BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} BLOCK_K={cfg.block_k} "
-            f"BLOCK_R={block_r} GROUP_M={cfg.group_m} warps={cfg.num_warps} "
-            f"stages={cfg.num_stages}")
+def _promoted(x, adapter):
+    return x if x == adapter else "fp32"
 
 
-def _tn_label(cfg):
-    return (f"BLOCK_M={cfg.block_m} BLOCK_P={cfg.block_p} BLOCK_Q={cfg.block_q} "
-            f"warps={cfg.num_warps} stages={cfg.num_stages}")
+def _adapter_precision(x, adapter, precision):
+    """DOT_PRECISION of a product of x with an adapter-dtype operand."""
+    return precision if x == adapter else FP32_DEFAULT_PRECISION
 
 
-# Per row-block kernel: its module, optional flag, activation-side pointers,
-# unit strides, and the words its labels use for the input and the flags.
-ROW_GEMM_KERNELS = {
-    "_lora_forward_kernel": ("lora_forward", "HAS_BIAS",
-                             ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "h_ptr"),
-                             FORWARD_UNIT_STRIDES, "x", "bias+dropout"),
-    "_lora_grad_input_kernel": ("lora_grad_input", "NEED_DX",
-                                ("dy_ptr", "w_ptr", "dx_ptr", "g_ptr"),
-                                GRAD_INPUT_UNIT_STRIDES, "dY", "dX+dropout"),
-}
-
-
-def _row_gemm_job(kernel, cfg, block_r, precision, x, adapter, flags, label_extra="",
-                  **spec):
-    module, flag, x_pointers, unit_strides, x_word, flag_words = ROW_GEMM_KERNELS[kernel]
-    fn = getattr(importlib.import_module(f"lorakern.kernels.{module}"), kernel)
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_R=block_r, GROUP_M=cfg.group_m, HAS_DROPOUT=flags,
-                UPCAST_DOT=False, DOT_PRECISION=precision, **{flag: flags})
-    pointers = dict(dict.fromkeys(x_pointers, x), a_ptr=adapter, b_ptr=adapter)
-    spec = spec or dict(aligned=True, unit_strides=unit_strides,
-                        divisible_sizes=ROW_GEMM_DIVISIBLE_SIZES)
-    label = (f"{_row_gemm_label(cfg, block_r)}, {x_word} {x}, A/B {adapter}, {precision}, "
-             f"{flag_words} {'on' if flags else 'off'}{label_extra}")
-    return _job(kernel, label, fn, pointers, meta, cfg.num_warps, cfg.num_stages, **spec)
-
-
-def _forward_job(*args, **kwargs):
-    return _row_gemm_job("_lora_forward_kernel", *args, **kwargs)
-
-
-def _grad_input_job(*args, **kwargs):
-    return _row_gemm_job("_lora_grad_input_kernel", *args, **kwargs)
-
-
-def _tn_job(cfg, precision, x, out, colsum, dropout, has_colsum, label_extra="",
-            unit_strides=TN_UNIT_STRIDES, **spec):
-    from lorakern.kernels.lora_grad_weights import _tn_matmul_kernel
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
-                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, UPCAST_DOT=False,
-                DOT_PRECISION=precision)
-    pointers = dict(l_ptr=x, q_ptr=x, out_ptr=out, colsum_ptr=colsum)
-    spec = spec or dict(aligned=True, unit_strides=unit_strides,
-                        divisible_sizes=TN_DIVISIBLE_SIZES)
-    label = (f"{_tn_label(cfg)}, L/Q {x}, out {out}, colsum {colsum}, {precision}, "
-             f"dropout {'on' if dropout else 'off'}, colsum {'on' if has_colsum else 'off'}"
-             f"{label_extra}")
-    return _job("_tn_matmul_kernel", label, _tn_matmul_kernel, pointers, meta,
-                cfg.num_warps, cfg.num_stages, **spec)
-
-
-ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-# LORAKERN_COMPILE_ALL=1 compiles every rank block of every tile config. By
-# default each tile config is compiled at the largest rank block the launchers
-# pair it with, and the smallest rank block (16, tl.dot's minimum) once: the
-# rank block only widens the rank tiles, so the largest is the one that can run
-# out of shared memory or registers. That keeps the CI run short.
-COMPILE_ALL = os.environ.get("LORAKERN_COMPILE_ALL", "0") == "1"
-
-
-def row_gemm_pairs(x, adapter):
-    """The (tile config, rank block) pairs compiled for these operand dtypes."""
-    from lorakern.kernels._common import row_gemm_candidates
-
-    pairs = row_gemm_candidates(ELEMENT_BYTES[x], ELEMENT_BYTES[adapter])
+def _widest_and_narrowest(pairs):
+    """Each tile config at its widest rank block, and the narrowest pair once."""
     if COMPILE_ALL:
         return pairs
     widest = {}
@@ -214,60 +186,148 @@ def row_gemm_pairs(x, adapter):
     return sorted(set(widest.items()) | {narrowest}, key=repr)
 
 
-def precision_jobs(x, precision):
-    """The compiles of the forward, grad-input and tn_matmul kernels for x dtype ``x``."""
-    from lorakern.kernels.lora_grad_weights import tn_candidates, tn_config_gpu
+def rank_pairs(x, adapter):
+    from lorakern.kernels.rank_product import rank_product_candidates
+    return _widest_and_narrowest(rank_product_candidates(ELEMENT_BYTES[x],
+                                                         ELEMENT_BYTES[adapter]))
 
-    # lora_A / lora_B may be fp32 under fp16 / bf16 x (and their grads then are)
-    adapters = [x] if x == "fp32" else [x, "fp32"]
-    generic = dict(aligned=False)
+
+def gemm_pairs(x, adapter):
+    from lorakern.kernels.lora_gemm import lora_gemm_candidates
+    pq = _promoted(x, adapter)
+    return _widest_and_narrowest(lora_gemm_candidates(ELEMENT_BYTES[x], ELEMENT_BYTES[pq]))
+
+
+def rank_job(cfg, block_r, x, adapter, precision, pass_, dropout=None, unit=True):
+    """The rank pass as the forward (pass_ "h") or the backward ("G") launches it."""
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+                HAS_DROPOUT=(pass_ == "h") if dropout is None else dropout,
+                UPCAST_DOT=False, DOT_PRECISION=precision)
+    pointers = dict(l_ptr=x, rt_ptr=adapter, out_ptr=_promoted(x, adapter))
+    strides = RANK_H_UNIT_STRIDES if pass_ == "h" else RANK_G_UNIT_STRIDES
+    return _job("_rank_product_kernel", meta, pointers, cfg, [f"pass {pass_}"],
+                strides if unit else None)
+
+
+def gemm_job(cfg, block_r, x, adapter, precision, rank_precision, pass_, bias, dropout,
+             unit=True):
+    """The LoRA GEMM as the forward (pass_ "y") or grad-input ("dX") launches it."""
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                BLOCK_R=block_r, GROUP_M=cfg.group_m, HAS_BIAS=bias, HAS_DROPOUT=dropout,
+                UPCAST_DOT=False, DOT_PRECISION=precision, RANK_DOT_PRECISION=rank_precision)
+    pointers = dict(l_ptr=x, rt_ptr=x, p_ptr=_promoted(x, adapter), q_ptr=adapter,
+                    bias_ptr=x, out_ptr=x)
+    strides = GEMM_Y_UNIT_STRIDES if pass_ == "y" else GEMM_DX_UNIT_STRIDES
+    return _job("_lora_gemm_kernel", meta, pointers, cfg, [f"pass {pass_}"],
+                strides if unit else None)
+
+
+def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
+           unit_strides=TN_UNIT_STRIDES):
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
+                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, UPCAST_DOT=False,
+                DOT_PRECISION=precision)
+    pointers = dict(l_ptr=lhs, q_ptr=rhs, out_ptr=out, colsum_ptr=colsum)
+    return _job("_tn_matmul_kernel", meta, pointers, cfg, list(words), unit_strides)
+
+
+def rank_and_gemm_jobs(x, adapter, precision):
+    """The forward's and grad-input's kernels at every config, for one adapter dtype."""
+    rank_precision = _adapter_precision(x, adapter, precision)
     jobs = []
+    pairs = rank_pairs(x, adapter)
+    for cfg, block_r in pairs:
+        jobs.append(rank_job(cfg, block_r, x, adapter, rank_precision, "h"))
+    # G's build differs from h's only by the mask (off) and which stride of the
+    # adapter is 1: once, at the widest rank block
+    cfg, block_r = max(pairs, key=lambda pair: pair[1])
+    jobs.append(rank_job(cfg, block_r, x, adapter, rank_precision, "G"))
+    for cfg, block_r in gemm_pairs(x, adapter):
+        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "y",
+                             bias=True, dropout=True))
+        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "dX",
+                             bias=False, dropout=True))
+    return jobs
 
-    # ---- forward and grad-input: the tile configs the launchers pick, per adapter dtype
-    for adapter in adapters:
-        for cfg, block_r in row_gemm_pairs(x, adapter):
-            jobs.append(_forward_job(cfg, block_r, precision, x, adapter, flags=True))
-            jobs.append(_grad_input_job(cfg, block_r, precision, x, adapter, flags=True))
-    cfg, block_r = row_gemm_pairs(x, x)[-1]
-    jobs += [_forward_job(cfg, block_r, precision, x, x, flags=False),
-             _grad_input_job(cfg, block_r, precision, x, x, flags=False),
-             _forward_job(cfg, block_r, precision, x, x, True, ", generic strides", **generic),
-             _grad_input_job(cfg, block_r, precision, x, x, True, ", generic strides",
-                             **generic)]
 
-    # ---- tn_matmul: out = scale * L^T @ Q for dA^T, dB (rank-wide configs) and dW.
+def tn_configs_compiled(operand_bytes):
+    """tn_matmul's configs, each row-block shape at its widest BLOCK_Q (the rank
+    block) and the narrowest once, as for the other kernels."""
+    from lorakern.kernels.lora_grad_weights import tn_candidates
+    from dataclasses import replace
+
+    configs = tn_candidates(operand_bytes)
+    pairs = [(replace(c, block_q=0), c.block_q) for c in configs]
+    return sorted({replace(c, block_q=q) for c, q in _widest_and_narrowest(pairs)}, key=repr)
+
+
+def tn_jobs(x, precision):
+    """tn_matmul: dA^T, dB (rank-wide configs) and dW, for same-dtype and fp32 adapters."""
+    from lorakern.kernels.lora_grad_weights import tn_config_gpu
+
+    jobs = []
     # (out, colsum) dtypes it is launched with: the operands' dtype (dW, and dB / db
-    # into same-dtype parameters), fp32 for both (the split partial buffers), and an
-    # fp32 out with the bias-dtype colsum (dB of an fp32 adapter, unsplit).
-    out_colsum = [(x, x)] if x == "fp32" else [(x, x), ("fp32", "fp32"), ("fp32", x)]
-    tn_configs = tn_candidates(ELEMENT_BYTES[x])
+    # into same-dtype parameters) and fp32 for both (the split partial buffers)
+    out_colsum = [(x, x)] if x == "fp32" else [(x, x), ("fp32", "fp32")]
+    tn_configs = tn_configs_compiled(ELEMENT_BYTES[x])
     for index, cfg in enumerate(tn_configs):
         # the output dtypes change only the epilogue's stores: all of them at one
         # config (all configs with LORAKERN_COMPILE_ALL=1), the first elsewhere
         variants = out_colsum if COMPILE_ALL or index == len(tn_configs) - 1 else out_colsum[:1]
         for out, colsum in variants:
-            jobs.append(_tn_job(cfg, precision, x, out, colsum, dropout=True, has_colsum=True))
+            jobs.append(tn_job(cfg, precision, x, x, out, colsum, True, True))
         if cfg != tn_config_gpu(None, ELEMENT_BYTES[x]):
-            # dA^T, written through A's grad transposed (unit stride along P), unsplit
-            for adapter in adapters:
-                jobs.append(_tn_job(cfg, precision, x, adapter, adapter, dropout=True,
-                                    has_colsum=False, label_extra=", transposed out (dA)",
-                                    unit_strides=TN_TRANSPOSED_OUT_UNIT_STRIDES))
+            jobs.append(tn_job(cfg, precision, x, x, x, x, True, False, ["transposed out (dA)"],
+                               TN_TRANSPOSED_OUT_UNIT_STRIDES))
+    if x != "fp32":
+        # fp32 adapters: Q = G or h is fp32, the products run in fp32 and write an
+        # fp32 dA^T or dB (with db, in the bias's dtype x, beside it)
+        for cfg in tn_configs_compiled(4):
+            if cfg == tn_config_gpu(None, 4):
+                continue
+            jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", x, True, True,
+                               ["fp32 adapters"]))
+            jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", "fp32", True,
+                               False, ["fp32 adapters", "transposed out (dA)"],
+                               TN_TRANSPOSED_OUT_UNIT_STRIDES))
     cfg = tn_configs[-1]
-    jobs += [_tn_job(cfg, precision, x, x, x, dropout=False, has_colsum=False),
-             _tn_job(cfg, precision, x, x, x, True, True, ", generic strides", **generic)]
+    jobs += [tn_job(cfg, precision, x, x, x, x, False, False),
+             tn_job(cfg, precision, x, x, x, x, True, True, unit_strides=None)]
     return jobs
 
 
+def precision_jobs(x, precision):
+    """The compiles of the rank pass, the LoRA GEMM and tn_matmul for x dtype ``x``."""
+    adapters = [x] if x == "fp32" else [x, "fp32"]
+    jobs = []
+    for adapter in adapters:
+        jobs += rank_and_gemm_jobs(x, adapter, precision)
+    # one config per kernel: flags off, the generic specialization, and (16-bit x)
+    # the fp32-adapter products under TF32
+    cfg, block_r = rank_pairs(x, x)[-1]
+    jobs += [rank_job(cfg, block_r, x, x, precision, "h", dropout=False),
+             rank_job(cfg, block_r, x, x, precision, "h", unit=False)]
+    cfg, block_r = gemm_pairs(x, x)[-1]
+    jobs += [gemm_job(cfg, block_r, x, x, precision, precision, "y", False, False),
+             gemm_job(cfg, block_r, x, x, precision, precision, "dX", True, True, unit=False)]
+    if x != "fp32":
+        cfg, block_r = rank_pairs(x, "fp32")[-1]
+        jobs.append(rank_job(cfg, block_r, x, "fp32", "tf32", "h"))
+        cfg, block_r = gemm_pairs(x, "fp32")[-1]
+        jobs.append(gemm_job(cfg, block_r, x, "fp32", precision, "tf32", "dX", False, True))
+    return jobs + tn_jobs(x, precision)
+
+
 def dropout_mask_jobs():
-    from lorakern.kernels.dropout_mask import _dropout_mask_kernel
-    meta = dict(BLOCK_M=32, BLOCK_K=64)  # as dropout_keep_mask launches it
-    return [_job("_dropout_mask_kernel", f"BLOCK_M=32 BLOCK_K=64, {spec_label}",
-                 _dropout_mask_kernel, dict(mask_ptr="i8"), meta, 4, 3, **spec)
-            for spec_label, spec in [
-                ("aligned", dict(aligned=True, unit_strides={"stride_mk"},
-                                 divisible_sizes={"K"})),
-                ("generic strides", dict(aligned=False))]]
+    from lorakern.kernels.dropout_mask import MASK_BLOCK_K, MASK_BLOCK_M, _dropout_mask_kernel
+    from lorakern.kernels.rank_product import RankConfig
+
+    cfg = RankConfig(MASK_BLOCK_M, MASK_BLOCK_K, num_warps=4, num_stages=3)  # launch defaults
+    meta = dict(BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K)
+    assert _dropout_mask_kernel.__name__ == "_dropout_mask_kernel"
+    return [_job("_dropout_mask_kernel", meta, dict(mask_ptr="i8"), cfg, ["aligned"],
+                 {"stride_mk"}),
+            _job("_dropout_mask_kernel", meta, dict(mask_ptr="i8"), cfg, [], None)]
 
 
 def plan(group):
@@ -353,7 +413,7 @@ def resource_usage(cubin):
     return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)", usage)}
 
 
-def compile_job(job, arch):
+def compile_job(job, arch, dump_dir=None, index=0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -371,12 +431,20 @@ def compile_job(job, arch):
                        if line.startswith(".target")), None)
         record.update(shared=compiled.metadata.shared,
                       num_warps=compiled.metadata.num_warps,
+                      num_stages=compiled.metadata.num_stages,
+                      n_regs=getattr(compiled, "n_regs", None),
+                      n_spills=getattr(compiled, "n_spills", None),
                       ptx_target=target,
                       ptx_has_entry=f".entry {job['kernel']}" in ptx,
                       cubin_bytes=len(compiled.asm.get("cubin", b"")),
                       error=None)
         usage = resource_usage(compiled.asm["cubin"])
         record.update(regs=usage.get("REG"), spill_bytes=usage.get("LOCAL"))
+        if dump_dir:
+            path = os.path.join(dump_dir, f"{index:03d}{job['kernel']}.cubin")
+            with open(path, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            record["cubin_path"] = path
     except SharedMemoryOverLimit as over:
         record.update(shared=over.shared, error=None, stopped_before_ptx=True)
     except Exception as exc:  # recorded per entry; the other entries still compile
@@ -396,8 +464,13 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="print the plan, compile nothing")
     parser.add_argument("--full-over-limit", action="store_true",
                         help="lower to PTX and cubin even builds over the shared memory limit")
+    parser.add_argument("--dump", metavar="DIR", help="write each cubin into DIR")
+    parser.add_argument("--only", metavar="TEXT",
+                        help="compile only the jobs whose kernel and label contain TEXT")
     args = parser.parse_args(argv)
     jobs = plan(args.group)
+    if args.only:
+        jobs = [job for job in jobs if args.only in f"{job['kernel']} {job['label']}"]
     print(json.dumps({"plan": [describe(job) for job in jobs]}), flush=True)
     if args.list:
         return
@@ -407,8 +480,10 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     if not args.full_over_limit:
         stop_before_ptx_when_over(SHARED_MEMORY_PER_BLOCK[args.arch])
-    for job in jobs:
-        print(json.dumps(compile_job(job, args.arch)), flush=True)
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+    for index, job in enumerate(jobs):
+        print(json.dumps(compile_job(job, args.arch, args.dump, index)), flush=True)
 
 
 if __name__ == "__main__":

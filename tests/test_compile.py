@@ -35,7 +35,8 @@ GROUP_TIMEOUT_S = 1800  # a safety net: one group takes 1-4 min on two idle core
 GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask")
 ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
 COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
-FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "NEED_DX", "HAS_COLSUM")
+FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM")
+RANK, GEMM, TN = "_rank_product_kernel", "_lora_gemm_kernel", "_tn_matmul_kernel"
 
 
 # ---- the plan: what "every config" means, checked without compiling
@@ -49,19 +50,15 @@ def compile_plans():
 
 def launcher_configs(x_dtype, adapter_dtype):
     """Per kernel, the launch configs its launcher can pick on a GPU for these
-    dtypes (each tile config at its largest rank block, and rank block 16 once,
-    unless LORAKERN_COMPILE_ALL=1; see compile_kernels.row_gemm_pairs)."""
-    from lorakern.kernels._common import TileConfig
-    from lorakern.kernels.lora_grad_weights import tn_candidates
-
-    rows = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
-            for c, r in compile_kernels.row_gemm_pairs(x_dtype, adapter_dtype)}
-    assert all(isinstance(c, TileConfig)
-               for c, _ in compile_kernels.row_gemm_pairs(x_dtype, adapter_dtype))
-    tn = {(c.block_m, c.block_p, c.block_q, c.num_warps, c.num_stages)
-          for c in tn_candidates(compile_kernels.ELEMENT_BYTES[x_dtype])}
-    return {"_lora_forward_kernel": rows, "_lora_grad_input_kernel": rows,
-            "_tn_matmul_kernel": tn}
+    dtypes (each tile config at its largest rank block, and the smallest rank
+    block once, unless LORAKERN_COMPILE_ALL=1; see compile_kernels)."""
+    rank = {(c.block_m, c.block_k, r, c.num_warps, c.num_stages)
+            for c, r in compile_kernels.rank_pairs(x_dtype, adapter_dtype)}
+    gemm = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
+            for c, r in compile_kernels.gemm_pairs(x_dtype, adapter_dtype)}
+    tn = {_tn_tuple(c) for c in compile_kernels.tn_configs_compiled(
+        max(compile_kernels.ELEMENT_BYTES[x_dtype], compile_kernels.ELEMENT_BYTES[adapter_dtype]))}
+    return {RANK: rank, GEMM: gemm, TN: tn}
 
 
 def _flags_on(entry):
@@ -70,8 +67,10 @@ def _flags_on(entry):
 
 def _launch_config(entry):
     c, o = entry["constexprs"], entry["options"]
-    if entry["kernel"] == "_tn_matmul_kernel":
+    if entry["kernel"] == TN:
         return (c["BLOCK_M"], c["BLOCK_P"], c["BLOCK_Q"], o["num_warps"], o["num_stages"])
+    if entry["kernel"] == RANK:
+        return (c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_R"], o["num_warps"], o["num_stages"])
     return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_R"], c["GROUP_M"],
             o["num_warps"], o["num_stages"])
 
@@ -84,40 +83,62 @@ def _configs_with_flags_on(plan, kernel, **pointer_dtypes):
             and all(e["signature"][p] == "*" + d for p, d in pointer_dtypes.items())}
 
 
+def _tn_tuple(c):
+    return (c.block_m, c.block_p, c.block_q, c.num_warps, c.num_stages)
+
+
+def _adapter_pointers(kernel, x_dtype, adapter):
+    rank_dtype = x_dtype if adapter == x_dtype else "fp32"
+    return {RANK: {"rt_ptr": adapter, "out_ptr": rank_dtype},
+            GEMM: {"p_ptr": rank_dtype, "q_ptr": adapter},
+            TN: {"q_ptr": rank_dtype}}[kernel]
+
+
 def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
         compile_plans):
+    from lorakern.kernels.lora_grad_weights import tn_config_gpu
+
     assert set(GROUPS) == set(compile_kernels.GROUPS)
     for group, (x_dtype, precision) in PRECISION_GROUPS.items():
         plan = compile_plans[group]
         for entry in plan:
             assert entry["constexprs"]["UPCAST_DOT"] is False, entry["label"]
-            assert entry["constexprs"]["DOT_PRECISION"] == precision, entry["label"]
             first_pointer = next(v for k, v in entry["signature"].items() if k.endswith("_ptr"))
             assert first_pointer == "*" + x_dtype, entry["label"]
+            # the x-dtype product follows the group; a product with fp32 adapters
+            # on a 16-bit x runs in fp32 (IEEE by default, TF32 once per kernel)
+            mixed = x_dtype != "fp32" and "*fp32" in entry["signature"].values()
+            key = "DOT_PRECISION" if entry["kernel"] == GEMM or not mixed else None
+            if key:
+                assert entry["constexprs"][key] == precision, entry["label"]
         if group == "fp32-tf32" and not compile_kernels.COMPILE_ALL:
             assert sorted(e["kernel"] for e in plan) == sorted(launcher_configs("fp32", "fp32"))
             continue
-        for kernel, configs in launcher_configs(x_dtype, x_dtype).items():
-            adapters = {} if kernel == "_tn_matmul_kernel" else {"a_ptr": x_dtype}
-            assert _configs_with_flags_on(plan, kernel, **adapters) == configs, (group, kernel)
+        adapters = [x_dtype] if x_dtype == "fp32" else [x_dtype, "fp32"]
+        for adapter in adapters:
+            for kernel, configs in launcher_configs(x_dtype, adapter).items():
+                if kernel == TN and adapter != x_dtype:  # dW never meets an adapter
+                    configs = configs - {_tn_tuple(tn_config_gpu(None, 4))}
+                pointers = _adapter_pointers(kernel, x_dtype, adapter)
+                got = _configs_with_flags_on(plan, kernel, **pointers)
+                assert configs <= got, (group, kernel, adapter, configs - got)
     assert [e["kernel"] for e in compile_plans["dropout_mask"]] == ["_dropout_mask_kernel"] * 2
 
 
-def test_compile_plan_holds_flags_off_mixed_adapters_and_fp32_partials(compile_plans):
-    tn = "_tn_matmul_kernel"
+def test_compile_plan_holds_both_passes_flags_off_and_generic_builds(compile_plans):
     for group, (x_dtype, _) in PRECISION_GROUPS.items():
         if group == "fp32-tf32" and not compile_kernels.COMPILE_ALL:
             continue  # one build per kernel, checked above
         plan = compile_plans[group]
-        same = launcher_configs(x_dtype, x_dtype)
-        for kernel in same:
+        for kernel in (RANK, GEMM, TN):
             assert any(e["kernel"] == kernel and not _flags_on(e) for e in plan), (group, kernel)
-        assert _configs_with_flags_on(plan, tn, out_ptr=x_dtype) == same[tn], group
-        assert _configs_with_flags_on(plan, tn, out_ptr="fp32"), group  # the split partials
-        if x_dtype != "fp32":
-            for kernel in ("_lora_forward_kernel", "_lora_grad_input_kernel"):
-                assert (_configs_with_flags_on(plan, kernel, a_ptr="fp32", b_ptr="fp32")
-                        == launcher_configs(x_dtype, "fp32")[kernel]), (group, kernel)
+            assert any(e["kernel"] == kernel and not e["aligned"] for e in plan), (group, kernel)
+        # the forward's and the backward's launches of the rank pass and the GEMM
+        for kernel in (RANK, GEMM):
+            labels = [e["label"] for e in plan if e["kernel"] == kernel and e["aligned"]]
+            for pass_ in (("h", "G") if kernel == RANK else ("y", "dX")):
+                assert any(label.endswith(f"pass {pass_}") for label in labels), (group, pass_)
+        assert _configs_with_flags_on(plan, TN, out_ptr="fp32"), group  # the split partials
 
 
 # ---- the compiles

@@ -3,6 +3,7 @@
 On a machine without CUDA these run in Triton's interpreter (see conftest), so
 shapes stay small; every case checks the output and every gradient asked for.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -67,8 +68,10 @@ def run_and_check(layer, scale, dropout_p, grad_layout, dtype, monkeypatch):
         m = x.shape[:-1].numel()
         keep = kernels.dropout_keep_mask(m, x.shape[-1], dropout_p, SEED, x.device)
         keep = keep.reshape(x.shape)
+    # the kernels drop with p quantised to 1/65536 and scale by 1 / (1 - that p)
     y_ref, grads_ref = oracle(x, layer["weight"], layer["lora_A"], layer["lora_B"], scale,
-                              layer["bias"], keep, dropout_p, grad_y)
+                              layer["bias"], keep, kernels.effective_dropout_p(dropout_p),
+                              grad_y)
     assert y.dtype == x.dtype
     assert_matches_oracle(y.cpu(), y_ref, dtype, "y")
     for name, tensor in layer.items():
@@ -147,6 +150,102 @@ def test_dropout_keeps_about_one_minus_p_and_scales_the_kept(device):
     other_seed = kernels.dropout_keep_mask(256, 300, 0.3, 8, device)
     assert torch.equal(keep, again)
     assert not torch.equal(keep, other_seed)
+
+
+def _philox4x32(seed, c0, c1, rounds):
+    """Philox4x32 with counter (c0, c1, 0, 0) and a 64-bit key, in numpy: the
+    generator as Salmon et al. define it (and tl.philox implements it)."""
+    mask32 = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(c0, np.uint64), np.asarray(c1, np.uint64),
+         np.zeros_like(c0, np.uint64), np.zeros_like(c0, np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    mul_a, mul_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(rounds):
+        prod_b, prod_a = mul_b * c[2], mul_a * c[0]  # < 2^64: no wrap in uint64
+        c = [(prod_b >> np.uint64(32)) ^ c[1] ^ k0, prod_b & mask32,
+             (prod_a >> np.uint64(32)) ^ c[3] ^ k1, prod_a & mask32]
+        k0 = (k0 + np.uint64(0x9E3779B9)) & mask32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & mask32
+    return c
+
+
+def documented_keep_mask(rows, cols, dropout_p, seed):
+    """The mask as kernels/dropout.py defines it: one Philox4x32-7 call per
+    (row, column group of 8), lane k % 8 = 16-bit half k % 2 of word (k % 8) // 2."""
+    m, k = np.meshgrid(np.asarray(rows, np.uint64), np.asarray(cols, np.uint64), indexing="ij")
+    words = _philox4x32(seed, k // np.uint64(8), m, rounds=7)
+    lane = k % np.uint64(8)
+    word = np.choose((lane // np.uint64(2)).astype(np.int64), words)
+    bits = (word >> (np.uint64(16) * (lane % np.uint64(2)))) & np.uint64(0xFFFF)
+    threshold = round(kernels.effective_dropout_p(dropout_p) * 65536)
+    return torch.from_numpy(bits >= np.uint64(threshold))
+
+
+def test_the_mask_is_philox_7_rounds_16_bits_an_element_as_documented(device):
+    for p, seed in [(0.3, 7), (0.5, 2**31 - 2)]:
+        keep = kernels.dropout_keep_mask(40, 72, p, seed, device)
+        assert torch.equal(keep.cpu(), documented_keep_mask(range(40), range(72), p, seed))
+
+
+def test_the_mask_is_a_pure_function_of_seed_row_and_column_past_2_to_the_31(device):
+    """A window regenerated anywhere equals the slice of a larger one; rows near
+    2^31 / 4096 put the element index of a 4096-wide layer across 2^31."""
+    row0 = 2**31 // 4096 - 20
+    big = kernels.dropout_keep_mask(48, 160, 0.4, 99, device, row_start=row0, col_start=4000)
+    part = kernels.dropout_keep_mask(13, 40, 0.4, 99, device, row_start=row0 + 21,
+                                     col_start=4000 + 64)
+    assert torch.equal(part, big[21:34, 64:104])
+    assert torch.equal(big.cpu(), documented_keep_mask(range(row0, row0 + 48),
+                                                       range(4000, 4160), 0.4, 99))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.dropout_keep_mask(4, 4, 0.4, 99, device, col_start=4)
+
+
+@pytest.mark.parametrize("dropout_p", [0.001, 0.5, 0.9])
+def test_the_mask_keeps_one_minus_the_quantised_p(dropout_p, device):
+    """p is quantised to 1/65536 (the kernels scale by 1 / (1 - that p), so
+    E[drop(x)] = x exactly); over 2^19 elements the kept fraction is within
+    4.5 standard deviations of 1 - p_eff."""
+    p_eff = kernels.effective_dropout_p(dropout_p)
+    assert abs(p_eff - dropout_p) <= 2**-17 and p_eff * 65536 == round(p_eff * 65536)
+    assert kernels.keep_scale(dropout_p) == 1.0 / (1.0 - p_eff)
+    keep = kernels.dropout_keep_mask(512, 1024, dropout_p, 12345, device)
+    n = keep.numel()
+    sigma = (p_eff * (1 - p_eff) / n) ** 0.5
+    assert abs((1 - keep.float().mean().item()) - p_eff) < 4.5 * sigma
+
+
+def test_the_forward_runs_the_rank_pass_once_and_the_gemm_once(device, monkeypatch):
+    """The mask and drop(x) A^T are made once per call (not per output-column
+    block); the backward adds one rank pass (G) and one GEMM (dX)."""
+    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    layer = make_layer((40,), 48, 70, 8, torch.float32, device)
+    before = dict(kernels.launch_counts)
+    y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
+                             0.5, layer["bias"], 0.25)
+    ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in ("rank_product", "lora_gemm")}
+    assert ran == {"rank_product": 1, "lora_gemm": 1}, ran
+    y.sum().backward()
+    ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in ("rank_product", "lora_gemm")}
+    assert ran == {"rank_product": 2, "lora_gemm": 2}, ran
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_fp32_adapters_on_fp16_keep_h_and_db_beyond_the_fp16_range(dropout_p, device,
+                                                                   monkeypatch):
+    """PEFT computes the rank products of fp32 adapters in fp32: here h = x A^T
+    (~9e4) and dB (~3e5) exceed fp16's 65504 while y stays in range. Rounded to
+    fp16 they would be inf; in fp32 every output is finite and matches."""
+    torch.manual_seed(14)
+    layer = make_layer((5, 7), 48, 33, 12, torch.float16, device, adapter_dtype=torch.float32)
+    with torch.no_grad():
+        layer["x"].copy_(60 + torch.randn(5, 7, 48))
+        layer["lora_A"].copy_(30 + torch.randn(12, 48))
+        layer["lora_B"].mul_(1e-3)
+        h = layer["x"].float() @ layer["lora_A"].t()
+    assert h.abs().min() > 65504
+    run_and_check(layer, 0.5, dropout_p, "contiguous", torch.float16, monkeypatch)
+    assert layer["lora_B"].grad.abs().max() > 65504
 
 
 def test_dropout_draws_a_new_mask_each_call_following_torch_manual_seed(device):
@@ -320,3 +419,20 @@ def test_a_layer_without_inputs_or_outputs_behaves_like_nn_linear(k, n, dtype, d
                              1.5, layer["bias"], 0.2)
     assert y.shape == base.shape == (2, 5, n)
     assert torch.equal(y.detach(), base)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=str)
+def test_the_custom_ops_fake_h_has_the_kernels_dtype(adapter_dtype, device):
+    """torch.compile builds its graph from the fake implementation: h is fp32
+    with fp32 adapters, as the rank pass writes it, and x's dtype otherwise."""
+    from lorakern.ops import lora_linear_op
+
+    torch.manual_seed(15)
+    layer = make_layer((6,), 16, 12, 4, torch.float16, device, adapter_dtype=adapter_dtype)
+    args = (layer["x"].detach(), layer["weight"].detach(), layer["lora_A"].detach(),
+            layer["lora_B"].detach(), layer["bias"].detach(), 0.5, 0.0,
+            torch.zeros(1, dtype=torch.int64))
+    _, h = lora_linear_op(*args)
+    assert h.dtype == adapter_dtype
+    torch.library.opcheck(lora_linear_op, args,
+                          test_utils=("test_schema", "test_faketensor"))

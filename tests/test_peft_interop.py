@@ -485,11 +485,6 @@ def test_patch_peft_refuses_a_model_without_lora_layers():
         patch_peft(base_model("llama"))
 
 
-@pytest.mark.xfail(strict=not torch.cuda.is_available(), reason=(
-    "known gap: the Triton forward runs the rank product in x's dtype, rounding fp32 "
-    "lora_A/lora_B and s*h to bf16 (kernels/lora_forward.py), while PEFT runs it in fp32; "
-    "on CPU Triton's interpreter also truncates fp32->bf16 casts instead of rounding to "
-    "nearest, which doubles that error. Not measured on a GPU yet"))
 def test_patched_peft_bf16_base_fp32_adapters_as_accurate_as_peft():
     """PEFT's default mixed setup: bf16 base, fp32 adapters (x cast to fp32 for the LoRA term).
 

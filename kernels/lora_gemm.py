@@ -1,0 +1,194 @@
+"""The GEMM with a LoRA epilogue: the layer's forward y and backward dX.
+
+Shapes: L (M, K), Rt (K, N), P (M, R), Q (R, N), bias (N), any strides:
+
+    out = L @ Rt + bias + c * ((P @ Q) * m)          (M, N)
+
+with m the dropout keep-mask of (row, output column), or none. The two big
+products of the layer have this shape (h and G come from the rank pass):
+
+    forward  y  = x @ W^T + b + s * h @ B^T
+             L = x, Rt = W^T, P = h, Q = B^T, c = s, no mask
+    dX       dX = dY @ W + (s / (1 - p_eff)) * (G @ A) * m
+             L = dY, Rt = W, P = G, Q = A, c = s / (1 - p_eff), mask over (row, in-feature)
+
+(h = (1 / (1 - p_eff)) * (x * m) @ A^T already holds the dropout scale, so the
+forward's epilogue needs none; G = dY @ B does not, so dX's does.)
+
+The main loop is a plain tiled GEMM -- no dropout and no rank work in it --
+over BLOCK_M x BLOCK_N output tiles in grouped order (neighbouring programs
+share Rt tiles in L2). The epilogue adds one small product over the rank,
+in chunks of BLOCK_R (>= 16, masked), in the promoted dtype of P and Q: with
+fp32 adapters P and Q stay fp32 (IEEE or TF32 as torch allows), so neither h
+nor B is rounded to the base dtype. The mask is generated in the epilogue only,
+once per output element (dX), one Philox call per 8 elements. Accumulation is
+fp32 and out is rounded once, on store.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, dot_precision, empty, fit_stages, grouped_tile,
+                      launch_counts, mma, promote_pair, rank_block, to_storage)
+from .dropout import dropout_keep_tile, dropout_threshold
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    # pointers
+    l_ptr, rt_ptr, p_ptr, q_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_lm, stride_lk, stride_rk, stride_rn, stride_pm, stride_pr, stride_qr, stride_qn,
+    stride_bias, stride_om, stride_on,
+    # scalars
+    lora_scale, threshold, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RANK_DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    in_m = offs_m < M
+    in_n = offs_n < N
+
+    # ---- main loop: L @ Rt, nothing else
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + offs_k).to(tl.int64)  # a transposed x or dY has a large stride along K
+        in_k = ks < K
+        lhs = tl.load(l_ptr + rows[:, None] * stride_lm + ks[None, :] * stride_lk,
+                      mask=in_m[:, None] & in_k[None, :], other=0.0)
+        rhs = tl.load(rt_ptr + ks[:, None] * stride_rk + cols[None, :] * stride_rn,
+                      mask=in_k[:, None] & in_n[None, :], other=0.0)
+        acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
+
+    # ---- epilogue: c * (P @ Q) * m over the rank, in P and Q's promoted dtype
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        rs = r0 + offs_r
+        in_r = rs < R
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + rs[None, :] * stride_pr,
+                    mask=in_m[:, None] & in_r[None, :], other=0.0)
+        q = tl.load(q_ptr + rs[:, None] * stride_qr + cols[None, :] * stride_qn,
+                    mask=in_r[:, None] & in_n[None, :], other=0.0)
+        p, q = promote_pair(p, q)
+        lora = mma(p, q, lora, UPCAST_DOT, RANK_DOT_PRECISION)
+    lora = lora * lora_scale
+    if HAS_DROPOUT:
+        keep = dropout_keep_tile(seed, offs_m, pid_n * BLOCK_N, threshold, BLOCK_N)
+        lora = tl.where(keep, lora, 0.0)
+    acc = acc + lora
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             to_storage(acc, out_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=in_m[:, None] & in_n[None, :])
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+GEMM_INTERPRET = GemmConfig(16, 32, 32, num_warps=1, num_stages=1, group_m=2)
+GEMM_DECODE = GemmConfig(16, 32, 128, num_warps=4, num_stages=4)
+GEMM_SMALL_M = GemmConfig(64, 64, 64, num_warps=4, num_stages=4)
+GEMM_LARGE_M = GemmConfig(128, 128, 64, num_warps=8, num_stages=4)
+# fp32 operands: half the K depth, so that a stage costs what a 16-bit one does
+GEMM_LARGE_M_FP32 = GemmConfig(128, 128, 32, num_warps=8, num_stages=4)
+RANK_BLOCKS = (16, 32, 64)
+
+
+def epilogue_rank_block(rank, pq_bytes):
+    """The epilogue's rank chunk: the padded rank, at most 64 (32 for fp32 P
+    and Q), so that the P and Q tiles stay small next to the accumulators."""
+    return min(rank_block(rank), 64 if pq_bytes <= 2 else 32)
+
+
+def lora_gemm_config(m, l_bytes, block_r, pq_bytes):
+    if INTERPRET:
+        return GEMM_INTERPRET
+    return lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes)
+
+
+def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes):
+    """Tiles by token count M; as many stages of the L and Rt tiles as fit.
+    The epilogue's P (BLOCK_M x BLOCK_R) and Q (BLOCK_R x BLOCK_N) tiles reuse
+    the pipeline's shared memory once the main loop is done (the compiled
+    kernels need stages x stage bytes, nothing more), so they count only when
+    larger than the pipeline."""
+    if m <= 16:
+        cfg = GEMM_DECODE
+    elif m <= 128:
+        cfg = GEMM_SMALL_M
+    elif l_bytes >= 4:
+        cfg = GEMM_LARGE_M_FP32
+    else:
+        cfg = GEMM_LARGE_M
+    stage = (cfg.block_m + cfg.block_n) * cfg.block_k * l_bytes
+    cfg = fit_stages(cfg, stage)
+    epilogue = (cfg.block_m + cfg.block_n) * block_r * pq_bytes
+    assert epilogue <= cfg.num_stages * stage, (cfg, block_r, pq_bytes)
+    return cfg
+
+
+def lora_gemm_candidates(l_bytes, pq_bytes):
+    """Every (config, rank block) pair the launcher can pick on a GPU."""
+    pairs = {(lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes), block_r)
+             for block_r in RANK_BLOCKS if block_r <= (64 if pq_bytes <= 2 else 32)
+             for m in (1, 128, 8192)}
+    return sorted(pairs, key=repr)
+
+
+def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0):
+    """out[M, N] = lhs @ rhs_t + bias + lora_scale * ((p @ q) * keep), in lhs's dtype.
+
+    lhs (M, K), rhs_t (K, N), p (M, R), q (R, N), bias (N) or None, any strides.
+    With dropout_p > 0 the rank term is masked by the keep-mask of element
+    (m, n) (dropout.py): dX's mask over x's (row, in-feature).
+    """
+    m, k = lhs.shape
+    n, r = rhs_t.shape[1], p.shape[1]
+    out = empty((m, n), lhs.dtype, lhs.device)
+    if m == 0 or n == 0:
+        return out
+    pq_dtype = torch.promote_types(p.dtype, q.dtype)
+    pq_bytes = pq_dtype.itemsize
+    block_r = epilogue_rank_block(r, pq_bytes)
+    cfg = lora_gemm_config(m, lhs.element_size(), block_r, pq_bytes)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    has_bias = bias is not None
+    threshold = dropout_threshold(dropout_p)
+    _lora_gemm_kernel[grid](
+        lhs, rhs_t, p, q, bias if has_bias else out, out,
+        m, n, k, r,
+        lhs.stride(0), lhs.stride(1), rhs_t.stride(0), rhs_t.stride(1),
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
+        float(lora_scale), threshold, seed,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+        GROUP_M=cfg.group_m, HAS_BIAS=has_bias, HAS_DROPOUT=threshold > 0,
+        UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lhs.dtype),
+        RANK_DOT_PRECISION=dot_precision(pq_dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    launch_counts["lora_gemm"] += 1
+    return out
