@@ -91,7 +91,8 @@ class _TorchOpRecorder(TorchDispatchMode):
         name = schema.name.split("::")[-1]
         views = any(r.alias_info is not None and not r.alias_info.is_write
                     for r in schema.returns)
-        if not views and not name.startswith(("empty", "new_empty")):
+        moves_data = any(isinstance(o, torch.Tensor) for o in torch.utils._pytree.tree_leaves(out))
+        if moves_data and not views and not name.startswith(("empty", "new_empty")):
             inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
                       if isinstance(a, torch.Tensor)]
             outputs = [o for o in torch.utils._pytree.tree_leaves(out)

@@ -62,10 +62,17 @@ class Sass:
         return [i for i in self.instructions if start <= i.address <= end]
 
     def main_loop(self):
-        """The innermost loop holding a tensor-core instruction, or None."""
-        candidates = [(end - start, (start, end)) for start, end in self.loops()
+        """The first (in program order) innermost loop holding a tensor-core
+        instruction, or None. The first, because a GEMM's main loop comes before
+        the loops of its epilogue (a LoRA epilogue loops over rank chunks with
+        tensor instructions of its own), as in the Triton IR whose trip count
+        ``main_loop_trips`` reads."""
+        candidates = [(start, end) for start, end in self.loops()
                       if any(i.base in TENSOR for i in self.between(start, end))]
-        return min(candidates)[1] if candidates else None
+        innermost = [span for span in candidates
+                     if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
+                                for other in candidates)]
+        return min(innermost) if innermost else None
 
 
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(?:\{\s*)?(@!?U?P[0-9T]+\s+)?([A-Z][A-Za-z0-9_.]*)"
@@ -292,7 +299,7 @@ def analyse(name, arch, metadata, cubin, ttir):
     mix = {"kernel": instruction_mix(sass.instructions),
            "main_loop": instruction_mix(inside) if loop else None,
            "main_loop_philox_rounds": philox_rounds(inside) if loop else 0.0,
-           "main_loop_definition": "innermost back-edge span holding HGMMA/HMMA"}
+           "main_loop_definition": "first innermost back-edge span holding HGMMA/HMMA"}
     spill_instructions = sum(i.base in ("LDL", "STL") for i in sass.instructions)
     return KernelReport(
         name=name, arch=arch, regs=resources.get("REG", 0),

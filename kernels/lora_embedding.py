@@ -121,7 +121,8 @@ def _lora_embedding_grad_kernel(
 FORWARD_BLOCK_T = 32
 FORWARD_B_TILE_ELEMENTS = 64 * 128
 FORWARD_INTERPRET = (16, 32)
-GRAD_BLOCK_D = 256
+# The grad kernel holds a (BLOCK_D x BLOCK_R) tile of B: at most 128 values per thread.
+GRAD_B_TILE_ELEMENTS = 256 * 64
 GRAD_BLOCK_D_INTERPRET = 32
 
 
@@ -130,6 +131,13 @@ def forward_config(block_r):
     if INTERPRET:
         return FORWARD_INTERPRET
     return FORWARD_BLOCK_T, max(32, min(128, FORWARD_B_TILE_ELEMENTS // block_r))
+
+
+def grad_block_d(block_r):
+    """BLOCK_D of the grad kernel for this rank block."""
+    if INTERPRET:
+        return GRAD_BLOCK_D_INTERPRET
+    return max(32, min(256, GRAD_B_TILE_ELEMENTS // block_r))
 
 
 def lora_embedding_forward(ids, weight, lora_a, lora_b, scale):
@@ -183,8 +191,7 @@ def lora_embedding_backward(grad_y, ids, weight, lora_a, lora_b, scale, padding_
     if (need_a or need_e) and t and d:
         order, starts, unique = _segments(ids)
         if unique.numel():
-            block_d = GRAD_BLOCK_D_INTERPRET if INTERPRET else min(GRAD_BLOCK_D,
-                                                                  triton.next_power_of_2(d))
+            block_r = rank_block(r)
             _lora_embedding_grad_kernel[(unique.numel(),)](
                 order, starts, unique, grad_y, lora_b,
                 grad_a if need_a else grad_y, grad_e if need_e else grad_y,
@@ -193,7 +200,7 @@ def lora_embedding_backward(grad_y, ids, weight, lora_a, lora_b, scale, padding_
                 grad_a.stride(0) if need_a else 0, grad_a.stride(1) if need_a else 0,
                 grad_e.stride(0) if need_e else 0, grad_e.stride(1) if need_e else 0,
                 float(scale), -1 if padding_idx is None else int(padding_idx),
-                BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(max(r, 1)),
+                BLOCK_D=grad_block_d(block_r), BLOCK_R=block_r,
                 NEED_DA=need_a, NEED_DE=need_e,
                 num_warps=4, num_stages=1,
             )

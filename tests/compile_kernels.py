@@ -65,7 +65,7 @@ PRECISION_GROUPS = {  # group -> (x dtype, DOT_PRECISION as the launchers pass i
     "fp32-ieee": ("fp32", "ieee"),
     "fp32-tf32": ("fp32", "tf32"),
 }
-GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask",)
+GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask", "embedding")
 DIVISIBLE_16 = [["tt.divisibility", 16]]
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # the precision of an fp32 product when torch's allow_tf32 is off, its default
@@ -77,7 +77,7 @@ FLOAT_ARGS = {"scale", "lora_scale"}
 # The aligned specialization: sizes that are multiples of 16 (feature sizes and
 # rank; not the token count M), and per launch the strides that are 1 on
 # contiguous tensors.
-DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split"}
+DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split", "D"}
 RANK_H_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_or"}      # x, A^T, h
 RANK_G_UNIT_STRIDES = {"stride_lk", "stride_rr", "stride_or"}      # dY, B, G
 GEMM_Y_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_pr", "stride_qr", "stride_bias",
@@ -89,7 +89,12 @@ TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}
 TN_TRANSPOSED_OUT_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_op", "stride_cp"}
 KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "lora_gemm",
                   "_tn_matmul_kernel": "lora_grad_weights",
-                  "_dropout_mask_kernel": "dropout_mask"}
+                  "_dropout_mask_kernel": "dropout_mask",
+                  "_lora_embedding_forward_kernel": "lora_embedding",
+                  "_lora_embedding_grad_kernel": "lora_embedding"}
+EMBEDDING_FORWARD_UNIT_STRIDES = {"stride_ids", "stride_ed", "stride_av", "stride_br",
+                                  "stride_yd"}                      # ids, E, A, B, y
+EMBEDDING_GRAD_UNIT_STRIDES = {"stride_dyd", "stride_br", "stride_dav", "stride_ded"}
 # LORAKERN_COMPILE_ALL=1 compiles every rank block of every tile config. By
 # default each tile config is compiled at the largest rank block the launchers
 # pair it with, and the smallest rank block (16, tl.dot's minimum) once: the
@@ -330,10 +335,44 @@ def dropout_mask_jobs():
             _job("_dropout_mask_kernel", meta, dict(mask_ptr="i8"), cfg, [], None)]
 
 
+def embedding_jobs():
+    """The LoRA embedding's forward and grad kernels: every table dtype with adapters of
+    its dtype and fp32, int64 and int32 ids, at the narrowest and the widest rank block
+    (whose forward tile is the narrowest); the generic specialization once each."""
+    from lorakern.kernels.lora_embedding import forward_config, grad_block_d
+    from lorakern.kernels.rank_product import RankConfig
+
+    cfg = RankConfig(0, 0, num_warps=4, num_stages=1)  # what the launchers pass
+    jobs = []
+    for table in ("bf16", "fp16", "fp32"):
+        for adapter in sorted({table, "fp32"}):
+            precision = "ieee" if adapter == "fp32" else "tf32"
+            for block_r in (16, 256):
+                block_t, block_d = forward_config(block_r)
+                meta = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_R=block_r,
+                            UPCAST_DOT=False, DOT_PRECISION=precision)
+                for ids in ("i64", "i32"):
+                    pointers = dict(ids_ptr=ids, e_ptr=table, a_ptr=adapter, b_ptr=adapter,
+                                    y_ptr=table)
+                    jobs.append(_job("_lora_embedding_forward_kernel", meta, pointers, cfg,
+                                     [], EMBEDDING_FORWARD_UNIT_STRIDES))
+                grad_meta = dict(BLOCK_D=grad_block_d(block_r), BLOCK_R=block_r, NEED_DA=True,
+                                 NEED_DE=True)
+                grad_pointers = dict(order_ptr="i64", starts_ptr="i64", uids_ptr="i64",
+                                     dy_ptr=table, b_ptr=adapter, da_ptr=adapter, de_ptr=table)
+                jobs.append(_job("_lora_embedding_grad_kernel", grad_meta, grad_pointers, cfg,
+                                 [], EMBEDDING_GRAD_UNIT_STRIDES))
+    jobs.append(_job("_lora_embedding_forward_kernel", meta, pointers, cfg, [], None))
+    jobs.append(_job("_lora_embedding_grad_kernel", grad_meta, grad_pointers, cfg, [], None))
+    return jobs
+
+
 def plan(group):
     """The deduplicated compile jobs of one group (arch independent)."""
     if group == "dropout_mask":
         jobs = dropout_mask_jobs()
+    elif group == "embedding":
+        jobs = embedding_jobs()
     else:
         jobs = precision_jobs(*PRECISION_GROUPS[group])
     if group == "fp32-tf32" and not COMPILE_ALL:

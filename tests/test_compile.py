@@ -32,7 +32,7 @@ PTX_TARGET = {80: "sm_80", 90: "sm_90a"}
 MAX_WORKERS = 2  # CI has two cores
 GROUP_TIMEOUT_S = 1800  # a safety net: one group takes 1-4 min on two idle cores
 # Slowest first, so that the two workers finish close together.
-GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask")
+GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask", "embedding")
 ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
 COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
 FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM")
@@ -123,6 +123,31 @@ def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
                 got = _configs_with_flags_on(plan, kernel, **pointers)
                 assert configs <= got, (group, kernel, adapter, configs - got)
     assert [e["kernel"] for e in compile_plans["dropout_mask"]] == ["_dropout_mask_kernel"] * 2
+
+
+def test_compile_plan_holds_the_embedding_kernels_for_every_table_dtype(compile_plans):
+    """Forward and grad kernels for bf16/fp16/fp32 tables, with adapters of the table's
+    dtype and fp32, at the narrowest and widest rank block, plus generic builds."""
+    from lorakern.kernels.lora_embedding import forward_config, grad_block_d
+    plan = compile_plans["embedding"]
+    forward = [e for e in plan if e["kernel"] == "_lora_embedding_forward_kernel"]
+    grad = [e for e in plan if e["kernel"] == "_lora_embedding_grad_kernel"]
+    for table in ("bf16", "fp16", "fp32"):
+        for adapter in {table, "fp32"}:
+            for block_r in (16, 256):
+                block_t, block_d = forward_config(block_r)
+                assert any(e["signature"]["e_ptr"] == "*" + table
+                           and e["signature"]["a_ptr"] == "*" + adapter
+                           and (e["constexprs"]["BLOCK_R"], e["constexprs"]["BLOCK_T"],
+                                e["constexprs"]["BLOCK_D"]) == (block_r, block_t, block_d)
+                           for e in forward), (table, adapter, block_r)
+                assert any(e["signature"]["dy_ptr"] == "*" + table
+                           and e["signature"]["b_ptr"] == "*" + adapter
+                           and e["constexprs"]["BLOCK_R"] == block_r
+                           and e["constexprs"]["BLOCK_D"] == grad_block_d(block_r)
+                           for e in grad), (table, adapter, block_r)
+    assert {e["signature"]["ids_ptr"] for e in forward} == {"*i64", "*i32"}
+    assert not all(e["aligned"] for e in forward) and not all(e["aligned"] for e in grad)
 
 
 def test_compile_plan_holds_both_passes_flags_off_and_generic_builds(compile_plans):
