@@ -4,7 +4,7 @@ module (``dropout.py``); each kernel module holds its own config table.
 """
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import triton
@@ -73,16 +73,6 @@ def to_storage(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(dtype)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8
 
 
 def rank_block(rank):

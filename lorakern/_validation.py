@@ -11,20 +11,26 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def check_tensors(x, weight, lora_A, lora_B, bias):
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
+def check_tensors_on_one_device(named, float_names):
+    """Every value of ``named`` ({name: value}) a tensor, those in ``float_names`` of a
+    float dtype lorakern takes, all on one device; errors name the offenders."""
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
+        if name in float_names and t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; lorakern takes float16, bfloat16, "
                             f"float32 or float64")
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def check_tensors(x, weight, lora_A, lora_B, bias):
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    check_tensors_on_one_device(named, float_names=tuple(named))
 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape "

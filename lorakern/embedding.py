@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._backend import load_kernels, select_backend
-from ._validation import FLOAT_DTYPES, check_scalars
+from ._validation import check_scalars, check_tensors_on_one_device
 from .modules import LoRALayer, _check_lora_args
 
 ID_DTYPES = (torch.int32, torch.int64)
@@ -19,20 +19,10 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 def _check_embedding_tensors(ids, weight, lora_A, lora_B):
     named = {"ids": ids, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors_on_one_device(named, float_names=("weight", "lora_A", "lora_B"))
     if ids.dtype not in ID_DTYPES:
         raise TypeError(f"ids has dtype {ids.dtype}; token ids must be torch.int32 or "
                         f"torch.int64")
-    for name in ("weight", "lora_A", "lora_B"):
-        if named[name].dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {named[name].dtype}; lorakern takes float16, "
-                            f"bfloat16, float32 or float64")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listed}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got shape "
                          f"{tuple(weight.shape)}")
