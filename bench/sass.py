@@ -165,7 +165,7 @@ def run_tool(tool, *args):
 
 
 def disassemble(cubin):
-    """(SASS text, resource usage {'REG', 'LOCAL', 'SHARED', ...})."""
+    """(SASS text, resource usage {'REG', 'STACK', 'LOCAL', 'SHARED', ...})."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -260,7 +260,7 @@ class KernelReport:
     name: str
     arch: int
     regs: int
-    spills: int            # bytes of local memory per thread (spill slots)
+    spills: int            # bytes of stack frame and local memory per thread (spill slots)
     spill_instructions: int
     shared_bytes: int
     num_warps: int
@@ -303,7 +303,8 @@ def analyse(name, arch, metadata, cubin, ttir):
     spill_instructions = sum(i.base in ("LDL", "STL") for i in sass.instructions)
     return KernelReport(
         name=name, arch=arch, regs=resources.get("REG", 0),
-        spills=resources.get("LOCAL", 0), spill_instructions=spill_instructions,
+        spills=resources.get("STACK", 0) + resources.get("LOCAL", 0),
+        spill_instructions=spill_instructions,
         shared_bytes=metadata.shared, num_warps=warps, num_stages=metadata.num_stages,
         wgmma=any(i.base == "HGMMA" for i in sass.instructions),
         tma=any(i.base == "UTMALDG" for i in sass.instructions), sass=mix,

@@ -116,10 +116,12 @@ def _lora_embedding_grad_kernel(
 
 
 # One forward tile: BLOCK_T tokens x BLOCK_D features, with the (BLOCK_T x BLOCK_R) rows
-# of A^T and the (BLOCK_R x BLOCK_D) tile of B^T in registers: wide ranks narrow BLOCK_D
-# so that the B tile stays at 64 fp32 values per thread (4 warps).
-FORWARD_BLOCK_T = 32
-FORWARD_B_TILE_ELEMENTS = 64 * 128
+# of A^T and the (BLOCK_R x BLOCK_D) tile of B^T in registers. An IEEE fp32 rank product
+# (fp32 adapters) runs on the FMA pipes with its operands in registers: wide ranks narrow
+# BLOCK_D so that the B tile stays at 4096 values (32 per thread, 4 warps). Wider tiles
+# spill (sm_90, fp32 adapters: 32 x 128 at r = 64 and 16 x 64 at r = 128 use the stack).
+FORWARD_BLOCK_T = 16
+FORWARD_B_TILE_ELEMENTS = 4096
 FORWARD_INTERPRET = (16, 32)
 # The grad kernel holds a (BLOCK_D x BLOCK_R) tile of B: at most 128 values per thread.
 GRAD_B_TILE_ELEMENTS = 256 * 64

@@ -42,8 +42,8 @@ the big fp32 builds (--full-over-limit lowers them anyway).
 
 Output: JSON lines on stdout, first {"plan": [...]} (kernel, label, signature,
 constexprs, options of every job), then one record per compile (kernel, label,
-shared, num_warps, ptx_target, cubin_bytes, regs, spill_bytes (local memory per
-thread), seconds, cpu_seconds, error). A
+shared, num_warps, ptx_target, cubin_bytes, regs, spill_bytes and stack_bytes (local
+memory and stack frame per thread), seconds, cpu_seconds, error). A
 compile that raises is recorded and the script goes on. With --list only the
 plan is printed. ``--dump DIR`` also writes each cubin to DIR (for nvdisasm).
 """
@@ -337,17 +337,17 @@ def dropout_mask_jobs():
 
 def embedding_jobs():
     """The LoRA embedding's forward and grad kernels: every table dtype with adapters of
-    its dtype and fp32, int64 and int32 ids, at the narrowest and the widest rank block
-    (whose forward tile is the narrowest); the generic specialization once each."""
+    its dtype and fp32, int64 and int32 ids, at every rank block (each has its own tile;
+    these builds take a second or two); the generic specialization once each."""
     from lorakern.kernels.lora_embedding import forward_config, grad_block_d
-    from lorakern.kernels.rank_product import RankConfig
+    from lorakern.kernels.rank_product import RANK_BLOCKS, RankConfig
 
     cfg = RankConfig(0, 0, num_warps=4, num_stages=1)  # what the launchers pass
     jobs = []
     for table in ("bf16", "fp16", "fp32"):
         for adapter in sorted({table, "fp32"}):
             precision = "ieee" if adapter == "fp32" else "tf32"
-            for block_r in (16, 256):
+            for block_r in RANK_BLOCKS:
                 block_t, block_d = forward_config(block_r)
                 meta = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_R=block_r,
                             UPCAST_DOT=False, DOT_PRECISION=precision)
@@ -436,7 +436,8 @@ def _cpu_seconds():
 
 
 def resource_usage(cubin):
-    """{'REG': registers, 'LOCAL': local memory bytes (spill slots), ...} per thread,
+    """{'REG': registers, 'STACK' and 'LOCAL': bytes of stack frame and local memory
+    (where spilled registers go), ...} per thread,
     from the cuobjdump that Triton ships."""
     import re
     import subprocess
@@ -478,7 +479,9 @@ def compile_job(job, arch, dump_dir=None, index=0):
                       cubin_bytes=len(compiled.asm.get("cubin", b"")),
                       error=None)
         usage = resource_usage(compiled.asm["cubin"])
-        record.update(regs=usage.get("REG"), spill_bytes=usage.get("LOCAL"))
+        # spilled registers land in local memory (LOCAL) or in the stack frame (STACK)
+        record.update(regs=usage.get("REG"), spill_bytes=usage.get("LOCAL", 0),
+                      stack_bytes=usage.get("STACK", 0))
         if dump_dir:
             path = os.path.join(dump_dir, f"{index:03d}{job['kernel']}.cubin")
             with open(path, "wb") as f:

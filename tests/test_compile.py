@@ -127,14 +127,14 @@ def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
 
 def test_compile_plan_holds_the_embedding_kernels_for_every_table_dtype(compile_plans):
     """Forward and grad kernels for bf16/fp16/fp32 tables, with adapters of the table's
-    dtype and fp32, at the narrowest and widest rank block, plus generic builds."""
+    dtype and fp32, at every rank block, plus generic builds."""
     from lorakern.kernels.lora_embedding import forward_config, grad_block_d
     plan = compile_plans["embedding"]
     forward = [e for e in plan if e["kernel"] == "_lora_embedding_forward_kernel"]
     grad = [e for e in plan if e["kernel"] == "_lora_embedding_grad_kernel"]
     for table in ("bf16", "fp16", "fp32"):
         for adapter in {table, "fp32"}:
-            for block_r in (16, 256):
+            for block_r in (16, 32, 64, 128, 256):
                 block_t, block_d = forward_config(block_r)
                 assert any(e["signature"]["e_ptr"] == "*" + table
                            and e["signature"]["a_ptr"] == "*" + adapter
@@ -278,3 +278,19 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory(
     assert not failures, (f"{len(failures)} of {len(run['plan'])} compiles for sm_{arch} "
                           f"({group}) failed:\n" + "\n".join(failures))
     assert run["returncode"] == 0, run["stderr"][-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "builds that keep spilled registers in the stack frame (cuobjdump STACK, 8 to 168 bytes "
+    "per thread), all with HAS_DROPOUT on or IEEE fp32 products: the rank pass at rank "
+    "blocks 128 and 256, the LoRA GEMM with fp32 operands (128x128x32, 8 warps) and its "
+    "64x64 dX build at rank block 64 (generic strides), tn_matmul with fp32 operands and "
+    "its 64x64x256 generic build. Local memory (LOCAL) is checked, and clean, above"))
+def test_no_kernel_config_keeps_registers_in_the_stack_frame(compile_runs):
+    stacked = []
+    for arch, group in ARCH_GROUPS:
+        run = compile_runs.result(arch, group)
+        stacked += [f"sm_{arch} {record['kernel']} [{record['label']}]: "
+                    f"{record['stack_bytes']} bytes"
+                    for record in run["records"] if record.get("stack_bytes")]
+    assert not stacked, f"{len(stacked)} builds use the stack frame:\n" + "\n".join(stacked)
