@@ -13,6 +13,7 @@ from torch import nn
 from ._backend import load_kernels, select_backend
 from ._validation import check_scalars, check_tensors_on_one_device
 from .modules import LoRALayer, _check_lora_args
+from .ops import lora_embedding_op
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -48,7 +49,7 @@ def _check_padding_idx(padding_idx, num_embeddings):
     return padding_idx % num_embeddings
 
 
-def _check_ids_in_range(ids, num_embeddings):
+def check_ids_in_range(ids, num_embeddings):
     """Every id in [0, num_embeddings): checked before any kernel (one device sync)."""
     if ids.numel() == 0 or ids.device.type == "meta":
         return
@@ -113,12 +114,20 @@ def lora_embedding(ids, weight, lora_A, lora_B, scale=1.0, padding_idx=None):
             lora_A get no gradient.
     Returns:
         ``[*ids.shape, embedding_dim]`` in weight's dtype.
+
+    Under torch.compile the kernels run as one custom op, which checks the ids'
+    range when it runs (the reference path there relies on F.embedding's check).
     """
     _check_embedding_tensors(ids, weight, lora_A, lora_B)
     scale, _ = check_scalars(scale, 0.0)
     padding_idx = _check_padding_idx(padding_idx, weight.shape[0])
-    _check_ids_in_range(ids, weight.shape[0])
-    if select_backend(weight, lora_A, lora_B) == "reference":
+    fused = select_backend(weight, lora_A, lora_B) == "triton"
+    if torch.compiler.is_compiling():
+        if fused:  # an opaque custom op that checks the ids' range itself
+            return lora_embedding_op(ids, weight, lora_A, lora_B, scale, padding_idx)
+        return reference_lora_embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
+    check_ids_in_range(ids, weight.shape[0])
+    if not fused:
         return reference_lora_embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
     return FusedLoRAEmbedding.apply(ids, weight, lora_A, lora_B, scale, padding_idx)
 

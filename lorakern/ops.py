@@ -1,7 +1,8 @@
 """The fused layer as torch.library custom ops, so torch.compile sees one
 opaque op (with a fake implementation for shapes) instead of tracing into the
 Triton launches: ``torch.compile(model, fullgraph=True)`` runs without graph
-breaks, forward and backward.
+breaks, forward and backward. ``lorakern::lora_embedding`` (and its backward op)
+does the same for the LoRA embedding.
 
 ``lorakern::lora_linear`` returns (y, h); its backward is the op
 ``lorakern::lora_linear_backward``. The dropout seed travels as a one-element
@@ -14,6 +15,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from ._backend import load_kernels
 from .function import fused_backward, fused_forward
 
 
@@ -80,3 +82,58 @@ def lora_linear_compiled(x, weight, lora_A, lora_B, bias, scale, dropout_p):
     else:
         seed = torch.zeros(1, dtype=torch.int64)
     return lora_linear_op(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed)[0]
+
+
+# ------------------------------------------------------------------ the LoRA embedding
+@torch.library.custom_op("lorakern::lora_embedding", mutates_args=())
+def lora_embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                      scale: float, padding_idx: Optional[int]) -> Tensor:
+    from .embedding import check_ids_in_range
+    # the ids' range depends on their values: checked here, where they are known
+    check_ids_in_range(ids, weight.shape[0])
+    kernels = load_kernels(weight.device)
+    y = kernels.lora_embedding_forward(ids.reshape(-1), weight, lora_A, lora_B, scale)
+    return y.reshape(*ids.shape, weight.shape[1])
+
+
+@lora_embedding_op.register_fake
+def _lora_embedding_fake(ids, weight, lora_A, lora_B, scale, padding_idx):
+    return weight.new_empty(*ids.shape, weight.shape[1])
+
+
+@torch.library.custom_op("lorakern::lora_embedding_backward", mutates_args=())
+def lora_embedding_backward_op(grad_y: Tensor, ids: Tensor, weight: Tensor, lora_A: Tensor,
+                               lora_B: Tensor, scale: float, padding_idx: Optional[int],
+                               needs: List[bool]) -> List[Tensor]:
+    need_e, need_a, need_b = needs
+    kernels = load_kernels(grad_y.device)
+    flat = ids.reshape(-1)
+    grads = kernels.lora_embedding_backward(
+        grad_y.reshape(flat.shape[0], weight.shape[1]), flat, weight, lora_A, lora_B, scale,
+        padding_idx, need_a, need_b, need_e)
+    return [grad_y.new_empty(0) if g is None else g for g in grads]
+
+
+@lora_embedding_backward_op.register_fake
+def _lora_embedding_backward_fake(grad_y, ids, weight, lora_A, lora_B, scale, padding_idx,
+                                  needs):
+    return [like.new_empty(like.shape) if need else grad_y.new_empty(0)
+            for need, like in zip(needs, (weight, lora_A, lora_B))]
+
+
+def _embedding_setup_context(ctx, inputs, output):
+    ids, weight, lora_A, lora_B, scale, padding_idx = inputs
+    ctx.save_for_backward(ids, weight, lora_A, lora_B)
+    ctx.scale, ctx.padding_idx = scale, padding_idx
+
+
+def _embedding_backward(ctx, grad_y):
+    ids, weight, lora_A, lora_B = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[1:4])
+    grads = lora_embedding_backward_op(grad_y, ids, weight, lora_A, lora_B, ctx.scale,
+                                       ctx.padding_idx, needs)
+    return (None,) + tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+
+lora_embedding_op.register_autograd(_embedding_backward,
+                                    setup_context=_embedding_setup_context)

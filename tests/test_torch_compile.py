@@ -147,3 +147,49 @@ def test_one_compiled_graph_serves_every_token_count(dynamic, device):
                               torch.float32, f"y at {seq} tokens")
     assert counter.frame_count == compiles_after_two, (
         f"{counter.frame_count - compiles_after_two} recompiles after the second token count")
+
+
+def test_fullgraph_compile_of_a_model_with_a_lora_embedding(device):
+    """One custom op per LoRAEmbedding: no graph break, the eager output and adapter
+    gradients, no recompile for new token counts, and an out-of-range id still refused."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(lorakern.LoRAEmbedding(40, 12, r=3, alpha=6, padding_idx=0),
+                                torch.nn.Linear(12, 5)).to(device)
+    torch.nn.init.normal_(model[0].lora_A)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    compiles_after_two = None
+    for index, seq in enumerate((3, 5, 8, 13, 21)):
+        if index == 2:
+            compiles_after_two = counter.frame_count
+        ids = torch.randint(0, 40, (2, seq), device=device)
+        model.zero_grad()
+        model(ids).square().sum().backward()
+        eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        y = compiled(ids)
+        y.square().sum().backward()
+        assert_matches_oracle(y.detach().cpu(), model(ids).detach().double().cpu(),
+                              torch.float32, f"y at {seq} tokens")
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == eager.keys() and "0.lora_A" in grads
+        for name, grad in grads.items():
+            assert_matches_oracle(grad.cpu(), eager[name].double().cpu(), torch.float32, name)
+    assert counter.frame_count == compiles_after_two
+    with pytest.raises(ValueError, match="token id 40 is out of range"):
+        compiled(torch.tensor([[1, 40]], device=device))
+
+
+def test_the_embedding_custom_ops_pass_torch_library_opcheck(device):
+    from lorakern.ops import lora_embedding_backward_op, lora_embedding_op
+    torch.manual_seed(7)
+    ids = torch.randint(0, 9, (3, 4), device=device)
+    weight = torch.randn(9, 6, device=device)
+    lora_A = torch.randn(2, 9, device=device, requires_grad=True)
+    lora_B = torch.randn(6, 2, device=device, requires_grad=True)
+    torch.library.opcheck(lora_embedding_op, (ids, weight, lora_A, lora_B, 0.5, 0))
+    torch.library.opcheck(lora_embedding_backward_op,
+                          (torch.randn(3, 4, 6, device=device), ids, weight, lora_A.detach(),
+                           lora_B.detach(), 0.5, 0, [False, True, True]))
