@@ -72,6 +72,24 @@ def reference_lora_embedding(ids, weight, lora_A, lora_B, scale, padding_idx=Non
     return (base.to(total) + lora.to(total)).to(weight.dtype)
 
 
+def fused_embedding_forward(ids, weight, lora_A, lora_B, scale):
+    """y [*ids.shape, D] from the kernels; the autograd Function and the custom op
+    (ops.py) both launch through here."""
+    kernels = load_kernels(weight.device)
+    y = kernels.lora_embedding_forward(ids.reshape(-1), weight, lora_A, lora_B, scale)
+    return y.reshape(*ids.shape, weight.shape[1])
+
+
+def fused_embedding_backward(grad_y, ids, weight, lora_A, lora_B, scale, padding_idx, needs):
+    """(dE, dA, dB), None where ``needs`` (three flags, in that order) is False."""
+    need_e, need_a, need_b = needs
+    kernels = load_kernels(grad_y.device)
+    flat = ids.reshape(-1)
+    dy = grad_y.reshape(flat.shape[0], weight.shape[1])
+    return kernels.lora_embedding_backward(dy, flat, weight, lora_A, lora_B, scale,
+                                           padding_idx, need_a, need_b, need_e)
+
+
 class FusedLoRAEmbedding(torch.autograd.Function):
     """``FusedLoRAEmbedding.apply(ids, weight, lora_A, lora_B, scale, padding_idx)``.
 
@@ -80,24 +98,17 @@ class FusedLoRAEmbedding(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, weight, lora_A, lora_B, scale, padding_idx):
-        kernels = load_kernels(weight.device)
-        flat = ids.reshape(-1)
-        y = kernels.lora_embedding_forward(flat, weight, lora_A, lora_B, scale)
-        ctx.save_for_backward(flat, weight, lora_A, lora_B)
-        ctx.scale, ctx.padding_idx, ctx.ids_shape = scale, padding_idx, ids.shape
-        return y.reshape(*ids.shape, weight.shape[1])
+        ctx.save_for_backward(ids, weight, lora_A, lora_B)
+        ctx.scale, ctx.padding_idx = scale, padding_idx
+        return fused_embedding_forward(ids, weight, lora_A, lora_B, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        flat, weight, lora_A, lora_B = ctx.saved_tensors
-        _, need_e, need_a, need_b = ctx.needs_input_grad[:4]
-        kernels = load_kernels(grad_y.device)
-        dy = grad_y.reshape(flat.shape[0], weight.shape[1])
-        grad_e, grad_a, grad_b = kernels.lora_embedding_backward(
-            dy, flat, weight, lora_A, lora_B, ctx.scale, ctx.padding_idx, need_a, need_b,
-            need_e)
-        return None, grad_e, grad_a, grad_b, None, None
+        ids, weight, lora_A, lora_B = ctx.saved_tensors
+        grads = fused_embedding_backward(grad_y, ids, weight, lora_A, lora_B, ctx.scale,
+                                         ctx.padding_idx, ctx.needs_input_grad[1:4])
+        return (None,) + tuple(grads) + (None, None)
 
 
 def lora_embedding(ids, weight, lora_A, lora_B, scale=1.0, padding_idx=None):

@@ -288,8 +288,8 @@ def _check_pattern(pattern, what, check_value):
 
 def _pattern_value(pattern, name, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of
-    ``name`` on a '.' boundary."""
-    for key, value in pattern.items():
+    ``name`` on a '.' boundary. ``pattern`` may be None (no overrides)."""
+    for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default

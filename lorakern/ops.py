@@ -15,7 +15,6 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._backend import load_kernels
 from .function import fused_backward, fused_forward
 
 
@@ -88,12 +87,10 @@ def lora_linear_compiled(x, weight, lora_A, lora_B, bias, scale, dropout_p):
 @torch.library.custom_op("lorakern::lora_embedding", mutates_args=())
 def lora_embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                       scale: float, padding_idx: Optional[int]) -> Tensor:
-    from .embedding import check_ids_in_range
+    from .embedding import check_ids_in_range, fused_embedding_forward
     # the ids' range depends on their values: checked here, where they are known
     check_ids_in_range(ids, weight.shape[0])
-    kernels = load_kernels(weight.device)
-    y = kernels.lora_embedding_forward(ids.reshape(-1), weight, lora_A, lora_B, scale)
-    return y.reshape(*ids.shape, weight.shape[1])
+    return fused_embedding_forward(ids, weight, lora_A, lora_B, scale)
 
 
 @lora_embedding_op.register_fake
@@ -105,12 +102,10 @@ def _lora_embedding_fake(ids, weight, lora_A, lora_B, scale, padding_idx):
 def lora_embedding_backward_op(grad_y: Tensor, ids: Tensor, weight: Tensor, lora_A: Tensor,
                                lora_B: Tensor, scale: float, padding_idx: Optional[int],
                                needs: List[bool]) -> List[Tensor]:
-    need_e, need_a, need_b = needs
-    kernels = load_kernels(grad_y.device)
-    flat = ids.reshape(-1)
-    grads = kernels.lora_embedding_backward(
-        grad_y.reshape(flat.shape[0], weight.shape[1]), flat, weight, lora_A, lora_B, scale,
-        padding_idx, need_a, need_b, need_e)
+    from .embedding import fused_embedding_backward
+    grads = fused_embedding_backward(grad_y, ids, weight, lora_A, lora_B, scale, padding_idx,
+                                     needs)
+    # an op returns tensors only: an empty one stands for "not computed"
     return [grad_y.new_empty(0) if g is None else g for g in grads]
 
 

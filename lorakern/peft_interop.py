@@ -30,7 +30,7 @@ from torch import nn
 
 from .api import lora_linear
 from .embedding import lora_embedding
-from .inject import inject_lora
+from .inject import _pattern_value, inject_lora
 from .embedding import LoRAEmbedding, embedding_layout
 from .modules import LoRALayer, LoRALinear, _check_lora_args, base_layout
 
@@ -785,15 +785,6 @@ def _check_config(config, path):
     if problems:
         raise ValueError(f"load_adapter: '{path}' uses settings lorakern's LoRALinear cannot "
                          f"reproduce: {'; '.join(problems)}")
-
-
-def _pattern_value(pattern, name, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key k such that
-    re.match(rf"(.*\\.)?({k})$", name)."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def _split_state(state, path):
