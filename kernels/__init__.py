@@ -6,9 +6,11 @@ A (R, K), B (N, R), drop(x) = x * m / (1 - p_eff) with the Philox keep-mask m
 the forward) and G = dY B:
 
     h  = (1 / (1 - p_eff)) (x * m) A^T          rank_product       (mask made here)
-    y  = x W^T + b + s h B^T                    lora_gemm
+    y  = x W^T + b + s h B^T                    lora_gemm, or addmm onto lora_term's
+                                                b + s h B^T (the cublas strategy)
     G  = dY B                                   rank_product
-    dX = dY W + (s / (1 - p_eff)) (G A) * m     lora_gemm          (mask in the epilogue)
+    dX = dY W + (s / (1 - p_eff)) (G A) * m     lora_gemm          (mask in the epilogue),
+                                                or addmm onto lora_term's masked term
     dA = (s / (1 - p_eff)) G^T (x * m)          tn_matmul          (mask per x tile)
     dB = s dY^T h,  db = sum_m dY               tn_matmul (one pass)
     dW = dY^T x   (only when W trains)          tn_matmul
@@ -22,9 +24,11 @@ from .dropout_mask import dropout_keep_mask
 from .lora_embedding import lora_embedding_backward, lora_embedding_forward
 from .lora_gemm import lora_gemm
 from .lora_grad_weights import tn_matmul
-from .lora_layer import lora_forward, lora_grad_input
+from .lora_layer import STRATEGIES, Plan, layer_plans, lora_forward, lora_grad_input
+from .lora_term import lora_term
 from .rank_product import rank_product
 
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
            "keep_scale", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
-           "lora_gemm", "rank_product", "lora_forward", "lora_grad_input", "tn_matmul"]
+           "lora_gemm", "lora_term", "rank_product", "lora_forward", "lora_grad_input",
+           "tn_matmul", "STRATEGIES", "Plan", "layer_plans"]

@@ -22,17 +22,19 @@ in chunks of BLOCK_R (>= 16, masked), in the promoted dtype of P and Q: with
 fp32 adapters P and Q stay fp32 (IEEE or TF32 as torch allows), so neither h
 nor B is rounded to the base dtype. The mask is generated in the epilogue only,
 once per output element (dX), one Philox call per 8 elements. Accumulation is
-fp32 and out is rounded once, on store.
+fp32 and out is rounded once, on store. The epilogue's term is
+``lora_term_tile`` (lora_term.py), which the ``cublas`` strategy writes alone.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, dot_precision, empty, fit_stages, grouped_tile,
-                      launch_counts, mma, promote_pair, rank_block, to_storage)
-from .dropout import dropout_keep_tile, dropout_threshold
+                      launch_counts, mma, rank_block, to_storage)
+from .dropout import dropout_threshold
+from .lora_term import lora_term_tile
 
 
 @triton.jit
@@ -57,7 +59,6 @@ def _lora_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
     in_m = offs_m < M
@@ -75,21 +76,10 @@ def _lora_gemm_kernel(
         acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
 
     # ---- epilogue: c * (P @ Q) * m over the rank, in P and Q's promoted dtype
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        rs = r0 + offs_r
-        in_r = rs < R
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + rs[None, :] * stride_pr,
-                    mask=in_m[:, None] & in_r[None, :], other=0.0)
-        q = tl.load(q_ptr + rs[:, None] * stride_qr + cols[None, :] * stride_qn,
-                    mask=in_r[:, None] & in_n[None, :], other=0.0)
-        p, q = promote_pair(p, q)
-        lora = mma(p, q, lora, UPCAST_DOT, RANK_DOT_PRECISION)
-    lora = lora * lora_scale
-    if HAS_DROPOUT:
-        keep = dropout_keep_tile(seed, offs_m, pid_n * BLOCK_N, threshold, BLOCK_N)
-        lora = tl.where(keep, lora, 0.0)
-    acc = acc + lora
+    acc += lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
+                          offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N, lora_scale, threshold,
+                          seed, BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT, UPCAST_DOT,
+                          RANK_DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
@@ -114,6 +104,11 @@ GEMM_SMALL_M = GemmConfig(64, 64, 64, num_warps=4, num_stages=4)
 GEMM_LARGE_M = GemmConfig(128, 128, 64, num_warps=8, num_stages=4)
 # fp32 operands: half the K depth, so that a stage costs what a 16-bit one does
 GEMM_LARGE_M_FP32 = GemmConfig(128, 128, 32, num_warps=8, num_stages=4)
+# What the tuner times beside the table's choice at large M: narrower tiles
+# leave more programs for the SMs when N is small and keep fewer accumulators
+# per thread; same K depth (half for fp32 operands) and stages as the table's
+GEMM_LARGE_M_ALTERNATIVES = (GemmConfig(128, 64, 64, num_warps=4, num_stages=4),
+                             GemmConfig(64, 128, 64, num_warps=4, num_stages=4))
 RANK_BLOCKS = (16, 32, 64)
 
 
@@ -127,6 +122,14 @@ def lora_gemm_config(m, l_bytes, block_r, pq_bytes):
     if INTERPRET:
         return GEMM_INTERPRET
     return lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes)
+
+
+def _fitted(cfg, l_bytes, block_r, pq_bytes):
+    stage = (cfg.block_m + cfg.block_n) * cfg.block_k * l_bytes
+    cfg = fit_stages(cfg, stage)
+    epilogue = (cfg.block_m + cfg.block_n) * block_r * pq_bytes
+    assert epilogue <= cfg.num_stages * stage, (cfg, block_r, pq_bytes)
+    return cfg
 
 
 def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes):
@@ -143,27 +146,48 @@ def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes):
         cfg = GEMM_LARGE_M_FP32
     else:
         cfg = GEMM_LARGE_M
-    stage = (cfg.block_m + cfg.block_n) * cfg.block_k * l_bytes
-    cfg = fit_stages(cfg, stage)
-    epilogue = (cfg.block_m + cfg.block_n) * block_r * pq_bytes
-    assert epilogue <= cfg.num_stages * stage, (cfg, block_r, pq_bytes)
-    return cfg
+    return _fitted(cfg, l_bytes, block_r, pq_bytes)
+
+
+def lora_gemm_tuning_configs(m, l_bytes, block_r, pq_bytes):
+    """The configs the tuner may time for M tokens: the table's choice first;
+    at large M on a GPU, the alternatives too (fitted to shared memory)."""
+    if INTERPRET:
+        return [GEMM_INTERPRET]
+    return _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes)
 
 
 def lora_gemm_candidates(l_bytes, pq_bytes):
-    """Every (config, rank block) pair the launcher can pick on a GPU."""
-    pairs = {(lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes), block_r)
+    """Every (config, rank block) pair the launcher can pick on a GPU, the
+    tuner's alternatives included."""
+    pairs = {(cfg, block_r)
              for block_r in RANK_BLOCKS if block_r <= (64 if pq_bytes <= 2 else 32)
-             for m in (1, 128, 8192)}
+             for m in (1, 128, 8192)
+             for cfg in _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes)}
     return sorted(pairs, key=repr)
 
 
-def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0):
+def _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes):
+    chosen = lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes)
+    if m <= 128:
+        return [chosen]
+    alternatives = [replace(cfg, block_k=cfg.block_k // 2) if l_bytes >= 4 else cfg
+                    for cfg in GEMM_LARGE_M_ALTERNATIVES]
+    return [chosen] + [_fitted(cfg, l_bytes, block_r, pq_bytes) for cfg in alternatives]
+
+
+def config_name(cfg):
+    """A config as the tuner names it, e.g. ``128x128x64:w8:s4``."""
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}:w{cfg.num_warps}:s{cfg.num_stages}"
+
+
+def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, config=None):
     """out[M, N] = lhs @ rhs_t + bias + lora_scale * ((p @ q) * keep), in lhs's dtype.
 
     lhs (M, K), rhs_t (K, N), p (M, R), q (R, N), bias (N) or None, any strides.
     With dropout_p > 0 the rank term is masked by the keep-mask of element
-    (m, n) (dropout.py): dX's mask over x's (row, in-feature).
+    (m, n) (dropout.py): dX's mask over x's (row, in-feature). ``config`` (one
+    of ``lora_gemm_tuning_configs``) overrides the table's choice.
     """
     m, k = lhs.shape
     n, r = rhs_t.shape[1], p.shape[1]
@@ -173,7 +197,7 @@ def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0):
     pq_dtype = torch.promote_types(p.dtype, q.dtype)
     pq_bytes = pq_dtype.itemsize
     block_r = epilogue_rank_block(r, pq_bytes)
-    cfg = lora_gemm_config(m, lhs.element_size(), block_r, pq_bytes)
+    cfg = config or lora_gemm_config(m, lhs.element_size(), block_r, pq_bytes)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     threshold = dropout_threshold(dropout_p)

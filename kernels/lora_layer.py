@@ -1,9 +1,24 @@
-"""The layer's launch sequences: each is a rank pass and a GEMM with a LoRA epilogue.
+"""The layer's launch sequences, in two strategies that share the rank passes.
+
+``fused``: a GEMM with the LoRA term in its epilogue (lora_gemm.py)
 
     forward     h  = rank_product(x, A^T, scale 1 / (1 - p_eff), mask)      (M, R)
                 y  = lora_gemm(x, W^T, P = h, Q = B^T, c = s) + b           (M, N)
     grad-input  G  = rank_product(dY, B)                                    (M, R)
                 dX = lora_gemm(dY, W, P = G, Q = A, c = s / (1 - p_eff), mask)
+
+``cublas``: torch's matmul for the big product, the LoRA term as its C operand
+
+    forward     h   = rank_product(x, A^T, scale 1 / (1 - p_eff), mask)
+                y0  = lora_term(P = h, Q = B^T, c = s) + b                  (M, N)
+                y   = addmm(y0, x, W^T)               in place, beta = 1
+    grad-input  G   = rank_product(dY, B)
+                dX0 = lora_term(P = G, Q = A, c = s / (1 - p_eff), mask)
+                dX  = addmm(dX0, dY, W)
+
+Both save the same tensors and draw the same mask from the same seed. A
+``Plan`` names a strategy and, for ``fused``, the GEMM's tile config;
+``layer_plans`` lists the plans a call may take, the table's choice first.
 
 h and G are in the promoted dtype of x and the adapters: fp32 with fp32
 adapters, else x's dtype. The mask is generated once per element of x in the
@@ -12,27 +27,78 @@ GEMM's epilogue); the GEMMs' main loops carry neither mask nor rank work.
 ``launch_counts`` counts these sequences ("lora_forward", "lora_grad_input")
 as well as each kernel.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 from ._common import launch_counts, lora_dtype
 from .dropout import keep_scale
-from .lora_gemm import lora_gemm
+from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
+                        lora_gemm_tuning_configs)
+from .lora_term import lora_term
 from .rank_product import rank_product
 
+STRATEGIES = ("fused", "cublas")
 
-def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
-    """(y, h) for a 2-D x; y in x's dtype, h = drop(x) @ A^T in the rank dtype."""
+# The table's strategy by token count: at large M the GEMM dominates and
+# cuBLAS's is faster than a Triton one without TMA (bench/NOTES.md); at small M
+# one launch fewer and no M x N round trip of the C operand win
+CUBLAS_FROM_M = 4096
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    gemm: Optional[GemmConfig] = None
+
+    @property
+    def name(self):
+        return self.strategy if self.gemm is None else f"{self.strategy}:{config_name(self.gemm)}"
+
+
+def layer_plans(m, x, lora_a, lora_b):
+    """Every plan for a call with M tokens of x's dtype (forward or grad-input:
+    the GEMM's left operand is x or dY, of one dtype), the table's choice first."""
+    pq_bytes = lora_dtype(x, lora_a, lora_b).itemsize
+    block_r = epilogue_rank_block(lora_a.shape[0], pq_bytes)
+    fused = [Plan("fused", cfg)
+             for cfg in lora_gemm_tuning_configs(m, x.element_size(), block_r, pq_bytes)]
+    cublas = [Plan("cublas")]
+    return cublas + fused if m >= CUBLAS_FROM_M else fused + cublas
+
+
+def _base_plus(c, lhs, rhs_t):
+    """c += lhs @ rhs_t by torch's matmul (cuBLAS on CUDA), c read once as the C operand."""
+    return c.addmm_(lhs, rhs_t)
+
+
+def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=None):
+    """(y, h) for a 2-D x; y in x's dtype, h = drop(x) @ A^T in the rank dtype.
+    ``plan`` defaults to the table's choice for x."""
+    plan = plan or layer_plans(x.shape[0], x, lora_a, lora_b)[0]
     h = rank_product(x, lora_a.t(), lora_dtype(x, lora_a, lora_b), keep_scale(dropout_p),
                      dropout_p=dropout_p, seed=seed)
-    y = lora_gemm(x, weight.t(), h, lora_b.t(), bias, scale)
+    if plan.strategy == "cublas":
+        y = _base_plus(lora_term(h, lora_b.t(), bias, scale, x.dtype), x, weight.t())
+    else:
+        y = lora_gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm)
     launch_counts["lora_forward"] += 1
     return y, h
 
 
-def lora_grad_input(grad_y, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx):
+def lora_grad_input(grad_y, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx,
+                    plan=None):
     """(dX or None, G) for a 2-D dY; G = dY @ B in the rank dtype, dX in dY's dtype."""
     g = rank_product(grad_y, lora_b, lora_dtype(grad_y, lora_a, lora_b))
     dx = None
     if need_dx:
-        dx = lora_gemm(grad_y, weight, g, lora_a, None, scale * keep_scale(dropout_p),
-                       dropout_p=dropout_p, seed=seed)
+        plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b)[0]
+        dx_scale = scale * keep_scale(dropout_p)
+        if plan.strategy == "cublas":
+            dx0 = lora_term(g, lora_a, None, dx_scale, grad_y.dtype, dropout_p=dropout_p,
+                            seed=seed)
+            dx = _base_plus(dx0, grad_y, weight)
+        else:
+            dx = lora_gemm(grad_y, weight, g, lora_a, None, dx_scale, dropout_p=dropout_p,
+                           seed=seed, config=plan.gemm)
     launch_counts["lora_grad_input"] += 1
     return dx, g

@@ -7,6 +7,15 @@ PyTorch reference.
 - meta tensors: the reference, which gives shapes and dtypes as nn.Linear does.
 - CPU tensors: the reference, unless ``TRITON_INTERPRET=1`` or
   ``LORAKERN_BACKEND=triton``, which run the kernels in Triton's interpreter.
+
+For the kernels it also picks the layer's strategy (``fused``: Triton GEMMs
+with the LoRA term inside; ``cublas``: torch's matmul with the LoRA term as C,
+see kernels/lora_layer.py) and, for ``fused``, the GEMM's tile config:
+
+- ``LORAKERN_STRATEGY=fused|cublas`` forces a strategy, on any device;
+- on CUDA the tuner (autotune.py) times the candidates once per shape key and
+  caches the fastest (``LORAKERN_AUTOTUNE=0``: the table's choice);
+- elsewhere (the interpreter), the table's choice.
 """
 import importlib
 import importlib.util
@@ -21,6 +30,7 @@ log = logging.getLogger("lorakern")
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("", "auto", "triton", "reference")
+_STRATEGIES = ("", "auto", "fused", "cublas")
 _said = set()
 
 
@@ -39,6 +49,33 @@ def requested_backend():
     return value
 
 
+def requested_strategy():
+    """'auto', 'fused' or 'cublas', from LORAKERN_STRATEGY."""
+    value = os.environ.get("LORAKERN_STRATEGY", "").strip().lower()
+    if value not in _STRATEGIES:
+        raise ValueError(f"LORAKERN_STRATEGY={value!r}; expected 'fused', 'cublas' or "
+                         f"'auto' (unset)")
+    return value or "auto"
+
+
+def choose_plan(direction, kernels, lhs, weight, lora_A, lora_B, dropout_p, run):
+    """The plan (strategy and config) for a forward (``lhs`` = x) or grad-input
+    (``lhs`` = dY) call; ``run(plan)`` launches that call, for the tuner."""
+    plans = kernels.layer_plans(lhs.shape[0], lhs, lora_A, lora_B)
+    requested = requested_strategy()
+    if requested != "auto":
+        plans = [plan for plan in plans if plan.strategy == requested]
+    if lhs.device.type != "cuda" or len(plans) == 1:
+        return plans[0]
+    from . import autotune
+
+    by_name = {plan.name: plan for plan in plans}
+    key = autotune.tuning_key(direction, lhs, weight, lora_A, lora_B, dropout_p)
+    chosen = autotune.choose(key, {name: (lambda plan=plan: run(plan))
+                                   for name, plan in by_name.items()}, plans[0].name)
+    return by_name[chosen]
+
+
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -50,6 +87,7 @@ def _unsupported_dtypes(tensors):
 def select_backend(x, *others):
     """'triton' or 'reference' for a call on these (validated) tensors."""
     requested = requested_backend()
+    requested_strategy()  # a bad value is refused on every path, not only the kernels'
     if requested == "reference" or x.device.type == "meta":
         # meta tensors carry shapes only (models built empty): nothing runs either way
         return "reference"

@@ -8,7 +8,9 @@ layer keeps M * r * 4 bytes for h when the adapters (or x) are fp32, M * r * 2
 with 16-bit adapters of x's dtype, and an int.
 
 Backward launches: G = dY B once (rank pass, fp32 with fp32 adapters); dX by
-the GEMM with the rank term in its epilogue; dA from x and G; dB and db from
+the GEMM with the rank term in its epilogue (strategy ``fused``) or by torch's
+matmul onto the masked rank term (``cublas``; the dispatch point picks,
+kernels/lora_layer.py); dA from x and G; dB and db from
 dY and h in one pass; dW only when W trains. Only the gradients autograd asks
 for are computed.
 
@@ -18,7 +20,7 @@ autograd Function here and the torch.library op in ``ops.py`` both call them.
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import load_kernels
+from ._backend import choose_plan, load_kernels
 
 
 def _flatten(t):
@@ -35,8 +37,13 @@ def draw_seed():
 def fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
     """Returns (y [..., out], h [M, r]); h is fp32 with fp32 adapters, else x's dtype."""
     kernels = load_kernels(x.device)
-    y, h = kernels.lora_forward(_flatten(x), weight, lora_A, lora_B, bias, scale, dropout_p,
-                                seed)
+    x2 = _flatten(x)
+
+    def run(plan):
+        return kernels.lora_forward(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed,
+                                    plan)
+
+    y, h = run(choose_plan("forward", kernels, x2, weight, lora_A, lora_B, dropout_p, run))
     return y.reshape(*x.shape[:-1], weight.shape[0]), h
 
 
@@ -56,8 +63,13 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
 
     if need_x or need_a:
-        dx, g = kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
-                                        need_dx=need_x)
+        def run(plan):
+            return kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
+                                           need_x, plan)
+
+        plan = (choose_plan("grad_input", kernels, dy, weight, lora_A, lora_B, dropout_p, run)
+                if need_x else None)
+        dx, g = run(plan)
         if need_x:
             grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
     if need_bias:

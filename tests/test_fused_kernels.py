@@ -51,6 +51,13 @@ def make_layer(lead, k, n, r, dtype, device, *, bias=True, x_layout="contiguous"
     return {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": b}
 
 
+@pytest.fixture(params=["fused", "cublas"])
+def strategy(request, monkeypatch):
+    """Each strategy of the layer (kernels/lora_layer.py), forced as a user would."""
+    monkeypatch.setenv("LORAKERN_STRATEGY", request.param)
+    return request.param
+
+
 def run_and_check(layer, scale, dropout_p, grad_layout, dtype, monkeypatch):
     """Forward + backward through the kernels; compare all against the oracle."""
     monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
@@ -110,7 +117,8 @@ CASES = [
 @pytest.mark.parametrize("lead,k,n,r,bias,dropout_p,x_layout,grad_layout", CASES,
                          ids=lambda v: str(v).replace(" ", ""))
 def test_output_and_every_gradient_match_the_float64_oracle(
-        lead, k, n, r, bias, dropout_p, x_layout, grad_layout, dtype, device, monkeypatch):
+        lead, k, n, r, bias, dropout_p, x_layout, grad_layout, dtype, device, monkeypatch,
+        strategy):
     torch.manual_seed(hash((lead, k, n, r)) % 2**31)
     layer = make_layer(lead, k, n, r, dtype, device, bias=bias, x_layout=x_layout)
     run_and_check(layer, 0.75, dropout_p, grad_layout, dtype, monkeypatch)
@@ -118,14 +126,14 @@ def test_output_and_every_gradient_match_the_float64_oracle(
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
-def test_trainable_weight_gets_its_gradient(dtype, dropout_p, device, monkeypatch):
+def test_trainable_weight_gets_its_gradient(dtype, dropout_p, device, monkeypatch, strategy):
     torch.manual_seed(1)
     layer = make_layer((21,), 40, 37, 5, dtype, device, train_weight=True)
     run_and_check(layer, 2.0, dropout_p, "contiguous", dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_fp32_adapters_on_a_half_precision_base(dtype, device, monkeypatch):
+def test_fp32_adapters_on_a_half_precision_base(dtype, device, monkeypatch, strategy):
     """PEFT's default: fp32 A and B on a bf16/fp16 model. y in x's dtype, grads
     of A and B in fp32."""
     torch.manual_seed(2)
@@ -218,6 +226,7 @@ def test_the_mask_keeps_one_minus_the_quantised_p(dropout_p, device):
 def test_the_forward_runs_the_rank_pass_once_and_the_gemm_once(device, monkeypatch):
     """The mask and drop(x) A^T are made once per call (not per output-column
     block); the backward adds one rank pass (G) and one GEMM (dX)."""
+    monkeypatch.setenv("LORAKERN_STRATEGY", "fused")
     monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
     layer = make_layer((40,), 48, 70, 8, torch.float32, device)
     before = dict(kernels.launch_counts)
@@ -232,7 +241,7 @@ def test_the_forward_runs_the_rank_pass_once_and_the_gemm_once(device, monkeypat
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_fp32_adapters_on_fp16_keep_h_and_db_beyond_the_fp16_range(dropout_p, device,
-                                                                   monkeypatch):
+                                                                   monkeypatch, strategy):
     """PEFT computes the rank products of fp32 adapters in fp32: here h = x A^T
     (~9e4) and dB (~3e5) exceed fp16's 65504 while y stays in range. Rounded to
     fp16 they would be inf; in fp32 every output is finite and matches."""
@@ -385,7 +394,8 @@ def _strided_bias(layout, n, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["every-other", "matrix-column", "expanded"])
-def test_a_strided_bias_is_read_through_its_strides(layout, dtype, device, monkeypatch):
+def test_a_strided_bias_is_read_through_its_strides(layout, dtype, device, monkeypatch,
+                                                    strategy):
     torch.manual_seed(12)
     layer = make_layer((9,), 20, 18, 4, dtype, device, bias=False)
     bias, leaf, view = _strided_bias(layout, 18, dtype, device)
@@ -407,7 +417,7 @@ def test_a_strided_bias_is_read_through_its_strides(layout, dtype, device, monke
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,n", [(0, 7), (11, 0), (0, 0)], ids=["in=0", "out=0", "in=out=0"])
 def test_a_layer_without_inputs_or_outputs_behaves_like_nn_linear(k, n, dtype, device,
-                                                                   monkeypatch):
+                                                                   monkeypatch, strategy):
     """No input features: y is the bias (zeros without one); no output features: an
     empty y. Every gradient comes back, zero where nothing flows."""
     torch.manual_seed(13)
