@@ -62,10 +62,12 @@ class KernelLaunch:
 
 @dataclass
 class TorchOp:
-    """A torch operation run by a launcher (on the GPU: one memory-bound kernel)."""
+    """A torch operation run by a launcher (on the GPU: one kernel, memory-bound
+    but for the matmuls of the cublas strategy, which ``shapes`` lets be priced)."""
     name: str
     read_bytes: int
     write_bytes: int
+    shapes: tuple = ()  # of the tensor arguments, in order
 
 
 def _tensor_key(t):
@@ -99,7 +101,8 @@ class _TorchOpRecorder(TorchDispatchMode):
                        if isinstance(o, torch.Tensor)]
             written = {id(o) for o in outputs}
             read = sum(_nbytes(a) for a in inputs if id(a) not in written)
-            self.sink.append(TorchOp(name, read, sum(_nbytes(o) for o in outputs)))
+            self.sink.append(TorchOp(name, read, sum(_nbytes(o) for o in outputs),
+                                     tuple(tuple(a.shape) for a in inputs)))
         return out
 
 
@@ -192,8 +195,31 @@ TRAINING_NEEDS = (True, False, True, True, True)
 SEED = 1234
 
 
-def capture_case(case, arch):
-    """{'fwd': [...], 'bwd': [...]}: the launches and torch ops of one case."""
+@contextlib.contextmanager
+def strategy_forced(strategy):
+    """LORAKERN_STRATEGY set to ``strategy`` inside (None: left as it is)."""
+    if strategy is None:
+        yield
+        return
+    saved = os.environ.get("LORAKERN_STRATEGY")
+    os.environ["LORAKERN_STRATEGY"] = strategy
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LORAKERN_STRATEGY", None)
+        else:
+            os.environ["LORAKERN_STRATEGY"] = saved
+
+
+def capture_case(case, arch, strategy=None):
+    """{'fwd': [...], 'bwd': [...]}: the launches and torch ops of one case, in
+    ``strategy`` ('fused' or 'cublas'; None: the dispatch point's choice)."""
+    with strategy_forced(strategy):
+        return _capture_case(case, arch)
+
+
+def _capture_case(case, arch):
     from lorakern.function import fused_backward, fused_forward
 
     t = layer_tensors(case)

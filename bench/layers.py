@@ -157,7 +157,8 @@ def run_case(case, providers, modes, device, timing, env):
             records += [{**base, "mode": m, "status": "skipped", "reason": reason}
                         for m in runs]
         else:
-            records += _provider_records(provider, sets, case, runs, device, timing, base)
+            with provider.environment():
+                records += _provider_records(provider, sets, case, runs, device, timing, base)
         _release(device)
     del sets, first
     _release(device)

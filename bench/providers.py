@@ -3,9 +3,11 @@
 Each provider builds a ``Layer`` from one set of ``LayerInputs`` (sharing
 their storage: every provider reads the very same tensors) and a ``Case``.
 """
+import contextlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -41,6 +43,21 @@ class Provider:
     dropout: bool = True           # can apply dropout > 0
     requires: Tuple[str, ...] = ()
     compiled: bool = False
+    # environment while the provider is built and timed (lorakern's strategy)
+    env: Dict[str, str] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def environment(self):
+        saved = {name: os.environ.get(name) for name in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def unavailable(self):
         """Why this provider cannot run here, or None."""
@@ -120,7 +137,12 @@ PROVIDERS = {p.name: p for p in [
              build_addmm),
     Provider("merged", "W + s·B·A merged once: inference forward only", build_merged,
              modes=("forward",), dropout=False),
-    Provider("lorakern", "lorakern.lora_linear", build_lorakern),
+    Provider("lorakern", "lorakern.lora_linear, strategy chosen by its tuner (the default)",
+             build_lorakern, env={"LORAKERN_STRATEGY": "auto"}),
+    Provider("lorakern:fused", "lorakern.lora_linear, LORAKERN_STRATEGY=fused: Triton GEMMs "
+             "with the LoRA term inside", build_lorakern, env={"LORAKERN_STRATEGY": "fused"}),
+    Provider("lorakern:cublas", "lorakern.lora_linear, LORAKERN_STRATEGY=cublas: torch's "
+             "matmul onto the LoRA term", build_lorakern, env={"LORAKERN_STRATEGY": "cublas"}),
 ]}
 
 
@@ -134,6 +156,6 @@ def lorakern_path(device, dtype):
 
 def compute_path(provider, t):
     """lorakern_path for lorakern; 'torch' or 'torch.compile' for the others."""
-    if provider.name == "lorakern":
+    if provider.name.startswith("lorakern"):
         return lorakern_path(t.x.device, t.x.dtype)
     return "torch.compile" if provider.compiled else "torch"

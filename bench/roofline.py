@@ -204,6 +204,22 @@ def peft_ops(case):
     return {"fwd": fwd, "bwd": bwd}
 
 
+# torch's matmuls, as the cublas strategy calls them: (C or None, A, B) shapes
+MATMUL_OPS = {"addmm_": 1, "addmm": 1, "mm": 0}
+
+
+def torch_op(machine, name, shapes, read_bytes, write_bytes, element_bytes=2):
+    """A torch op captured from a launcher: a matmul is priced as cuBLAS's GEMM
+    (reading C once more when it is added: addmm with beta = 1), anything else
+    as memory-bound."""
+    if name in MATMUL_OPS:
+        first = MATMUL_OPS[name]
+        (m, k), (_, n) = shapes[first], shapes[first + 1]
+        c_bytes = m * n * element_bytes if first else 0
+        return gemm(machine, m, n, k, element_bytes, extra_bytes=c_bytes)
+    return elementwise(machine, read_bytes + write_bytes)
+
+
 def predict_op(machine, kind, args):
     if kind == "gemm":
         m, n, k, extra = args

@@ -25,7 +25,8 @@ from pathlib import Path
 from .cases import PRESETS, make_cases
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
-PROVIDERS = ("lorakern", "nn.Linear", "peft")
+PROVIDERS = ("lorakern", "lorakern:fused", "lorakern:cublas", "nn.Linear", "peft")
+STRATEGIES = ("fused", "cublas")
 PHASES = ("fwd", "bwd")
 
 
@@ -70,13 +71,13 @@ def git_commit():
         return None
 
 
-def predict_lorakern(case, arch, machine, kernel_reports, launch_log=None):
-    """{'fwd': (seconds, bound), 'bwd': ...} from the captured launches; each
-    launch's terms are appended to ``launch_log`` when given."""
+def predict_lorakern(case, arch, machine, kernel_reports, launch_log=None, strategy=None):
+    """{'fwd': (seconds, bound), 'bwd': ...} from the captured launches of
+    ``strategy``; each launch's terms are appended to ``launch_log`` when given."""
     from . import capture, roofline, sass
 
     result = {}
-    for phase, items in capture.capture_case(case, arch).items():
+    for phase, items in capture.capture_case(case, arch, strategy).items():
         total, slowest = 0.0, (0.0, "none")
         for item in items:
             if isinstance(item, capture.KernelLaunch):
@@ -87,11 +88,11 @@ def predict_lorakern(case, arch, machine, kernel_reports, launch_log=None):
                 seconds, bound, details = roofline.predict_kernel(machine, work)
                 details.update(grid=item.grid, trips=trips, report=report)
             else:
-                seconds, bound = roofline.elementwise(machine,
-                                                      item.read_bytes + item.write_bytes)
+                seconds, bound = roofline.torch_op(machine, item.name, item.shapes,
+                                                   item.read_bytes, item.write_bytes)
                 details = {"bytes": item.read_bytes + item.write_bytes}
             if launch_log is not None:
-                launch_log.append((case, phase, item, seconds, bound, details))
+                launch_log.append((case, strategy, phase, item, seconds, bound, details))
             total += seconds
             slowest = max(slowest, (seconds, bound))
         result[phase] = (total, slowest[1])
@@ -106,6 +107,12 @@ def predict_ops(ops, machine):
         timed = [roofline.predict_op(machine, kind, args) for _, kind, args in phase_ops]
         result[phase] = (sum(t for t, _ in timed), max(timed)[1])
     return result
+
+
+def fastest(*strategies):
+    """Per phase, the faster strategy's prediction: what the tuner picks (it
+    times the forward and the grad-input separately)."""
+    return {phase: min(s[phase] for s in strategies) for phase in PHASES}
 
 
 def records_for(case, provider, phases):
@@ -137,8 +144,12 @@ def run(args):
     machine = roofline.MACHINES[arch]
     kernel_reports, records, launch_log = {}, [], []
     for case in selected_cases(args):
-        records += records_for(case, "lorakern",
-                               predict_lorakern(case, arch, machine, kernel_reports, launch_log))
+        by_strategy = {strategy: predict_lorakern(case, arch, machine, kernel_reports,
+                                                  launch_log, strategy)
+                       for strategy in STRATEGIES}
+        records += records_for(case, "lorakern", fastest(*by_strategy.values()))
+        for strategy, phases in by_strategy.items():
+            records += records_for(case, f"lorakern:{strategy}", phases)
         records += records_for(case, "nn.Linear", predict_ops(roofline.linear_ops(case), machine))
         records += records_for(case, "peft", predict_ops(roofline.peft_ops(case), machine))
     if not getattr(args, "no_embedding", False):
@@ -152,13 +163,13 @@ def run(args):
 
 def format_launches(launch_log):
     lines = ["", "lorakern launches (predicted us; terms in us):"]
-    for case, phase, item, seconds, bound, d in launch_log:
+    for case, strategy, phase, item, seconds, bound, d in launch_log:
         terms = " ".join(f"{k}={d[k] * 1e6:.1f}" for k in ("tensor", "issue", "hbm", "l2")
                          if k in d)
         extra = (f"grid={d['grid']} trips={d['trips']} ctas/SM={d['ctas_per_sm']} "
                  f"busiest={d['busiest_sm_ctas']}" if "grid" in d else f"bytes={d['bytes']}")
-        lines.append(f"  {case} {phase} {item.name}: {seconds * 1e6:.1f} ({bound}) {terms} "
-                     f"{extra}")
+        lines.append(f"  {case} {strategy} {phase} {item.name}: {seconds * 1e6:.1f} ({bound}) "
+                     f"{terms} {extra}")
     return "\n".join(lines)
 
 
@@ -207,9 +218,9 @@ def format_tables(result):
 def describe_launches(launch_log):
     """Every lorakern launch as JSON: the case, what was compiled and its roofline terms."""
     rows = []
-    for case, phase, item, seconds, bound, d in launch_log:
+    for case, strategy, phase, item, seconds, bound, d in launch_log:
         row = {"shape": case.shape, "M": case.tokens, "r": case.rank, "dropout": case.dropout,
-               "phase": phase, "name": item.name, "predicted_us": seconds * 1e6,
+               "strategy": strategy, "phase": phase, "name": item.name, "predicted_us": seconds * 1e6,
                "bound": bound}
         if "report" in d:
             report = d["report"]

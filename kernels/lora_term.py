@@ -105,6 +105,7 @@ class TermConfig:
     block_n: int
     num_warps: int
     group_m: int = 8
+    num_stages: int = 1  # nothing to pipeline: one pass over the rank
 
 
 TERM_INTERPRET = TermConfig(16, 32, num_warps=1, group_m=2)
@@ -154,7 +155,7 @@ def lora_term(p, q, bias, lora_scale, out_dtype, *, dropout_p=0.0, seed=0):
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, GROUP_M=cfg.group_m,
         HAS_BIAS=has_bias, HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
         RANK_DOT_PRECISION=dot_precision(pq_dtype),
-        num_warps=cfg.num_warps, num_stages=1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_counts["lora_term"] += 1
     return out

@@ -19,6 +19,8 @@ What one group compiles, for the kernels' x dtype:
 - the LoRA GEMM (``lora_gemm_candidates()``) at every config and epilogue rank
   block, as the forward launches it (W^T, B^T; bias on) and as dX does (W, A;
   dropout on); the forward build also with dropout on, the superset of the code;
+- the cublas strategy's LoRA term (``lora_term_candidates()``) as the forward
+  (bias on) and dX (dropout on) launch it;
 - tn_matmul (``tn_candidates()``, each row-block shape at its widest BLOCK_Q
   and the narrowest once) with every flag on, for an output in the
   operands' dtype, fp32 (the split partials, an fp32 adapter's gradient) and
@@ -84,10 +86,13 @@ GEMM_Y_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_pr", "stride_qr", "stri
                        "stride_on"}                                # x, W^T, h, B^T, b, y
 GEMM_DX_UNIT_STRIDES = {"stride_lk", "stride_rn", "stride_pr", "stride_qn", "stride_bias",
                         "stride_on"}                               # dY, W, G, A, dX
+TERM_Y_UNIT_STRIDES = {"stride_pr", "stride_qr", "stride_bias", "stride_on"}  # h, B^T, b, y0
+TERM_DX_UNIT_STRIDES = {"stride_pr", "stride_qn", "stride_on"}               # G, A, dX0
 TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}
 # dA^T is written through A's gradient transposed: unit stride along P.
 TN_TRANSPOSED_OUT_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_op", "stride_cp"}
 KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "lora_gemm",
+                  "_lora_term_kernel": "lora_term",
                   "_tn_matmul_kernel": "lora_grad_weights",
                   "_dropout_mask_kernel": "dropout_mask",
                   "_lora_embedding_forward_kernel": "lora_embedding",
@@ -227,6 +232,26 @@ def gemm_job(cfg, block_r, x, adapter, precision, rank_precision, pass_, bias, d
                 strides if unit else None)
 
 
+def term_job(cfg, block_r, x, adapter, rank_precision, pass_, unit=True):
+    """The cublas strategy's C operand as the forward (pass_ "y0": bias on) or
+    grad-input ("dX0": dropout on) launches it; the superset (both on) for y0."""
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
+                GROUP_M=cfg.group_m, HAS_BIAS=pass_ == "y0", HAS_DROPOUT=True,
+                UPCAST_DOT=False, RANK_DOT_PRECISION=rank_precision)
+    pointers = dict(p_ptr=_promoted(x, adapter), q_ptr=adapter, bias_ptr=x, out_ptr=x)
+    strides = TERM_Y_UNIT_STRIDES if pass_ == "y0" else TERM_DX_UNIT_STRIDES
+    return _job("_lora_term_kernel", meta, pointers, cfg, [f"pass {pass_}"],
+                strides if unit else None)
+
+
+def term_jobs(x, adapter, rank_precision):
+    from lorakern.kernels.lora_term import lora_term_candidates
+
+    pairs = lora_term_candidates(ELEMENT_BYTES[_promoted(x, adapter)])
+    return [term_job(cfg, block_r, x, adapter, rank_precision, pass_)
+            for cfg, block_r in _widest_and_narrowest(pairs) for pass_ in ("y0", "dX0")]
+
+
 def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
            unit_strides=TN_UNIT_STRIDES):
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
@@ -252,7 +277,7 @@ def rank_and_gemm_jobs(x, adapter, precision):
                              bias=True, dropout=True))
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "dX",
                              bias=False, dropout=True))
-    return jobs
+    return jobs + term_jobs(x, adapter, rank_precision)
 
 
 def tn_configs_compiled(operand_bytes):

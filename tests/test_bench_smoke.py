@@ -2,6 +2,7 @@
 baseline's gradients, the providers' agreement, the saved-bytes counter, the
 records' provenance fields, and the CPU smoke run's files."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,21 +70,38 @@ def test_providers_agree_on_a_tiny_shape():
     assert {"addmm", "merged", "lorakern"} | ({"peft"} if HAVE_PEFT else set()) <= set(names)
     for name in names:
         provider = PROVIDERS[name]
-        layer = provider.build(inputs, TINY)
-        y = layer.forward(inputs.x)
-        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, msg=name)
-        if "fwd+bwd" not in provider.modes:
-            continue
-        inputs.x.grad = None
-        for t in layer.trainable:
-            t.grad = None
-        y.backward(inputs.grad_y)
-        grads = [inputs.x.grad] + [t.grad for t in layer.trainable]
-        for label, got, ref in zip(("dx", "dA", "dB"), grads, f64):
-            torch.testing.assert_close(got.double(), ref.grad, rtol=1e-5, atol=1e-5,
-                                       msg=f"{name} {label}")
+        with provider.environment():
+            _check_provider(provider, inputs, want, f64)
     floor = PROVIDERS["linear"].build(inputs, TINY).forward(inputs.x)
     torch.testing.assert_close(floor, inputs.x @ inputs.weight.t())
+
+
+def _check_provider(provider, inputs, want, f64):
+    name = provider.name
+    layer = provider.build(inputs, TINY)
+    y = layer.forward(inputs.x)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+    if "fwd+bwd" not in provider.modes:
+        return
+    inputs.x.grad = None
+    for t in layer.trainable:
+        t.grad = None
+    y.backward(inputs.grad_y)
+    grads = [inputs.x.grad] + [t.grad for t in layer.trainable]
+    for label, got, ref in zip(("dx", "dA", "dB"), grads, f64):
+        torch.testing.assert_close(got.double(), ref.grad, rtol=1e-5, atol=1e-5,
+                                   msg=f"{name} {label}")
+
+
+def test_lorakern_strategy_providers_force_their_strategy(monkeypatch):
+    """lorakern:fused and lorakern:cublas set LORAKERN_STRATEGY while they run,
+    and put back what the caller had."""
+    monkeypatch.setenv("LORAKERN_STRATEGY", "cublas")
+    for name, strategy in [("lorakern:fused", "fused"), ("lorakern:cublas", "cublas"),
+                           ("lorakern", "auto")]:
+        with PROVIDERS[name].environment():
+            assert os.environ["LORAKERN_STRATEGY"] == strategy
+        assert os.environ["LORAKERN_STRATEGY"] == "cublas"
 
 
 def test_saved_bytes_counts_what_autograd_keeps():

@@ -33,6 +33,9 @@ LARGE_M = 2048
 # evaluation: the bound catches a return to it. 8 bits an element (FlashAttention's
 # choice) would halve the cost but quantise p to 1/256.
 MASK_INSTRUCTIONS_PER_ELEMENT = 20
+STRATEGIES = ("fused", "cublas")
+# "lorakern" is what the tuner picks: per phase, the faster strategy
+LINEAR_PROVIDERS = ("lorakern", "lorakern:fused", "lorakern:cublas", "nn.Linear", "peft")
 
 
 def _compile_env():
@@ -75,7 +78,7 @@ def test_report_json_has_the_documented_schema(static_run):
     record_keys = {"M", "K", "N", "r", "dtype", "dropout", "provider", "mode", "predicted_ms",
                    "bound"}
     combos = Counter()
-    linear = [r for r in report["records"] if r["provider"] in ("lorakern", "nn.Linear", "peft")]
+    linear = [r for r in report["records"] if r["provider"] in LINEAR_PROVIDERS]
     for record in linear:
         assert set(record) == record_keys
         assert (record["M"], record["K"], record["N"], record["r"], record["dtype"]) == \
@@ -83,7 +86,7 @@ def test_report_json_has_the_documented_schema(static_run):
         assert record["predicted_ms"] > 0
         assert record["bound"] in ("tensor", "issue", "hbm", "l2")
         combos[(record["provider"], record["mode"], record["dropout"])] += 1
-    assert set(combos) == {(p, m, d) for p in ("lorakern", "nn.Linear", "peft")
+    assert set(combos) == {(p, m, d) for p in LINEAR_PROVIDERS
                            for m in ("fwd", "bwd", "fwd+bwd") for d in (0.0, 0.1)}
     assert set(combos.values()) == {1}
     assert "PREDICTED" in static_run["stdout"]
@@ -110,11 +113,30 @@ def test_the_lora_embedding_case_is_compiled_and_predicted(static_run):
 def test_fwd_plus_bwd_is_the_sum_and_the_base_gemms_are_the_floor(static_run):
     by = {(r["provider"], r["mode"], r["dropout"]): r["predicted_ms"]
           for r in static_run["report"]["records"]}
-    for provider in ("lorakern", "nn.Linear", "peft"):
+    for provider in LINEAR_PROVIDERS:
         for p in (0.0, 0.1):
             assert by[(provider, "fwd+bwd", p)] == pytest.approx(
                 by[(provider, "fwd", p)] + by[(provider, "bwd", p)], abs=2e-4)
             assert by[(provider, "fwd+bwd", p)] >= by[("nn.Linear", "fwd+bwd", p)]
+
+
+def test_the_tuned_prediction_is_the_faster_strategy_per_phase(static_run):
+    by = {(r["provider"], r["mode"], r["dropout"]): r["predicted_ms"]
+          for r in static_run["report"]["records"]}
+    for p in (0.0, 0.1):
+        for mode in ("fwd", "bwd"):
+            assert by[("lorakern", mode, p)] == min(
+                by[(f"lorakern:{s}", mode, p)] for s in STRATEGIES)
+
+
+def test_the_cublas_strategy_runs_torchs_matmul_onto_the_lora_term(static_run):
+    """Its launches: the rank pass, the LoRA term kernel and one addmm_ (priced as
+    cuBLAS's GEMM) per direction; the fused GEMM never."""
+    rows = [r for r in static_run["launches"] if r["strategy"] == "cublas"]
+    for phase in ("fwd", "bwd"):
+        names = [r["name"] for r in rows if r["phase"] == phase and r["dropout"] == 0.1]
+        assert names.count("_lora_term_kernel") == names.count("addmm_") == 1, names
+        assert "_lora_gemm_kernel" not in names, names
 
 
 CAPTURE_SCRIPT = textwrap.dedent("""
@@ -146,10 +168,12 @@ INTERPRETED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_capture_sees_every_launch_an_interpreted_run_makes(dropout):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_capture_sees_every_launch_an_interpreted_run_makes(dropout, strategy):
     case = json.dumps([48, 40, 32, 4, "fp32", dropout])  # d_in, d_out, tokens, r, dtype, p
 
     def run(script, env):
+        env = dict(env, LORAKERN_STRATEGY=strategy)
         done = subprocess.run([sys.executable, "-c", script, case], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
@@ -310,16 +334,18 @@ def test_dropout_mask_costs_a_bounded_number_of_instructions_per_element(static_
     """Each launch that evaluates the mask does so once per element of x (M x K) at most
     MASK_INSTRUCTIONS_PER_ELEMENT thread instructions each; the launches that need no
     mask add none."""
-    launches = _kernel_launches(static_run)
-    without = [r for r in launches if r["dropout"] == 0.0]
-    with_dropout = [r for r in launches if r["dropout"] > 0.0]
-    assert [r["name"] for r in without] == [r["name"] for r in with_dropout]
-    elements = 8192 * 4096  # x, M x K
-    cost = {}
-    for index, (off, on) in enumerate(zip(without, with_dropout)):
-        extra = _thread_instructions(on) - _thread_instructions(off)
-        cost[f"{index}: {on['phase']} {on['name']}"] = round(extra / elements, 1)
-    assert all(c <= MASK_INSTRUCTIONS_PER_ELEMENT for c in cost.values()), cost
-    masked = [name for name, c in cost.items() if c > 0.5]
-    # the forward's rank pass, the dX epilogue and the dA reduction: three per step
-    assert len(masked) == 3, cost
+    for strategy in STRATEGIES:
+        launches = [r for r in _kernel_launches(static_run) if r["strategy"] == strategy]
+        without = [r for r in launches if r["dropout"] == 0.0]
+        with_dropout = [r for r in launches if r["dropout"] > 0.0]
+        assert [r["name"] for r in without] == [r["name"] for r in with_dropout]
+        elements = 8192 * 4096  # x, M x K
+        cost = {}
+        for index, (off, on) in enumerate(zip(without, with_dropout)):
+            extra = _thread_instructions(on) - _thread_instructions(off)
+            cost[f"{strategy} {index}: {on['phase']} {on['name']}"] = round(extra / elements, 1)
+        assert all(c <= MASK_INSTRUCTIONS_PER_ELEMENT for c in cost.values()), cost
+        masked = [name for name, c in cost.items() if c > 0.5]
+        # the forward's rank pass, dX's epilogue (fused) or LoRA term (cublas), and the
+        # dA reduction: three per step
+        assert len(masked) == 3, cost
