@@ -58,6 +58,12 @@ def requested_strategy():
     return value or "auto"
 
 
+def tunes_on(device):
+    """Whether calls on ``device`` are tuned: CUDA only (the interpreter's timings
+    say nothing about a GPU)."""
+    return device.type == "cuda"
+
+
 def choose_plan(direction, kernels, lhs, weight, lora_A, lora_B, dropout_p, run):
     """The plan (strategy and config) for a forward (``lhs`` = x) or grad-input
     (``lhs`` = dY) call; ``run(plan)`` launches that call, for the tuner."""
@@ -65,7 +71,7 @@ def choose_plan(direction, kernels, lhs, weight, lora_A, lora_B, dropout_p, run)
     requested = requested_strategy()
     if requested != "auto":
         plans = [plan for plan in plans if plan.strategy == requested]
-    if lhs.device.type != "cuda" or len(plans) == 1:
+    if not tunes_on(lhs.device) or len(plans) == 1:
         return plans[0]
     from . import autotune
 
