@@ -39,10 +39,11 @@ from .rank_product import rank_product
 
 STRATEGIES = ("fused", "cublas")
 
-# The table's strategy by token count: at large M the GEMM dominates and
-# cuBLAS's is faster than a Triton one without TMA (bench/NOTES.md); at small M
-# one launch fewer and no M x N round trip of the C operand win
-CUBLAS_FROM_M = 4096
+# The table's strategy by token count (when not tuning): from 256 tokens the
+# GEMM dominates and cuBLAS's is predicted faster than the Triton one without
+# TMA (bench/NOTES.md: 0.077 against 0.096 ms fwd+bwd at 4096x4096, M = 256);
+# below, one launch fewer and no M x N round trip of the C operand win or tie
+CUBLAS_FROM_M = 256
 
 
 @dataclass(frozen=True)
