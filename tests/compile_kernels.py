@@ -244,12 +244,14 @@ def term_job(cfg, block_r, x, adapter, rank_precision, pass_, unit=True):
                 strides if unit else None)
 
 
-def term_jobs(x, adapter, rank_precision):
+def term_pairs(x, adapter):
     from lorakern.kernels.lora_term import lora_term_candidates
+    return _widest_and_narrowest(lora_term_candidates(ELEMENT_BYTES[_promoted(x, adapter)]))
 
-    pairs = lora_term_candidates(ELEMENT_BYTES[_promoted(x, adapter)])
+
+def term_jobs(x, adapter, rank_precision):
     return [term_job(cfg, block_r, x, adapter, rank_precision, pass_)
-            for cfg, block_r in _widest_and_narrowest(pairs) for pass_ in ("y0", "dX0")]
+            for cfg, block_r in term_pairs(x, adapter) for pass_ in ("y0", "dX0")]
 
 
 def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),

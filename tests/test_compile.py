@@ -37,6 +37,7 @@ ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
 COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
 FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM")
 RANK, GEMM, TN = "_rank_product_kernel", "_lora_gemm_kernel", "_tn_matmul_kernel"
+TERM = "_lora_term_kernel"  # the cublas strategy's LoRA term
 
 
 # ---- the plan: what "every config" means, checked without compiling
@@ -58,7 +59,9 @@ def launcher_configs(x_dtype, adapter_dtype):
             for c, r in compile_kernels.gemm_pairs(x_dtype, adapter_dtype)}
     tn = {_tn_tuple(c) for c in compile_kernels.tn_configs_compiled(
         max(compile_kernels.ELEMENT_BYTES[x_dtype], compile_kernels.ELEMENT_BYTES[adapter_dtype]))}
-    return {RANK: rank, GEMM: gemm, TN: tn}
+    term = {(c.block_m, c.block_n, r, c.group_m, c.num_warps, c.num_stages)
+            for c, r in compile_kernels.term_pairs(x_dtype, adapter_dtype)}
+    return {RANK: rank, GEMM: gemm, TN: tn, TERM: term}
 
 
 def _flags_on(entry):
@@ -71,6 +74,9 @@ def _launch_config(entry):
         return (c["BLOCK_M"], c["BLOCK_P"], c["BLOCK_Q"], o["num_warps"], o["num_stages"])
     if entry["kernel"] == RANK:
         return (c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_R"], o["num_warps"], o["num_stages"])
+    if entry["kernel"] == TERM:
+        return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_R"], c["GROUP_M"], o["num_warps"],
+                o["num_stages"])
     return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_R"], c["GROUP_M"],
             o["num_warps"], o["num_stages"])
 
@@ -91,7 +97,8 @@ def _adapter_pointers(kernel, x_dtype, adapter):
     rank_dtype = x_dtype if adapter == x_dtype else "fp32"
     return {RANK: {"rt_ptr": adapter, "out_ptr": rank_dtype},
             GEMM: {"p_ptr": rank_dtype, "q_ptr": adapter},
-            TN: {"q_ptr": rank_dtype}}[kernel]
+            TN: {"q_ptr": rank_dtype},
+            TERM: {"p_ptr": rank_dtype, "q_ptr": adapter, "out_ptr": x_dtype}}[kernel]
 
 
 def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
@@ -103,6 +110,9 @@ def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
         plan = compile_plans[group]
         for entry in plan:
             assert entry["constexprs"]["UPCAST_DOT"] is False, entry["label"]
+            if entry["kernel"] == TERM:  # P and Q only: the rank products' dtype
+                assert entry["signature"]["out_ptr"] == "*" + x_dtype, entry["label"]
+                continue
             first_pointer = next(v for k, v in entry["signature"].items() if k.endswith("_ptr"))
             assert first_pointer == "*" + x_dtype, entry["label"]
             # the x-dtype product follows the group; a product with fp32 adapters

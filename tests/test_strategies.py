@@ -185,3 +185,34 @@ def test_tuning_draws_no_random_numbers(tuning, device, monkeypatch):
     torch.manual_seed(7)
     lorakern.lora_linear(x, weight, lora_A, lora_B, 0.5, bias, 0.5)  # cached: no tuning
     assert torch.equal(torch.rand(3), tuned_next)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_tuner_times_every_plan_and_the_choice_matches_the_oracle(
+        tmp_path, device, monkeypatch):
+    """Real CUDA-event timings at a shape where both strategies are in the
+    running: each direction's entry in the cache file times cublas and the
+    fused configs; the tuned step matches the float64 oracle."""
+    monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LORAKERN_AUTOTUNE", raising=False)
+    monkeypatch.delenv("LORAKERN_STRATEGY", raising=False)
+    autotune.reset()
+    try:
+        layer = _layer(2048, 1024, 1536, 16, device, torch.bfloat16)
+        got = _step(layer, 0.1, monkeypatch)
+    finally:
+        autotune.reset()
+    document = json.loads((tmp_path / "autotune.json").read_text())
+    entries = {json.loads(key)["direction"]: value for key, value in document["entries"].items()}
+    assert set(entries) == {"forward", "grad_input"}
+    for entry in entries.values():
+        names = set(entry["times_ms"])
+        assert "cublas" in names and sum(n.startswith("fused:") for n in names) >= 2, names
+        assert entry["choice"] in names and all(t > 0 for t in entry["times_ms"].values())
+    x, weight, lora_A, lora_B, bias = layer
+    keep = kernels.dropout_keep_mask(2048, 1024, 0.1, SEED, device)
+    y_ref, grads = oracle(x, weight, lora_A, lora_B, 0.5, bias, keep,
+                          kernels.effective_dropout_p(0.1), torch.ones(2048, 1536))
+    expected = [y_ref] + [grads[k] for k in ("x", "lora_A", "lora_B", "bias")]
+    for name, actual, want in zip(["y", "dx", "dA", "dB", "db"], got, expected):
+        assert_matches_oracle(actual.cpu(), want, torch.bfloat16, f"{name} (tuned)")
