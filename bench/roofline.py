@@ -150,22 +150,36 @@ def trips_or_one(trips):
     return 1 if trips is None else trips
 
 
-def kernel_work(report, launch, trips):
-    """KernelWork of a captured launch and its compiled kernel's report."""
+def kernel_work(report, launch, trips, later_trips=None):
+    """KernelWork of a captured launch and its compiled kernel's report. The
+    loops after the main loop run ``later_trips`` times each when the compiled
+    code and the Triton IR agree on them; otherwise once."""
     t = trips_or_one(trips)
+    later = report.later_loops
+    if later_trips is None or len(later_trips) != len(later):
+        later_trips = [1] * len(later)
+    later_trips = [trips_or_one(n) for n in later_trips]
     loop_imads = (report.sass["main_loop"] or {}).get("IMAD", 0)
-    imads = report.sass["kernel"]["IMAD"] - loop_imads + loop_imads * t
+    imads = report.sass["kernel"]["IMAD"] - loop_imads + loop_imads * t + sum(
+        loop["imads"] * (n - 1) for loop, n in zip(later, later_trips))
     unique = {}
     for key, nbytes in launch.tensors.values():
         unique[key] = max(nbytes, unique.get(key, 0))
+
+    def total(field, main):
+        return main + sum(loop[field] * n for loop, n in zip(later, later_trips))
+
     return KernelWork(
         programs=launch.programs, num_warps=report.num_warps, regs=report.regs,
         shared_bytes=report.shared_bytes,
-        tensor_flops=report.other_tensor_flops + report.loop_tensor_flops * t,
-        instructions=(report.other_instructions + report.main_loop_instructions * t)
+        tensor_flops=total("tensor_flops",
+                           report.other_tensor_flops + report.loop_tensor_flops * t),
+        instructions=total("instructions",
+                           report.other_instructions + report.main_loop_instructions * t)
         * report.num_warps,
         imads=imads * report.num_warps,
-        global_bytes=report.other_global_bytes + report.loop_global_bytes * t,
+        global_bytes=total("global_bytes",
+                           report.other_global_bytes + report.loop_global_bytes * t),
         hbm_bytes=sum(unique.values()), wgmma=report.wgmma)
 
 

@@ -61,18 +61,22 @@ class Sass:
     def between(self, start, end):
         return [i for i in self.instructions if start <= i.address <= end]
 
+    def tensor_loops(self):
+        """The innermost loops holding a tensor-core instruction, in program order."""
+        candidates = [(start, end) for start, end in self.loops()
+                      if any(i.base in TENSOR for i in self.between(start, end))]
+        return sorted(span for span in candidates
+                      if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
+                                 for other in candidates))
+
     def main_loop(self):
         """The first (in program order) innermost loop holding a tensor-core
         instruction, or None. The first, because a GEMM's main loop comes before
         the loops of its epilogue (a LoRA epilogue loops over rank chunks with
         tensor instructions of its own), as in the Triton IR whose trip count
         ``main_loop_trips`` reads."""
-        candidates = [(start, end) for start, end in self.loops()
-                      if any(i.base in TENSOR for i in self.between(start, end))]
-        innermost = [span for span in candidates
-                     if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
-                                for other in candidates)]
-        return min(innermost) if innermost else None
+        loops = self.tensor_loops()
+        return loops[0] if loops else None
 
 
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(?:\{\s*)?(@!?U?P[0-9T]+\s+)?([A-Z][A-Za-z0-9_.]*)"
@@ -213,9 +217,9 @@ def _evaluate(name, defs, values, depth=0):
 DOT_OPS = ("tt.dot", "ttng.warp_group_dot", "tt.dot_scaled")
 
 
-def main_loop_trips(ttir, int_args):
-    """Trip count of the innermost ``scf.for`` holding a dot, for the first
-    program; None when the kernel has no such loop or its bounds cannot be
+def loop_trips(ttir, int_args):
+    """Trip counts of the innermost ``scf.for`` loops holding a dot, in program
+    order, for the first program; None for a loop whose bounds cannot be
     evaluated."""
     lines = ttir.splitlines()
     defs = {}
@@ -242,9 +246,19 @@ def main_loop_trips(ttir, int_args):
     innermost = [(span, bounds) for span, bounds in with_dot
                  if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
                             for other, _ in with_dot)]
-    if not innermost:
-        return None
-    _, (lower, upper, step) = innermost[0]
+    return [_trips(bounds, defs, int_args) for _, bounds in innermost]
+
+
+def main_loop_trips(ttir, int_args):
+    """Trip count of the first innermost ``scf.for`` holding a dot, for the first
+    program; None when the kernel has no such loop or its bounds cannot be
+    evaluated."""
+    trips = loop_trips(ttir, int_args)
+    return trips[0] if trips else None
+
+
+def _trips(bounds, defs, int_args):
+    lower, upper, step = bounds
     try:
         values = dict(int_args)
         lo, hi, st = (_evaluate(v, defs, values) for v in (lower, upper, step))
@@ -275,6 +289,10 @@ class KernelReport:
     loop_global_bytes: int   # per CTA per iteration
     other_global_bytes: int  # per CTA, once
     ttir: str = field(repr=False, default="")
+    # innermost tensor loops after the main loop (a LoRA epilogue's rank chunks, a
+    # decode GEMM's rank product), per CTA per iteration: instructions,
+    # tensor_flops, global_bytes, imads
+    later_loops: list = field(default_factory=list)
 
     def as_json(self):
         return {"name": self.name, "arch": f"sm_{self.arch}", "regs": self.regs,
@@ -286,10 +304,12 @@ class KernelReport:
 def analyse(name, arch, metadata, cubin, ttir):
     text, resources = disassemble(cubin)
     sass = parse_sass(text)
-    loop = sass.main_loop()
+    loops = sass.tensor_loops()
+    loop = loops[0] if loops else None
     inside = sass.between(*loop) if loop else []
-    inside_ids = {id(i) for i in inside}
-    outside = [i for i in sass.instructions if id(i) not in inside_ids]
+    later = [sass.between(*span) for span in loops[1:]]
+    in_loops = {id(i) for i in inside} | {id(i) for body in later for i in body}
+    outside = [i for i in sass.instructions if id(i) not in in_loops]
     warps = metadata.num_warps
 
     def global_bytes(instructions):
@@ -312,7 +332,11 @@ def analyse(name, arch, metadata, cubin, ttir):
         loop_tensor_flops=sum(tensor_flops(i, warps) for i in inside),
         other_tensor_flops=sum(tensor_flops(i, warps) for i in outside),
         loop_global_bytes=global_bytes(inside), other_global_bytes=global_bytes(outside),
-        ttir=ttir)
+        ttir=ttir,
+        later_loops=[{"instructions": len(body),
+                      "tensor_flops": sum(tensor_flops(i, warps) for i in body),
+                      "global_bytes": global_bytes(body),
+                      "imads": sum(i.base == "IMAD" for i in body)} for body in later])
 
 
 _COMPILED = {}

@@ -83,10 +83,12 @@ def predict_lorakern(case, arch, machine, kernel_reports, launch_log=None, strat
             if isinstance(item, capture.KernelLaunch):
                 report = sass.compile_launch(item, arch)
                 kernel_reports.setdefault(item.compile_key(), report)
-                trips = sass.main_loop_trips(report.ttir, item.ints)
-                work = roofline.kernel_work(report, item, trips)
+                all_trips = sass.loop_trips(report.ttir, item.ints)
+                trips = all_trips[0] if all_trips else None
+                work = roofline.kernel_work(report, item, trips, all_trips[1:])
                 seconds, bound, details = roofline.predict_kernel(machine, work)
-                details.update(grid=item.grid, trips=trips, report=report)
+                details.update(grid=item.grid, trips=trips, later_trips=all_trips[1:],
+                               report=report)
             else:
                 seconds, bound = roofline.torch_op(machine, item.name, item.shapes,
                                                    item.read_bytes, item.write_bytes)
@@ -215,6 +217,15 @@ def format_tables(result):
     return "\n".join(lines)
 
 
+def _later_loop_instructions(report, details):
+    """Per warp, the loops after the main loop times their trips (as priced)."""
+    later, trips = report.later_loops, details["later_trips"]
+    if len(trips) != len(later):
+        trips = [1] * len(later)
+    return sum(loop["instructions"] * (n if n is not None else 1)
+               for loop, n in zip(later, trips))
+
+
 def describe_launches(launch_log):
     """Every lorakern launch as JSON: the case, what was compiled and its roofline terms."""
     rows = []
@@ -229,6 +240,7 @@ def describe_launches(launch_log):
                        kernel=report.as_json(), spill_instructions=report.spill_instructions,
                        main_loop_instructions=report.main_loop_instructions,
                        other_instructions=report.other_instructions,
+                       later_loop_instructions=_later_loop_instructions(report, d),
                        terms_us={k: d[k] * 1e6 for k in ("tensor", "issue", "hbm", "l2")},
                        ctas_per_sm=d["ctas_per_sm"])
         else:

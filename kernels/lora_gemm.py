@@ -24,6 +24,15 @@ nor B is rounded to the base dtype. The mask is generated in the epilogue only,
 once per output element (dX), one Philox call per 8 elements. Accumulation is
 fp32 and out is rounded once, on store. The epilogue's term is
 ``lora_term_tile`` (lora_term.py), which the ``cublas`` strategy writes alone.
+
+Decode (M <= 16): the forward's rank pass would be a launch of its own for a
+few rows, as long as the GEMM streaming W. There the GEMM makes h itself
+(RANK_IN_KERNEL): after the main loop each program computes
+h = (1 / (1 - p_eff)) (x * m) A^T for its rows with the rank pass's code
+(``rank_tile``; the mask on x, in that loop, not the main loop), rounds it as
+the rank pass stores it, and program column 0 writes it for the backward.
+Every column block recomputes it: 2 M K R flops and M K mask elements per
+block, against a launch saved.
 """
 from dataclasses import dataclass, replace
 
@@ -32,27 +41,29 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, dot_precision, empty, fit_stages, grouped_tile,
-                      launch_counts, mma, rank_block, to_storage)
+                      launch_counts, mma, promote_pair, rank_block, to_storage)
 from .dropout import dropout_threshold
-from .lora_term import lora_term_tile
+from .lora_term import lora_term_tile, scaled_and_masked
+from .rank_product import rank_tile
 
 
 @triton.jit
 def _lora_gemm_kernel(
     # pointers
-    l_ptr, rt_ptr, p_ptr, q_ptr, bias_ptr, out_ptr,
+    l_ptr, rt_ptr, p_ptr, q_ptr, pr_ptr, bias_ptr, out_ptr,
     # sizes
     M, N, K, R,
     # strides
     stride_lm, stride_lk, stride_rk, stride_rn, stride_pm, stride_pr, stride_qr, stride_qn,
-    stride_bias, stride_om, stride_on,
+    stride_prk, stride_prr, stride_bias, stride_om, stride_on,
     # scalars
-    lora_scale, threshold, seed,
+    lora_scale, rank_scale, threshold, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RANK_DOT_PRECISION: tl.constexpr,
+    RANK_IN_KERNEL: tl.constexpr, RANK_DROPOUT: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
@@ -76,16 +87,55 @@ def _lora_gemm_kernel(
         acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
 
     # ---- epilogue: c * (P @ Q) * m over the rank, in P and Q's promoted dtype
-    acc += lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
-                          offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N, lora_scale, threshold,
-                          seed, BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT, UPCAST_DOT,
-                          RANK_DOT_PRECISION)
+    if RANK_IN_KERNEL:
+        acc += _rank_term_in_kernel(
+            l_ptr, pr_ptr, p_ptr, q_ptr, K, R, stride_lm, stride_lk, stride_prk, stride_prr,
+            stride_pm, stride_pr, stride_qr, stride_qn, offs_m, offs_n, in_m, in_n,
+            pid_n * BLOCK_N, rank_scale, lora_scale, threshold, seed, BLOCK_M, BLOCK_N, BLOCK_K,
+            BLOCK_R, HAS_DROPOUT, RANK_DROPOUT, UPCAST_DOT, RANK_DOT_PRECISION)
+    else:
+        acc += lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
+                              offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N, lora_scale,
+                              threshold, seed, BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT,
+                              UPCAST_DOT, RANK_DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
              to_storage(acc, out_ptr.dtype.element_ty, UPCAST_DOT),
              mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _rank_term_in_kernel(
+    l_ptr, pr_ptr, p_ptr, q_ptr, K, R, stride_lm, stride_lk, stride_prk, stride_prr,
+    stride_pm, stride_pr, stride_qr, stride_qn, offs_m, offs_n, in_m, in_n, col_start,
+    rank_scale, lora_scale, threshold, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, RANK_DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, RANK_DOT_PRECISION: tl.constexpr,
+):
+    """Decode's rank term without a rank pass: P = rank_scale * (L * m) @ PR for
+    this program's rows (all of the rank, R <= BLOCK_R), rounded to P's dtype as
+    the rank pass stores it, written by the first column block (the backward
+    reads it), and multiplied by Q here. Every column block recomputes it: at a
+    few rows that is a few MFLOP against the launch it saves."""
+    p = rank_tile(l_ptr, pr_ptr, K, R, stride_lm, stride_lk, stride_prk, stride_prr,
+                  offs_m, in_m, threshold, seed, BLOCK_M, BLOCK_K, BLOCK_R, RANK_DROPOUT,
+                  UPCAST_DOT, RANK_DOT_PRECISION)
+    p = to_storage(p * rank_scale, p_ptr.dtype.element_ty, UPCAST_DOT)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < R
+    rows = offs_m.to(tl.int64)
+    tl.store(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr, p,
+             mask=in_m[:, None] & in_r[None, :] & (col_start == 0))
+    q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n.to(tl.int64)[None, :] * stride_qn,
+                mask=in_r[:, None] & in_n[None, :], other=0.0)
+    p, q = promote_pair(p, q)
+    term = mma(p, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT,
+               RANK_DOT_PRECISION)
+    return scaled_and_masked(term, offs_m, col_start, lora_scale, threshold, seed, BLOCK_N,
+                             HAS_DROPOUT)
 
 
 @dataclass(frozen=True)
@@ -99,6 +149,7 @@ class GemmConfig:
 
 
 GEMM_INTERPRET = GemmConfig(16, 32, 32, num_warps=1, num_stages=1, group_m=2)
+DECODE_M = 16  # the token counts of GEMM_DECODE
 GEMM_DECODE = GemmConfig(16, 32, 128, num_warps=4, num_stages=4)
 GEMM_SMALL_M = GemmConfig(64, 64, 64, num_warps=4, num_stages=4)
 GEMM_LARGE_M = GemmConfig(128, 128, 64, num_warps=8, num_stages=4)
@@ -138,7 +189,7 @@ def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes):
     the pipeline's shared memory once the main loop is done (the compiled
     kernels need stages x stage bytes, nothing more), so they count only when
     larger than the pipeline."""
-    if m <= 16:
+    if m <= DECODE_M:
         cfg = GEMM_DECODE
     elif m <= 128:
         cfg = GEMM_SMALL_M
@@ -181,37 +232,62 @@ def config_name(cfg):
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}:w{cfg.num_warps}:s{cfg.num_stages}"
 
 
-def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, config=None):
+def rank_in_kernel(m, n, rank, pq_bytes):
+    """Whether a forward of M tokens onto N outputs makes h inside the GEMM (no
+    rank pass): decode, where the rank pass's own launch would cost as much as
+    the GEMM's rank work many times over, and the whole rank fits one epilogue
+    chunk (and N > 0: some program must write h)."""
+    return (m <= DECODE_M and n > 0
+            and rank_block(rank) == epilogue_rank_block(rank, pq_bytes))
+
+
+def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, config=None,
+              rank_rt=None, rank_scale=1.0, rank_dropout_p=0.0):
     """out[M, N] = lhs @ rhs_t + bias + lora_scale * ((p @ q) * keep), in lhs's dtype.
 
     lhs (M, K), rhs_t (K, N), p (M, R), q (R, N), bias (N) or None, any strides.
     With dropout_p > 0 the rank term is masked by the keep-mask of element
     (m, n) (dropout.py): dX's mask over x's (row, in-feature). ``config`` (one
     of ``lora_gemm_tuning_configs``) overrides the table's choice.
+
+    With ``rank_rt`` (K, R) given, p is an output: the kernel fills it with
+    rank_scale * (lhs * keep) @ rank_rt (keep: the mask of lhs's elements at
+    rank_dropout_p) and uses it, as the forward's rank pass would have
+    (``rank_in_kernel`` says when that pays).
     """
+    if dropout_p > 0 and rank_dropout_p > 0:
+        raise ValueError("lora_gemm masks either the rank term's output (dropout_p) or "
+                         "its input (rank_dropout_p), not both")
     m, k = lhs.shape
     n, r = rhs_t.shape[1], p.shape[1]
     out = empty((m, n), lhs.dtype, lhs.device)
+    in_kernel = rank_rt is not None
+    if in_kernel and n == 0:
+        raise ValueError("the rank product in the GEMM needs N > 0: some program writes h")
     if m == 0 or n == 0:
         return out
     pq_dtype = torch.promote_types(p.dtype, q.dtype)
     pq_bytes = pq_dtype.itemsize
     block_r = epilogue_rank_block(r, pq_bytes)
+    if in_kernel and block_r < r:
+        raise ValueError(f"rank {r} does not fit one epilogue chunk of {block_r}")
     cfg = config or lora_gemm_config(m, lhs.element_size(), block_r, pq_bytes)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
-    threshold = dropout_threshold(dropout_p)
+    threshold = dropout_threshold(max(dropout_p, rank_dropout_p))
     _lora_gemm_kernel[grid](
-        lhs, rhs_t, p, q, bias if has_bias else out, out,
+        lhs, rhs_t, p, q, rank_rt if in_kernel else p, bias if has_bias else out, out,
         m, n, k, r,
         lhs.stride(0), lhs.stride(1), rhs_t.stride(0), rhs_t.stride(1),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        rank_rt.stride(0) if in_kernel else 0, rank_rt.stride(1) if in_kernel else 0,
         bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
-        float(lora_scale), threshold, seed,
+        float(lora_scale), float(rank_scale), threshold, seed,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, HAS_BIAS=has_bias, HAS_DROPOUT=threshold > 0,
+        GROUP_M=cfg.group_m, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0,
         UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lhs.dtype),
         RANK_DOT_PRECISION=dot_precision(pq_dtype),
+        RANK_IN_KERNEL=in_kernel, RANK_DROPOUT=in_kernel and rank_dropout_p > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_counts["lora_gemm"] += 1

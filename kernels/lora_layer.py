@@ -16,7 +16,10 @@
                 dX0 = lora_term(P = G, Q = A, c = s / (1 - p_eff), mask)
                 dX  = addmm(dX0, dY, W)
 
-Both save the same tensors and draw the same mask from the same seed. A
+Decode (M <= 16, the whole rank in one epilogue chunk) in ``fused`` skips the
+rank pass: the GEMM makes h itself (lora_gemm.py, ``rank_in_kernel``), one
+launch for the forward. Both strategies save the same tensors and draw the
+same mask from the same seed. A
 ``Plan`` names a strategy and, for ``fused``, the GEMM's tile config;
 ``layer_plans`` lists the plans a call may take, the table's choice first.
 
@@ -30,10 +33,10 @@ as well as each kernel.
 from dataclasses import dataclass
 from typing import Optional
 
-from ._common import launch_counts, lora_dtype
+from ._common import empty, launch_counts, lora_dtype
 from .dropout import keep_scale
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
-                        lora_gemm_tuning_configs)
+                        lora_gemm_tuning_configs, rank_in_kernel)
 from .lora_term import lora_term
 from .rank_product import rank_product
 
@@ -76,8 +79,17 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=N
     """(y, h) for a 2-D x; y in x's dtype, h = drop(x) @ A^T in the rank dtype.
     ``plan`` defaults to the table's choice for x."""
     plan = plan or layer_plans(x.shape[0], x, lora_a, lora_b)[0]
-    h = rank_product(x, lora_a.t(), lora_dtype(x, lora_a, lora_b), keep_scale(dropout_p),
-                     dropout_p=dropout_p, seed=seed)
+    rank_dtype = lora_dtype(x, lora_a, lora_b)
+    if plan.strategy == "fused" and rank_in_kernel(x.shape[0], weight.shape[0],
+                                                   lora_a.shape[0], rank_dtype.itemsize):
+        h = empty((x.shape[0], lora_a.shape[0]), rank_dtype, x.device)
+        y = lora_gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm,
+                      rank_rt=lora_a.t(), rank_scale=keep_scale(dropout_p),
+                      rank_dropout_p=dropout_p, seed=seed)
+        launch_counts["lora_forward"] += 1
+        return y, h
+    h = rank_product(x, lora_a.t(), rank_dtype, keep_scale(dropout_p), dropout_p=dropout_p,
+                     seed=seed)
     if plan.strategy == "cublas":
         y = _base_plus(lora_term(h, lora_b.t(), bias, scale, x.dtype), x, weight.t())
     else:

@@ -58,6 +58,14 @@ def lora_term_tile(
                     mask=in_r[:, None] & in_n[None, :], other=0.0)
         p, q = promote_pair(p, q)
         term = mma(p, q, term, UPCAST_DOT, RANK_DOT_PRECISION)
+    return scaled_and_masked(term, offs_m, col_start, lora_scale, threshold, seed, BLOCK_N,
+                             HAS_DROPOUT)
+
+
+@triton.jit
+def scaled_and_masked(term, offs_m, col_start, lora_scale, threshold, seed,
+                      BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """c * term * m for an fp32 product tile of the rank term."""
     term = term * lora_scale
     if HAS_DROPOUT:
         keep = dropout_keep_tile(seed, offs_m, col_start, threshold, BLOCK_N)

@@ -33,6 +33,35 @@ from .dropout import dropout_keep_tile, dropout_threshold
 
 
 @triton.jit
+def rank_tile(
+    l_ptr, rt_ptr, K, R, stride_lm, stride_lk, stride_rk, stride_rr,
+    offs_m, in_m, threshold, seed,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 (BLOCK_M, BLOCK_R) tile of (L * m) @ Rt for rows offs_m, over all of K:
+    each L element of these rows is loaded, masked and multiplied once."""
+    rows = offs_m.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    in_r = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + offs_k).to(tl.int64)  # a transposed x has a large stride along K
+        in_k = ks < K
+        lhs = tl.load(l_ptr + rows[:, None] * stride_lm + ks[None, :] * stride_lk,
+                      mask=in_m[:, None] & in_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep_tile(seed, offs_m, k0, threshold, BLOCK_K)
+            lhs = tl.where(keep, lhs, 0.0)  # where, not a product: a dropped inf is 0
+        rhs = tl.load(rt_ptr + ks[:, None] * stride_rk + offs_r[None, :] * stride_rr,
+                      mask=in_k[:, None] & in_r[None, :], other=0.0)
+        lhs, rhs = promote_pair(lhs, rhs)
+        acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _rank_product_kernel(
     # pointers
     l_ptr, rt_ptr, out_ptr,
@@ -48,29 +77,13 @@ def _rank_product_kernel(
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_m.to(tl.int64)
     in_m = offs_m < M
-    in_r = offs_r < R
-
-    # ---- walk K once: each L element is loaded, masked and multiplied once
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = (k0 + offs_k).to(tl.int64)  # a transposed x has a large stride along K
-        in_k = ks < K
-        lhs = tl.load(l_ptr + rows[:, None] * stride_lm + ks[None, :] * stride_lk,
-                      mask=in_m[:, None] & in_k[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep_tile(seed, offs_m, k0, threshold, BLOCK_K)
-            lhs = tl.where(keep, lhs, 0.0)  # where, not a product: a dropped inf is 0
-        rhs = tl.load(rt_ptr + ks[:, None] * stride_rk + offs_r[None, :] * stride_rr,
-                      mask=in_k[:, None] & in_r[None, :], other=0.0)
-        lhs, rhs = promote_pair(lhs, rhs)
-        acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
-
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
+    acc = rank_tile(l_ptr, rt_ptr, K, R, stride_lm, stride_lk, stride_rk, stride_rr,
+                    offs_m, in_m, threshold, seed, BLOCK_M, BLOCK_K, BLOCK_R, HAS_DROPOUT,
+                    UPCAST_DOT, DOT_PRECISION)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or,
              to_storage(acc * scale, out_ptr.dtype.element_ty, UPCAST_DOT),
-             mask=in_m[:, None] & in_r[None, :])
+             mask=in_m[:, None] & (offs_r < R)[None, :])
 
 
 @dataclass(frozen=True)

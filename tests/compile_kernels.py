@@ -166,7 +166,7 @@ def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None):
     shown = " ".join(f"{k}={v}" for k, v in meta.items()
                      if k.startswith("BLOCK_") or k == "GROUP_M")
     flags = " ".join(f"{k}={'on' if v else 'off'}" for k, v in meta.items()
-                     if k.startswith(("HAS_", "NEED_")))
+                     if k.startswith(("HAS_", "NEED_", "RANK_IN", "RANK_DROPOUT")))
     pointers = " ".join(f"{k[:-4]}:{v}" for k, v in pointer_dtypes.items())
     label = ", ".join([f"{shown} warps={cfg.num_warps} stages={cfg.num_stages}", pointers,
                        flags] + [f"{k}={v}" for k, v in meta.items() if "PRECISION" in k]
@@ -221,15 +221,28 @@ def rank_job(cfg, block_r, x, adapter, precision, pass_, dropout=None, unit=True
 
 def gemm_job(cfg, block_r, x, adapter, precision, rank_precision, pass_, bias, dropout,
              unit=True):
-    """The LoRA GEMM as the forward (pass_ "y") or grad-input ("dX") launches it."""
+    """The LoRA GEMM as the forward (pass_ "y"), the decode forward that makes h
+    itself ("y+h": the mask on x, none in the epilogue) or grad-input ("dX")
+    launches it."""
+    in_kernel = pass_ == "y+h"
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_R=block_r, GROUP_M=cfg.group_m, HAS_BIAS=bias, HAS_DROPOUT=dropout,
-                UPCAST_DOT=False, DOT_PRECISION=precision, RANK_DOT_PRECISION=rank_precision)
+                BLOCK_R=block_r, GROUP_M=cfg.group_m, HAS_BIAS=bias,
+                HAS_DROPOUT=dropout and not in_kernel, UPCAST_DOT=False,
+                DOT_PRECISION=precision, RANK_DOT_PRECISION=rank_precision,
+                RANK_IN_KERNEL=in_kernel, RANK_DROPOUT=dropout and in_kernel)
     pointers = dict(l_ptr=x, rt_ptr=x, p_ptr=_promoted(x, adapter), q_ptr=adapter,
-                    bias_ptr=x, out_ptr=x)
-    strides = GEMM_Y_UNIT_STRIDES if pass_ == "y" else GEMM_DX_UNIT_STRIDES
+                    pr_ptr=adapter, bias_ptr=x, out_ptr=x)
+    strides = (GEMM_DX_UNIT_STRIDES if pass_ == "dX" else
+               GEMM_Y_UNIT_STRIDES | ({"stride_prk"} if in_kernel else set()))
     return _job("_lora_gemm_kernel", meta, pointers, cfg, [f"pass {pass_}"],
                 strides if unit else None)
+
+
+def decode_rank_blocks(x, adapter):
+    """The rank blocks at which a decode forward makes h in the GEMM."""
+    from lorakern.kernels.lora_gemm import RANK_BLOCKS, epilogue_rank_block
+    pq = ELEMENT_BYTES[_promoted(x, adapter)]
+    return [b for b in RANK_BLOCKS if epilogue_rank_block(b, pq) == b]
 
 
 def term_job(cfg, block_r, x, adapter, rank_precision, pass_, unit=True):
@@ -279,7 +292,17 @@ def rank_and_gemm_jobs(x, adapter, precision):
                              bias=True, dropout=True))
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "dX",
                              bias=False, dropout=True))
+    from lorakern.kernels.lora_gemm import DECODE_M, lora_gemm_config_gpu
+    pq = ELEMENT_BYTES[_promoted(x, adapter)]
+    for block_r in _widest_and_narrowest_blocks(decode_rank_blocks(x, adapter)):
+        cfg = lora_gemm_config_gpu(DECODE_M, ELEMENT_BYTES[x], block_r, pq)
+        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "y+h",
+                             bias=True, dropout=True))
     return jobs + term_jobs(x, adapter, rank_precision)
+
+
+def _widest_and_narrowest_blocks(blocks):
+    return blocks if COMPILE_ALL else sorted({min(blocks), max(blocks)})
 
 
 def tn_configs_compiled(operand_bytes):

@@ -239,6 +239,29 @@ def test_the_forward_runs_the_rank_pass_once_and_the_gemm_once(device, monkeypat
     assert ran == {"rank_product": 2, "lora_gemm": 2}, ran
 
 
+@pytest.mark.parametrize("tokens,rank,forward_launches", [
+    ((7,), 8, {"rank_product": 0, "lora_gemm": 1}),
+    ((2, 8), 64, {"rank_product": 0, "lora_gemm": 1}),
+    ((17,), 8, {"rank_product": 1, "lora_gemm": 1}),
+    ((5,), 65, {"rank_product": 1, "lora_gemm": 1}),
+])
+def test_a_decode_forward_is_one_launch_that_makes_h_for_the_backward(
+        tokens, rank, forward_launches, device, monkeypatch):
+    """Up to 16 tokens the fused GEMM computes h = drop(x) A^T itself (no rank
+    pass) and keeps it for dB, while the whole rank fits one epilogue chunk
+    (r <= 64 in 16-bit); the step matches the oracle either way."""
+    monkeypatch.setenv("LORAKERN_STRATEGY", "fused")
+    torch.manual_seed(16)
+    layer = make_layer(tokens, 40, 70, rank, torch.float16, device)
+    before = dict(kernels.launch_counts)
+    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"], 0.5,
+                         layer["bias"], 0.3)
+    ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in forward_launches}
+    assert ran == forward_launches, ran
+    run_and_check(layer, 0.5, 0.3, "contiguous", torch.float16, monkeypatch)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_fp32_adapters_on_fp16_keep_h_and_db_beyond_the_fp16_range(dropout_p, device,
                                                                    monkeypatch, strategy):

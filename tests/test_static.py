@@ -251,6 +251,18 @@ def test_trip_count_is_evaluated_from_the_loop_bounds_for_the_first_program():
     assert sass.main_loop_trips(TTIR.replace("tt.dot", "tt.add"), {"M": 1}) is None
 
 
+def test_every_innermost_dot_loop_gets_its_trip_count_in_program_order():
+    """A decode GEMM's rank product runs its own K loop after the main loop; the
+    roofline prices each loop by its own trip count."""
+    loop = TTIR[TTIR.index("    %a = scf.for"):TTIR.index("    tt.return")]
+    second = loop.replace("%a = scf.for %i = %start to %end",
+                          "%b = scf.for %j = %c0 to %K").replace("%d = tt.dot", "%e = tt.dot")
+    two_loops = TTIR.replace("    tt.return", second + "    tt.return").replace(
+        "    %pid =", "    %c0 = arith.constant 0 : i32 loc(#loc1)\n    %pid =")
+    assert sass.loop_trips(two_loops, {"M": 8192, "K": 4096, "rows_per_split": 960}) == [15, 64]
+    assert sass.main_loop_trips(two_loops, {"M": 8192, "K": 4096, "rows_per_split": 960}) == 15
+
+
 # ---- the roofline, on a hand-made kernel
 
 def test_roofline_terms_occupancy_and_tail_on_a_hand_made_kernel():
@@ -273,6 +285,25 @@ def test_roofline_terms_occupancy_and_tail_on_a_hand_made_kernel():
     assert bound == "issue" and issue > max(tensor, 1e-3, 3e-5)
     assert seconds == pytest.approx(issue + 3e-6)
     assert d["tail_efficiency"] == pytest.approx(300 / (132 * 3))
+
+
+def test_loops_after_the_main_loop_are_priced_by_their_own_trips():
+    from types import SimpleNamespace
+    report = sass.KernelReport(
+        name="k", arch=90, regs=64, spills=0, spill_instructions=0, shared_bytes=1024,
+        num_warps=4, num_stages=2, wgmma=False, tma=False,
+        sass={"kernel": {"IMAD": 30}, "main_loop": {"IMAD": 2}},
+        main_loop_instructions=10, other_instructions=50, loop_tensor_flops=100,
+        other_tensor_flops=7, loop_global_bytes=64, other_global_bytes=8,
+        later_loops=[{"instructions": 20, "tensor_flops": 40, "global_bytes": 16, "imads": 3}])
+    launch = SimpleNamespace(programs=10, tensors={"x": (1, 4096)})
+    work = roofline.kernel_work(report, launch, 32, [32])
+    assert work.instructions == (50 + 10 * 32 + 20 * 32) * 4
+    assert work.tensor_flops == 7 + 100 * 32 + 40 * 32
+    assert work.global_bytes == 8 + 64 * 32 + 16 * 32
+    assert work.imads == (30 - 2 + 2 * 32 + 3 * 31) * 4
+    # trip counts that do not match the loops found: each later loop counted once
+    assert roofline.kernel_work(report, launch, 32, []).instructions == (50 + 320 + 20) * 4
 
 
 def test_baseline_gemm_is_tensor_bound_at_large_m_and_memory_bound_at_decode():
@@ -326,7 +357,8 @@ def test_no_philox_in_any_gemm_main_loop(static_run):
 
 def _thread_instructions(row):
     warps = row["kernel"]["num_warps"]
-    per_warp = row["other_instructions"] + row["main_loop_instructions"] * (row["trips"] or 1)
+    per_warp = (row["other_instructions"] + row["main_loop_instructions"] * (row["trips"] or 1)
+                + row["later_loop_instructions"])
     return per_warp * warps * 32 * row["programs"]
 
 
