@@ -108,13 +108,14 @@ def rank_product_config_gpu(m, block_r, l_bytes, rt_bytes):
     """Row blocks of 32: M = 8192 gives 256 programs for 132 SMs, and decode
     (M <= 16) is one program per 32 rows either way. BLOCK_K is the largest
     (of 128, 64, 32) whose Rt tile stays within 32 KiB, so that 3 or 4 stages
-    fit; the accumulator is 32 x BLOCK_R fp32 (64 registers a thread at rank
-    256 with 4 warps)."""
+    fit; the accumulator is 32 x BLOCK_R fp32: from rank block 128, 8 warps
+    (32 registers a thread at 256), as 4 put the masked builds in the stack
+    frame (8-168 bytes a thread on sm_90)."""
     block_m = 32
     block_k = 128
     while block_k > 32 and block_k * block_r * rt_bytes > 32 * 1024:
         block_k //= 2
-    cfg = RankConfig(block_m, block_k, num_warps=4, num_stages=4)
+    cfg = RankConfig(block_m, block_k, num_warps=8 if block_r >= 128 else 4, num_stages=4)
     return fit_stages(cfg, block_k * (block_m * l_bytes + block_r * rt_bytes))
 
 
