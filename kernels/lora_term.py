@@ -117,9 +117,9 @@ class TermConfig:
 
 
 TERM_INTERPRET = TermConfig(16, 32, num_warps=1, group_m=2)
-# wide rows: each program writes 64 x 128 outputs (16 KiB in a 16-bit dtype) from
+# wide rows: each program writes 32 x 256 outputs (16 KiB in a 16-bit dtype) from
 # a P tile and a Q tile of at most 64 ranks, which L2 serves to every program
-TERM_GPU = TermConfig(64, 128, num_warps=4)
+TERM_GPU = TermConfig(32, 256, num_warps=4)
 TERM_RANK_BLOCKS = (16, 32, 64)
 
 
