@@ -82,20 +82,26 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=N
     rank_dtype = lora_dtype(x, lora_a, lora_b)
     if plan.strategy == "fused" and rank_in_kernel(x.shape[0], weight.shape[0],
                                                    lora_a.shape[0], rank_dtype.itemsize):
+        # decode: the GEMM fills h itself, one launch in all
         h = empty((x.shape[0], lora_a.shape[0]), rank_dtype, x.device)
         y = lora_gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm,
                       rank_rt=lora_a.t(), rank_scale=keep_scale(dropout_p),
                       rank_dropout_p=dropout_p, seed=seed)
-        launch_counts["lora_forward"] += 1
-        return y, h
-    h = rank_product(x, lora_a.t(), rank_dtype, keep_scale(dropout_p), dropout_p=dropout_p,
-                     seed=seed)
-    if plan.strategy == "cublas":
-        y = _base_plus(lora_term(h, lora_b.t(), bias, scale, x.dtype), x, weight.t())
     else:
-        y = lora_gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm)
+        h = rank_product(x, lora_a.t(), rank_dtype, keep_scale(dropout_p),
+                         dropout_p=dropout_p, seed=seed)
+        y = _with_lora_term(plan, x, weight.t(), h, lora_b.t(), bias, scale)
     launch_counts["lora_forward"] += 1
     return y, h
+
+
+def _with_lora_term(plan, lhs, rhs_t, p, q, bias, lora_scale, dropout_p=0.0, seed=0):
+    """lhs @ rhs_t + bias + lora_scale * (p @ q) * m, by ``plan``'s strategy."""
+    if plan.strategy == "cublas":
+        c = lora_term(p, q, bias, lora_scale, lhs.dtype, dropout_p=dropout_p, seed=seed)
+        return _base_plus(c, lhs, rhs_t)
+    return lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, dropout_p=dropout_p, seed=seed,
+                     config=plan.gemm)
 
 
 def lora_grad_input(grad_y, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx,
@@ -105,13 +111,7 @@ def lora_grad_input(grad_y, weight, lora_a, lora_b, scale, dropout_p, seed, need
     dx = None
     if need_dx:
         plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b)[0]
-        dx_scale = scale * keep_scale(dropout_p)
-        if plan.strategy == "cublas":
-            dx0 = lora_term(g, lora_a, None, dx_scale, grad_y.dtype, dropout_p=dropout_p,
-                            seed=seed)
-            dx = _base_plus(dx0, grad_y, weight)
-        else:
-            dx = lora_gemm(grad_y, weight, g, lora_a, None, dx_scale, dropout_p=dropout_p,
-                           seed=seed, config=plan.gemm)
+        dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None,
+                             scale * keep_scale(dropout_p), dropout_p, seed)
     launch_counts["lora_grad_input"] += 1
     return dx, g
