@@ -9,7 +9,8 @@ in subprocesses, because a kernel decorated while ``TRITON_INTERPRET=1`` is set
     python tests/compile_kernels.py --arch 80 --group fp32-ieee --list
 
 Groups: fp16, bf16, fp32-ieee, fp32-tf32 (the x dtype and the DOT_PRECISION the
-launchers pass for it) compile the rank pass, the LoRA GEMM and tn_matmul;
+launchers pass for it) compile the rank pass, the LoRA GEMM, the LoRA term and
+tn_matmul;
 ``dropout_mask`` compiles the dtype-independent mask kernel.
 
 What one group compiles, for the kernels' x dtype:
@@ -22,9 +23,9 @@ What one group compiles, for the kernels' x dtype:
 - the cublas strategy's LoRA term (``lora_term_candidates()``) as the forward
   (bias on) and dX (dropout on) launch it;
 - tn_matmul (``tn_candidates()``, each row-block shape at its widest BLOCK_Q
-  and the narrowest once) with every flag on, for an output in the
-  operands' dtype, fp32 (the split partials, an fp32 adapter's gradient) and
-  dA's transposed output;
+  and the narrowest once) with every flag on (rows split: fp32 partials summed
+  in the launch), for an output in the operands' dtype, fp32 (an fp32
+  adapter's gradient) and dA's transposed output; the direct store once;
 - each of these again with fp32 adapters under fp16/bf16 x (h and G then fp32,
   their products in fp32: IEEE, torch's default, here; TF32 once per kernel);
 - at one config per kernel: every flag off, and the generic specialization.
@@ -166,7 +167,7 @@ def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None):
     shown = " ".join(f"{k}={v}" for k, v in meta.items()
                      if k.startswith("BLOCK_") or k == "GROUP_M")
     flags = " ".join(f"{k}={'on' if v else 'off'}" for k, v in meta.items()
-                     if k.startswith(("HAS_", "NEED_")))
+                     if k.startswith(("HAS_", "NEED_", "SPLIT_")))
     pointers = " ".join(f"{k[:-4]}:{v}" for k, v in pointer_dtypes.items())
     label = ", ".join([f"{shown} warps={cfg.num_warps} stages={cfg.num_stages}", pointers,
                        flags] + [f"{k}={v}" for k, v in meta.items() if "PRECISION" in k]
@@ -255,11 +256,14 @@ def term_jobs(x, adapter, rank_precision):
 
 
 def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
-           unit_strides=TN_UNIT_STRIDES):
+           unit_strides=TN_UNIT_STRIDES, split=True):
+    """tn_matmul; ``split``: rows split across programs, fp32 partials summed by the
+    last program of each tile (the launch at large M), else the direct store."""
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
-                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, UPCAST_DOT=False,
+                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, SPLIT_M=split, UPCAST_DOT=False,
                 DOT_PRECISION=precision)
-    pointers = dict(l_ptr=lhs, q_ptr=rhs, out_ptr=out, colsum_ptr=colsum)
+    pointers = dict(l_ptr=lhs, q_ptr=rhs, out_ptr=out, colsum_ptr=colsum, part_ptr="fp32",
+                    colpart_ptr="fp32", counter_ptr="i32")
     return _job("_tn_matmul_kernel", meta, pointers, cfg, list(words), unit_strides)
 
 
@@ -298,16 +302,10 @@ def tn_jobs(x, precision):
     from lorakern.kernels.lora_grad_weights import tn_config_gpu
 
     jobs = []
-    # (out, colsum) dtypes it is launched with: the operands' dtype (dW, and dB / db
-    # into same-dtype parameters) and fp32 for both (the split partial buffers)
-    out_colsum = [(x, x)] if x == "fp32" else [(x, x), ("fp32", "fp32")]
     tn_configs = tn_configs_compiled(ELEMENT_BYTES[x])
-    for index, cfg in enumerate(tn_configs):
-        # the output dtypes change only the epilogue's stores: all of them at one
-        # config (all configs with LORAKERN_COMPILE_ALL=1), the first elsewhere
-        variants = out_colsum if COMPILE_ALL or index == len(tn_configs) - 1 else out_colsum[:1]
-        for out, colsum in variants:
-            jobs.append(tn_job(cfg, precision, x, x, out, colsum, True, True))
+    for cfg in tn_configs:
+        # dW, and dB / db into same-dtype parameters
+        jobs.append(tn_job(cfg, precision, x, x, x, x, True, True))
         if cfg != tn_config_gpu(None, ELEMENT_BYTES[x]):
             jobs.append(tn_job(cfg, precision, x, x, x, x, True, False, ["transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
@@ -322,8 +320,10 @@ def tn_jobs(x, precision):
             jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", "fp32", True,
                                False, ["fp32 adapters", "transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
+    # one config: the direct store (rows not split), every flag off, generic strides
     cfg = tn_configs[-1]
-    jobs += [tn_job(cfg, precision, x, x, x, x, False, False),
+    jobs += [tn_job(cfg, precision, x, x, x, x, True, True, split=False),
+             tn_job(cfg, precision, x, x, x, x, False, False, split=False),
              tn_job(cfg, precision, x, x, x, x, True, True, unit_strides=None)]
     return jobs
 

@@ -35,9 +35,11 @@ GROUP_TIMEOUT_S = 1800  # a safety net: one group takes 1-4 min on two idle core
 GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask", "embedding")
 ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
 COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
-FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM")
+FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM", "SPLIT_M")
 RANK, GEMM, TN = "_rank_product_kernel", "_lora_gemm_kernel", "_tn_matmul_kernel"
 TERM = "_lora_term_kernel"  # the cublas strategy's LoRA term
+# fp32 partials and int32 counters of the sums across programs, whatever the dtypes
+SCRATCH_POINTERS = ("part_ptr", "colpart_ptr", "gpart_ptr", "counter_ptr")
 
 
 # ---- the plan: what "every config" means, checked without compiling
@@ -117,7 +119,9 @@ def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
             assert first_pointer == "*" + x_dtype, entry["label"]
             # the x-dtype product follows the group; a product with fp32 adapters
             # on a 16-bit x runs in fp32 (IEEE by default, TF32 once per kernel)
-            mixed = x_dtype != "fp32" and "*fp32" in entry["signature"].values()
+            operands = [v for k, v in entry["signature"].items()
+                        if k.endswith("_ptr") and k not in SCRATCH_POINTERS]
+            mixed = x_dtype != "fp32" and "*fp32" in operands
             key = "DOT_PRECISION" if entry["kernel"] == GEMM or not mixed else None
             if key:
                 assert entry["constexprs"][key] == precision, entry["label"]
@@ -173,7 +177,10 @@ def test_compile_plan_holds_both_passes_flags_off_and_generic_builds(compile_pla
             labels = [e["label"] for e in plan if e["kernel"] == kernel and e["aligned"]]
             for pass_ in (("h", "G") if kernel == RANK else ("y", "dX")):
                 assert any(label.endswith(f"pass {pass_}") for label in labels), (group, pass_)
-        assert _configs_with_flags_on(plan, TN, out_ptr="fp32"), group  # the split partials
+        # tn_matmul's rows split (partials summed in the launch) and not
+        assert any(e["kernel"] == TN and e["constexprs"]["SPLIT_M"] for e in plan), group
+        assert any(e["kernel"] == TN and not e["constexprs"]["SPLIT_M"]
+                   and e["constexprs"]["HAS_COLSUM"] for e in plan), group
 
 
 # ---- the compiles
