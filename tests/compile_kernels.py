@@ -9,8 +9,8 @@ in subprocesses, because a kernel decorated while ``TRITON_INTERPRET=1`` is set
     python tests/compile_kernels.py --arch 80 --group fp32-ieee --list
 
 Groups: fp16, bf16, fp32-ieee, fp32-tf32 (the x dtype and the DOT_PRECISION the
-launchers pass for it) compile the rank pass, the LoRA GEMM, the LoRA term and
-tn_matmul;
+launchers pass for it) compile the rank pass, the LoRA GEMM, the LoRA term, the
+one pass over dY and tn_matmul;
 ``dropout_mask`` compiles the dtype-independent mask kernel.
 
 What one group compiles, for the kernels' x dtype:
@@ -22,6 +22,9 @@ What one group compiles, for the kernels' x dtype:
   dropout on); the forward build also with dropout on, the superset of the code;
 - the cublas strategy's LoRA term (``lora_term_candidates()``) as the forward
   (bias on) and dX (dropout on) launch it;
+- the one pass over dY (``grad_output_candidates()``: G, dB and db) at every
+  config and rank block, with G, db and the row split on (fp32 partials, int32
+  counters);
 - tn_matmul (``tn_candidates()``, each row-block shape at its widest BLOCK_Q
   and the narrowest once) with every flag on (rows split: fp32 partials summed
   in the launch), for an output in the operands' dtype, fp32 (an fp32
@@ -80,7 +83,7 @@ FLOAT_ARGS = {"scale", "lora_scale"}
 # The aligned specialization: sizes that are multiples of 16 (feature sizes and
 # rank; not the token count M), and per launch the strides that are 1 on
 # contiguous tensors.
-DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split", "D"}
+DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split", "D", "cols_per_group"}
 RANK_H_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_or"}      # x, A^T, h
 RANK_G_UNIT_STRIDES = {"stride_lk", "stride_rr", "stride_or"}      # dY, B, G
 GEMM_Y_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_pr", "stride_qr", "stride_bias",
@@ -89,12 +92,16 @@ GEMM_DX_UNIT_STRIDES = {"stride_lk", "stride_rn", "stride_pr", "stride_qn", "str
                         "stride_on"}                               # dY, W, G, A, dX
 TERM_Y_UNIT_STRIDES = {"stride_pr", "stride_qr", "stride_bias", "stride_on"}  # h, B^T, b, y0
 TERM_DX_UNIT_STRIDES = {"stride_pr", "stride_qn", "stride_on"}               # G, A, dX0
+# dY, B, h, G, dB, db (the partials are contiguous by construction)
+GRAD_OUTPUT_UNIT_STRIDES = {"stride_yn", "stride_br", "stride_hr", "stride_gr", "stride_dbr",
+                            "stride_dbias"}
 TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}
 # dA^T is written through A's gradient transposed: unit stride along P.
 TN_TRANSPOSED_OUT_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_op", "stride_cp"}
 KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "lora_gemm",
                   "_lora_term_kernel": "lora_term",
                   "_tn_matmul_kernel": "lora_grad_weights",
+                  "_grad_output_kernel": "grad_output",
                   "_dropout_mask_kernel": "dropout_mask",
                   "_lora_embedding_forward_kernel": "lora_embedding",
                   "_lora_embedding_grad_kernel": "lora_embedding"}
@@ -267,6 +274,31 @@ def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
     return _job("_tn_matmul_kernel", meta, pointers, cfg, list(words), unit_strides)
 
 
+def grad_output_pairs(x, adapter):
+    from lorakern.kernels.grad_output import grad_output_candidates
+    return _widest_and_narrowest(grad_output_candidates(ELEMENT_BYTES[x],
+                                                        ELEMENT_BYTES[_promoted(x, adapter)]))
+
+
+def grad_output_job(cfg, block_r, x, adapter, precision, need_g=True, colsum=True,
+                    split_m=True, unit=True):
+    """The one pass over dY (G, dB, db) as the backward launches it: dY in x's
+    dtype, B and dB in the adapters', h and G in the rank dtype, fp32 partials."""
+    rank = _promoted(x, adapter)
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, NEED_G=need_g,
+                HAS_COLSUM=colsum, SPLIT_M=split_m, UPCAST_DOT=False, DOT_PRECISION=precision)
+    pointers = dict(dy_ptr=x, b_ptr=adapter, h_ptr=rank, g_ptr=rank, db_ptr=adapter,
+                    dbias_ptr=x, part_ptr="fp32", colpart_ptr="fp32", gpart_ptr="fp32",
+                    counter_ptr="i32")
+    return _job("_grad_output_kernel", meta, pointers, cfg, [],
+                GRAD_OUTPUT_UNIT_STRIDES if unit else None)
+
+
+def grad_output_jobs(x, adapter, precision):
+    return [grad_output_job(cfg, block_r, x, adapter, precision)
+            for cfg, block_r in grad_output_pairs(x, adapter)]
+
+
 def rank_and_gemm_jobs(x, adapter, precision):
     """The forward's and grad-input's kernels at every config, for one adapter dtype."""
     rank_precision = _adapter_precision(x, adapter, precision)
@@ -283,7 +315,8 @@ def rank_and_gemm_jobs(x, adapter, precision):
                              bias=True, dropout=True))
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "dX",
                              bias=False, dropout=True))
-    return jobs + term_jobs(x, adapter, rank_precision)
+    return (jobs + term_jobs(x, adapter, rank_precision)
+            + grad_output_jobs(x, adapter, rank_precision))
 
 
 def tn_configs_compiled(operand_bytes):
@@ -342,11 +375,16 @@ def precision_jobs(x, precision):
     cfg, block_r = gemm_pairs(x, x)[-1]
     jobs += [gemm_job(cfg, block_r, x, x, precision, precision, "y", False, False),
              gemm_job(cfg, block_r, x, x, precision, precision, "dX", True, True, unit=False)]
+    cfg, block_r = grad_output_pairs(x, x)[-1]
+    jobs += [grad_output_job(cfg, block_r, x, x, precision, False, False, False),
+             grad_output_job(cfg, block_r, x, x, precision, unit=False)]
     if x != "fp32":
         cfg, block_r = rank_pairs(x, "fp32")[-1]
         jobs.append(rank_job(cfg, block_r, x, "fp32", "tf32", "h"))
         cfg, block_r = gemm_pairs(x, "fp32")[-1]
         jobs.append(gemm_job(cfg, block_r, x, "fp32", precision, "tf32", "dX", False, True))
+        cfg, block_r = grad_output_pairs(x, "fp32")[-1]
+        jobs.append(grad_output_job(cfg, block_r, x, "fp32", "tf32"))
     return jobs + tn_jobs(x, precision)
 
 
