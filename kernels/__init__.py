@@ -8,12 +8,20 @@ the forward) and G = dY B:
     h  = (1 / (1 - p_eff)) (x * m) A^T          rank_product       (mask made here)
     y  = x W^T + b + s h B^T                    lora_gemm, or addmm onto lora_term's
                                                 b + s h B^T (the cublas strategy)
-    G  = dY B                                   rank_product
+    G  = dY B,                                  grad_output        (one read of dY for
+    dB = s dY^T h,  db = sum_m dY                                   all three; rank_product
+                                                                    and tn_matmul past its
+                                                                    partial budget: r > 32,
+                                                                    r > 16 with fp32
+                                                                    adapters on 16 bits)
     dX = dY W + (s / (1 - p_eff)) (G A) * m     lora_gemm          (mask in the epilogue),
                                                 or addmm onto lora_term's masked term
     dA = (s / (1 - p_eff)) G^T (x * m)          tn_matmul          (mask per x tile)
-    dB = s dY^T h,  db = sum_m dY               tn_matmul (one pass)
     dW = dY^T x   (only when W trains)          tn_matmul
+
+Sums across programs (dB, db and G in grad_output, split rows in tn_matmul)
+are made by the last program to finish each block, in a fixed order, inside
+the launch: deterministic, no float atomics, one memset of int32 counters.
 
 No kernel forms the N x K product A B. h and G are fp32 when the adapters are
 (PEFT's default on a 16-bit base), else in x's dtype.
@@ -21,14 +29,17 @@ No kernel forms the N x K product A B. h and G are fp32 when the adapters are
 from ._common import SUPPORTED_DTYPES, empty, launch_counts, rank_block
 from .dropout import effective_dropout_p, keep_scale
 from .dropout_mask import dropout_keep_mask
+from .grad_output import grad_output
 from .lora_embedding import lora_embedding_backward, lora_embedding_forward
 from .lora_gemm import lora_gemm
 from .lora_grad_weights import tn_matmul
-from .lora_layer import STRATEGIES, Plan, layer_plans, lora_forward, lora_grad_input
+from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_grad_input,
+                         lora_grad_output)
 from .lora_term import lora_term
 from .rank_product import rank_product
 
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
            "keep_scale", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
-           "lora_gemm", "lora_term", "rank_product", "lora_forward", "lora_grad_input",
-           "tn_matmul", "STRATEGIES", "Plan", "layer_plans"]
+           "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
+           "lora_grad_input", "lora_grad_output", "tn_matmul", "STRATEGIES", "Plan",
+           "layer_plans"]

@@ -75,6 +75,17 @@ def to_storage(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def sum_partials(ptr, offsets, mask, count, stride):
+    """fp32 sum of the ``count`` partials at ``ptr + i * stride + offsets``, added
+    in the order i = 0, 1, ... (the same bits whichever program adds them).
+    Loaded at L2 (.cg): other programs wrote them during this launch."""
+    total = tl.load(ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    for i in range(1, count):
+        total += tl.load(ptr + i * stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
 def rank_block(rank):
     """Rank padded to a power of two, at least 16 because ``tl.dot`` needs it."""
     return max(16, triton.next_power_of_2(rank))

@@ -10,9 +10,18 @@ Q tall (M rows) and out small:
 
 so one kernel serves them all: a program owns a BLOCK_P x BLOCK_Q tile of out
 and a slice of the M rows. When the output has too few tiles to fill the
-device, the rows are split: each slice writes an fp32 partial and the partials
-are summed afterwards (deterministic, no atomics). dA is written through
-transposed strides, so A's (R, K) layout is filled directly.
+device, the rows are split: each slice writes an fp32 partial of its tile,
+then adds 1 to an int32 counter per tile (acq_rel, after a barrier, so every
+thread's partial is visible first; the launcher zeroes the counters, one
+memset); the slice that brings a counter to the number of slices sums that
+tile's partials in slice order and writes it in out's dtype. Deterministic (the
+order of the sum is fixed, no float atomics) and inside the one launch: no
+torch ops sum the partials afterwards. dA is written through transposed
+strides, so A's (R, K) layout is filled directly.
+
+In the layer's backward (lorakern/function.py) it makes dA, and dW when W
+trains; dB and db come from the one pass over dY (grad_output.py), which falls
+back to this kernel when its partials would not fit.
 
 With fp32 adapters, G and h are fp32 (rank_product.py): the x or dY tile is
 upcast and the product runs in fp32, as PEFT's does, so a 16-bit base never
@@ -26,24 +35,23 @@ import triton.language as tl
 from dataclasses import dataclass
 
 from ._common import (INTERPRET, dot_precision, empty, launch_counts, mma, promote_pair,
-                      target_programs, to_storage)
+                      sum_partials, target_programs, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
 
 @triton.jit
 def _tn_matmul_kernel(
     # pointers
-    l_ptr, q_ptr, out_ptr, colsum_ptr,
+    l_ptr, q_ptr, out_ptr, colsum_ptr, part_ptr, colpart_ptr, counter_ptr,
     # sizes
     M, P, Q, rows_per_split,
     # strides
-    stride_lm, stride_lp, stride_qm, stride_qq,
-    stride_os, stride_op, stride_oq, stride_cs, stride_cp,
+    stride_lm, stride_lp, stride_qm, stride_qq, stride_op, stride_oq, stride_cp,
     # scalars
     scale, threshold, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, SPLIT_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -79,14 +87,41 @@ def _tn_matmul_kernel(
         l_t, q = promote_pair(l_t, q)
         acc = mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
 
-    out = out_ptr + pid_s * stride_os
-    tl.store(out + cols_p[:, None] * stride_op + cols_q[None, :] * stride_oq,
-             to_storage(acc * scale, out_ptr.dtype.element_ty, UPCAST_DOT),
+    if SPLIT_M:
+        # fp32 partials (splits, P, Q) and (splits, P), contiguous; the last
+        # slice to finish this tile sums them in slice order (deterministic)
+        splits = tl.num_programs(2)
+        tile = cols_p[:, None] * Q + cols_q[None, :]
+        in_tile = in_p[:, None] & in_q[None, :]
+        tl.store(part_ptr + pid_s * (P.to(tl.int64) * Q) + tile, acc, mask=in_tile)
+        if HAS_COLSUM:
+            tl.store(colpart_ptr + pid_s * P.to(tl.int64) + cols_p, colsum, mask=in_p)
+        tl.debug_barrier()  # every thread's partial before the (release) count
+        arrived = tl.atomic_add(counter_ptr + pid_p * tl.num_programs(1) + pid_q, 1,
+                                sem="acq_rel")
+        if arrived == splits - 1:
+            acc = sum_partials(part_ptr, tile, in_tile, splits, P.to(tl.int64) * Q)
+            if HAS_COLSUM:
+                colsum = sum_partials(colpart_ptr, cols_p, in_p, splits, P.to(tl.int64))
+            _store_tile(out_ptr, colsum_ptr, acc * scale, colsum, cols_p, cols_q, in_p, in_q,
+                        pid_q, stride_op, stride_oq, stride_cp, HAS_COLSUM, UPCAST_DOT)
+    else:
+        _store_tile(out_ptr, colsum_ptr, acc * scale, colsum, cols_p, cols_q, in_p, in_q,
+                    pid_q, stride_op, stride_oq, stride_cp, HAS_COLSUM, UPCAST_DOT)
+
+
+@triton.jit
+def _store_tile(out_ptr, colsum_ptr, out, colsum, cols_p, cols_q, in_p, in_q, pid_q,
+                stride_op, stride_oq, stride_cp, HAS_COLSUM: tl.constexpr,
+                UPCAST_DOT: tl.constexpr):
+    """out's tile in its dtype; the column sums from the first Q block only."""
+    tl.store(out_ptr + cols_p[:, None] * stride_op + cols_q[None, :] * stride_oq,
+             to_storage(out, out_ptr.dtype.element_ty, UPCAST_DOT),
              mask=in_p[:, None] & in_q[None, :])
     if HAS_COLSUM:
-        colsum_cols = tl.where(pid_q == 0, P, 0)  # only the first Q block writes it
-        tl.store(colsum_ptr + pid_s * stride_cs + offs_p * stride_cp,
-                 colsum.to(colsum_ptr.dtype.element_ty), mask=offs_p < colsum_cols)
+        if pid_q == 0:
+            tl.store(colsum_ptr + cols_p * stride_cp,
+                     to_storage(colsum, colsum_ptr.dtype.element_ty, UPCAST_DOT), mask=in_p)
 
 
 @dataclass(frozen=True)
@@ -150,32 +185,30 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
             colsum.copy_(lhs.sum(0, dtype=torch.float32))
         return out
     cfg = tn_config(rank_block, max(lhs.element_size(), rhs.element_size()))
-    tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
-    splits, rows_per_split = _split_rows(m, cfg.block_m, tiles, lhs.device)
-    if splits == 1:
-        target, target_colsum = out, colsum
-    else:
-        target = empty((splits, p, q), torch.float32, lhs.device)
-        target_colsum = None if colsum is None else empty((splits, p), torch.float32, lhs.device)
+    grid_p, grid_q = triton.cdiv(p, cfg.block_p), triton.cdiv(q, cfg.block_q)
+    splits, rows_per_split = _split_rows(m, cfg.block_m, grid_p * grid_q, lhs.device)
     has_colsum = colsum is not None
+    f32, i32 = torch.float32, torch.int32
+    if splits > 1:
+        # fp32 partials per row slice and an int32 counter per output tile (zeroed)
+        part = empty((splits, p, q), f32, lhs.device)
+        colpart = empty((splits, p), f32, lhs.device) if has_colsum else part
+        counter = torch.zeros(grid_p * grid_q, dtype=i32, device=lhs.device)
+    else:  # unused: one-element stand-ins of the same dtypes
+        part = colpart = torch.empty(1, dtype=f32, device=lhs.device)
+        counter = torch.empty(1, dtype=i32, device=lhs.device)
     threshold = dropout_threshold(dropout_p)
-    grid = (triton.cdiv(p, cfg.block_p), triton.cdiv(q, cfg.block_q), splits)
-    _tn_matmul_kernel[grid](
-        lhs, rhs, target, target_colsum if has_colsum else target,
+    _tn_matmul_kernel[(grid_p, grid_q, splits)](
+        lhs, rhs, out, colsum if has_colsum else out, part, colpart, counter,
         m, p, q, rows_per_split,
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
-        target.stride(0) if splits > 1 else 0, target.stride(-2), target.stride(-1),
-        target_colsum.stride(0) if has_colsum and splits > 1 else 0,
-        target_colsum.stride(-1) if has_colsum else 0,
+        out.stride(0), out.stride(1), colsum.stride(0) if has_colsum else 0,
         float(scale), threshold, seed,
         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
-        HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, UPCAST_DOT=INTERPRET,
+        HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, SPLIT_M=splits > 1,
+        UPCAST_DOT=INTERPRET,
         DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs.dtype)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_counts["tn_matmul"] += 1
-    if splits > 1:
-        out.copy_(target.sum(0))
-        if colsum is not None:
-            colsum.copy_(target_colsum.sum(0))
     return out

@@ -4,19 +4,27 @@
 
     forward     h  = rank_product(x, A^T, scale 1 / (1 - p_eff), mask)      (M, R)
                 y  = lora_gemm(x, W^T, P = h, Q = B^T, c = s) + b           (M, N)
-    grad-input  G  = rank_product(dY, B)                                    (M, R)
-                dX = lora_gemm(dY, W, P = G, Q = A, c = s / (1 - p_eff), mask)
+    grad-input  dX = lora_gemm(dY, W, P = G, Q = A, c = s / (1 - p_eff), mask)
 
 ``cublas``: torch's matmul for the big product, the LoRA term as its C operand
 
     forward     h   = rank_product(x, A^T, scale 1 / (1 - p_eff), mask)
                 y0  = lora_term(P = h, Q = B^T, c = s) + b                  (M, N)
                 y   = addmm(y0, x, W^T)               in place, beta = 1
-    grad-input  G   = rank_product(dY, B)
-                dX0 = lora_term(P = G, Q = A, c = s / (1 - p_eff), mask)
+    grad-input  dX0 = lora_term(P = G, Q = A, c = s / (1 - p_eff), mask)
                 dX  = addmm(dX0, dY, W)
 
-Decode (M <= 16, the whole rank in one epilogue chunk) in ``fused`` skips the
+and, shared by both, before dX (``lora_grad_output``):
+
+    G = dY B (M, R), with dB = s dY^T h and db = sum dY when dB is wanted:
+        grad_output(dY, B, h)     one pass over dY (grad_output.py; two passes,
+                                  rank_product and tn_matmul, past its budget)
+    G alone:
+        rank_product(dY, B)
+
+G is made once per backward and handed to ``lora_grad_input``, so the tuner's
+grad-input candidates (``run(plan)``) time and repeat dX alone. Decode (M <=
+16, the whole rank in one epilogue chunk) in ``fused`` skips the forward's
 rank pass: the GEMM makes h itself (lora_gemm.py, ``rank_in_kernel``), one
 launch for the forward. Both strategies save the same tensors and draw the
 same mask from the same seed. A
@@ -27,8 +35,8 @@ h and G are in the promoted dtype of x and the adapters: fp32 with fp32
 adapters, else x's dtype. The mask is generated once per element of x in the
 forward (in the rank pass) and once per element of dX in the backward (in the
 GEMM's epilogue); the GEMMs' main loops carry neither mask nor rank work.
-``launch_counts`` counts these sequences ("lora_forward", "lora_grad_input")
-as well as each kernel.
+``launch_counts`` counts these sequences ("lora_forward", "lora_grad_input":
+dX given G) as well as each kernel.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +45,7 @@ from ._common import empty, launch_counts, lora_dtype
 from .dropout import keep_scale
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
                         lora_gemm_tuning_configs, rank_in_kernel)
+from .grad_output import grad_output
 from .lora_term import lora_term
 from .rank_product import rank_product
 
@@ -104,10 +113,26 @@ def _with_lora_term(plan, lhs, rhs_t, p, q, bias, lora_scale, dropout_p=0.0, see
                      config=plan.gemm)
 
 
+def lora_grad_output(grad_y, lora_a, lora_b, h, scale, grad_b, grad_bias, need_g):
+    """G = dY @ B (M, R) in the rank dtype, or None when not ``need_g``.
+
+    With ``grad_b`` given, the same pass over dY also writes dB = s dY^T h into it
+    and, with ``grad_bias`` given, db = sum over rows of dY (grad_output.py; two
+    passes when its partials would not fit). Without, G comes from the rank pass.
+    """
+    g_dtype = lora_dtype(grad_y, lora_a, lora_b)
+    if grad_b is None:
+        return rank_product(grad_y, lora_b, g_dtype) if need_g else None
+    return grad_output(grad_y, lora_b, h, scale, grad_b, grad_bias, g_dtype if need_g else None)
+
+
 def lora_grad_input(grad_y, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx,
-                    plan=None):
-    """(dX or None, G) for a 2-D dY; G = dY @ B in the rank dtype, dX in dY's dtype."""
-    g = rank_product(grad_y, lora_b, lora_dtype(grad_y, lora_a, lora_b))
+                    plan=None, g=None):
+    """(dX or None, G) for a 2-D dY; dX in dY's dtype. G = dY @ B in the rank
+    dtype is ``g`` when given (lora_grad_output), else made here by the rank pass.
+    ``plan`` defaults to the table's choice for dY."""
+    if g is None:
+        g = rank_product(grad_y, lora_b, lora_dtype(grad_y, lora_a, lora_b))
     dx = None
     if need_dx:
         plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b)[0]

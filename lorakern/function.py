@@ -7,12 +7,16 @@ kernels regenerate the mask from the seed. Beyond x and the parameters, a
 layer keeps M * r * 4 bytes for h when the adapters (or x) are fp32, M * r * 2
 with 16-bit adapters of x's dtype, and an int.
 
-Backward launches: G = dY B once (rank pass, fp32 with fp32 adapters); dX by
-the GEMM with the rank term in its epilogue (strategy ``fused``) or by torch's
-matmul onto the masked rank term (``cublas``; the dispatch point picks,
-kernels/lora_layer.py); dA from x and G; dB and db from
-dY and h in one pass; dW only when W trains. Only the gradients autograd asks
-for are computed.
+Backward launches (dX, dA, dB and db, W frozen): one pass over dY that makes
+G = dY B (fp32 with fp32 adapters), dB and db together (kernels/grad_output.py,
+with a memset of its counters); dX by the GEMM with the rank term in its
+epilogue (strategy ``fused``) or by torch's matmul onto the masked rank term
+(``cublas``; the dispatch point picks, kernels/lora_layer.py); dA from x and G
+(tn_matmul, with a memset of its counters). So dY is read once for the rank
+work and once by the dX GEMM. Without dB, G comes from the rank pass; past the
+one pass's partial budget (ranks over 32, over 16 with fp32 adapters on a
+16-bit base), from the rank pass with dB and db from tn_matmul. dW only when
+W trains. Only the gradients autograd asks for are computed.
 
 ``fused_forward`` and ``fused_backward`` hold the launch sequence; the
 autograd Function here and the torch.library op in ``ops.py`` both call them.
@@ -61,27 +65,31 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     x2 = _flatten(x) if need_a or need_w else None
     device = dy.device
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
-
-    if need_x or need_a:
-        def run(plan):
-            return kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
-                                           need_x, plan)
-
-        plan = (choose_plan("grad_input", kernels, dy, weight, lora_A, lora_B, dropout_p, run)
-                if need_x else None)
-        dx, g = run(plan)
-        if need_x:
-            grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
     if need_bias:
         grad_bias = kernels.empty(weight.shape[0], grad_y.dtype, device)
+    if need_b:
+        grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)
+
+    # G = dY B, wanted for dX and dA; with dB, one pass over dY makes G, dB and db.
+    # It runs once, before dX's plan is chosen, so the tuner times dX alone.
+    need_g = need_x or need_a
+    g = None
+    if need_g or need_b:
+        g = kernels.lora_grad_output(dy, lora_A, lora_B, h, scale, grad_b,
+                                     grad_bias if need_b else None, need_g)
+    if need_x:
+        def run(plan):
+            return kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
+                                           True, plan, g=g)
+
+        dx, _ = run(choose_plan("grad_input", kernels, dy, weight, lora_A, lora_B, dropout_p,
+                                run))
+        grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
     if need_a:
         grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
         # dA^T (K, r) is written straight into dA's (r, K) storage
         kernels.tn_matmul(x2, g, grad_a.t(), scale * kernels.keep_scale(dropout_p),
                           rank_block=rank_block, dropout_p=dropout_p, seed=seed)
-    if need_b:
-        grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)
-        kernels.tn_matmul(dy, h, grad_b, scale, rank_block=rank_block, colsum=grad_bias)
     if need_w:
         grad_w = kernels.empty(weight.shape, weight.dtype, device)
         kernels.tn_matmul(dy, x2, grad_w, 1.0,

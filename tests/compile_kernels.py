@@ -9,7 +9,8 @@ in subprocesses, because a kernel decorated while ``TRITON_INTERPRET=1`` is set
     python tests/compile_kernels.py --arch 80 --group fp32-ieee --list
 
 Groups: fp16, bf16, fp32-ieee, fp32-tf32 (the x dtype and the DOT_PRECISION the
-launchers pass for it) compile the rank pass, the LoRA GEMM and tn_matmul;
+launchers pass for it) compile the rank pass, the LoRA GEMM, the LoRA term, the
+one pass over dY and tn_matmul;
 ``dropout_mask`` compiles the dtype-independent mask kernel.
 
 What one group compiles, for the kernels' x dtype:
@@ -21,10 +22,13 @@ What one group compiles, for the kernels' x dtype:
   dropout on); the forward build also with dropout on, the superset of the code;
 - the cublas strategy's LoRA term (``lora_term_candidates()``) as the forward
   (bias on) and dX (dropout on) launch it;
+- the one pass over dY (``grad_output_candidates()``: G, dB and db) at every
+  config and rank block, with G, db and the row split on (fp32 partials, int32
+  counters);
 - tn_matmul (``tn_candidates()``, each row-block shape at its widest BLOCK_Q
-  and the narrowest once) with every flag on, for an output in the
-  operands' dtype, fp32 (the split partials, an fp32 adapter's gradient) and
-  dA's transposed output;
+  and the narrowest once) with every flag on (rows split: fp32 partials summed
+  in the launch), for an output in the operands' dtype, fp32 (an fp32
+  adapter's gradient) and dA's transposed output; the direct store once;
 - each of these again with fp32 adapters under fp16/bf16 x (h and G then fp32,
   their products in fp32: IEEE, torch's default, here; TF32 once per kernel);
 - at one config per kernel: every flag off, and the generic specialization.
@@ -79,7 +83,7 @@ FLOAT_ARGS = {"scale", "lora_scale"}
 # The aligned specialization: sizes that are multiples of 16 (feature sizes and
 # rank; not the token count M), and per launch the strides that are 1 on
 # contiguous tensors.
-DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split", "D"}
+DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split", "D", "cols_per_group"}
 RANK_H_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_or"}      # x, A^T, h
 RANK_G_UNIT_STRIDES = {"stride_lk", "stride_rr", "stride_or"}      # dY, B, G
 GEMM_Y_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_pr", "stride_qr", "stride_bias",
@@ -88,12 +92,16 @@ GEMM_DX_UNIT_STRIDES = {"stride_lk", "stride_rn", "stride_pr", "stride_qn", "str
                         "stride_on"}                               # dY, W, G, A, dX
 TERM_Y_UNIT_STRIDES = {"stride_pr", "stride_qr", "stride_bias", "stride_on"}  # h, B^T, b, y0
 TERM_DX_UNIT_STRIDES = {"stride_pr", "stride_qn", "stride_on"}               # G, A, dX0
+# dY, B, h, G, dB, db (the partials are contiguous by construction)
+GRAD_OUTPUT_UNIT_STRIDES = {"stride_yn", "stride_br", "stride_hr", "stride_gr", "stride_dbr",
+                            "stride_dbias"}
 TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}
 # dA^T is written through A's gradient transposed: unit stride along P.
 TN_TRANSPOSED_OUT_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_op", "stride_cp"}
 KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "lora_gemm",
                   "_lora_term_kernel": "lora_term",
                   "_tn_matmul_kernel": "lora_grad_weights",
+                  "_grad_output_kernel": "grad_output",
                   "_dropout_mask_kernel": "dropout_mask",
                   "_lora_embedding_forward_kernel": "lora_embedding",
                   "_lora_embedding_grad_kernel": "lora_embedding"}
@@ -166,7 +174,7 @@ def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None):
     shown = " ".join(f"{k}={v}" for k, v in meta.items()
                      if k.startswith("BLOCK_") or k == "GROUP_M")
     flags = " ".join(f"{k}={'on' if v else 'off'}" for k, v in meta.items()
-                     if k.startswith(("HAS_", "NEED_", "RANK_IN", "RANK_DROPOUT")))
+                     if k.startswith(("HAS_", "NEED_", "SPLIT_", "RANK_IN", "RANK_DROPOUT")))
     pointers = " ".join(f"{k[:-4]}:{v}" for k, v in pointer_dtypes.items())
     label = ", ".join([f"{shown} warps={cfg.num_warps} stages={cfg.num_stages}", pointers,
                        flags] + [f"{k}={v}" for k, v in meta.items() if "PRECISION" in k]
@@ -268,12 +276,40 @@ def term_jobs(x, adapter, rank_precision):
 
 
 def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
-           unit_strides=TN_UNIT_STRIDES):
+           unit_strides=TN_UNIT_STRIDES, split=True):
+    """tn_matmul; ``split``: rows split across programs, fp32 partials summed by the
+    last program of each tile (the launch at large M), else the direct store."""
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
-                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, UPCAST_DOT=False,
+                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, SPLIT_M=split, UPCAST_DOT=False,
                 DOT_PRECISION=precision)
-    pointers = dict(l_ptr=lhs, q_ptr=rhs, out_ptr=out, colsum_ptr=colsum)
+    pointers = dict(l_ptr=lhs, q_ptr=rhs, out_ptr=out, colsum_ptr=colsum, part_ptr="fp32",
+                    colpart_ptr="fp32", counter_ptr="i32")
     return _job("_tn_matmul_kernel", meta, pointers, cfg, list(words), unit_strides)
+
+
+def grad_output_pairs(x, adapter):
+    from lorakern.kernels.grad_output import grad_output_candidates
+    return _widest_and_narrowest(grad_output_candidates(ELEMENT_BYTES[x],
+                                                        ELEMENT_BYTES[_promoted(x, adapter)]))
+
+
+def grad_output_job(cfg, block_r, x, adapter, precision, need_g=True, colsum=True,
+                    split_m=True, unit=True):
+    """The one pass over dY (G, dB, db) as the backward launches it: dY in x's
+    dtype, B and dB in the adapters', h and G in the rank dtype, fp32 partials."""
+    rank = _promoted(x, adapter)
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, NEED_G=need_g,
+                HAS_COLSUM=colsum, SPLIT_M=split_m, UPCAST_DOT=False, DOT_PRECISION=precision)
+    pointers = dict(dy_ptr=x, b_ptr=adapter, h_ptr=rank, g_ptr=rank, db_ptr=adapter,
+                    dbias_ptr=x, part_ptr="fp32", colpart_ptr="fp32", gpart_ptr="fp32",
+                    counter_ptr="i32")
+    return _job("_grad_output_kernel", meta, pointers, cfg, [],
+                GRAD_OUTPUT_UNIT_STRIDES if unit else None)
+
+
+def grad_output_jobs(x, adapter, precision):
+    return [grad_output_job(cfg, block_r, x, adapter, precision)
+            for cfg, block_r in grad_output_pairs(x, adapter)]
 
 
 def rank_and_gemm_jobs(x, adapter, precision):
@@ -298,7 +334,8 @@ def rank_and_gemm_jobs(x, adapter, precision):
         cfg = lora_gemm_config_gpu(DECODE_M, ELEMENT_BYTES[x], block_r, pq)
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "y+h",
                              bias=True, dropout=True))
-    return jobs + term_jobs(x, adapter, rank_precision)
+    return (jobs + term_jobs(x, adapter, rank_precision)
+            + grad_output_jobs(x, adapter, rank_precision))
 
 
 def _widest_and_narrowest_blocks(blocks):
@@ -321,16 +358,10 @@ def tn_jobs(x, precision):
     from lorakern.kernels.lora_grad_weights import tn_config_gpu
 
     jobs = []
-    # (out, colsum) dtypes it is launched with: the operands' dtype (dW, and dB / db
-    # into same-dtype parameters) and fp32 for both (the split partial buffers)
-    out_colsum = [(x, x)] if x == "fp32" else [(x, x), ("fp32", "fp32")]
     tn_configs = tn_configs_compiled(ELEMENT_BYTES[x])
-    for index, cfg in enumerate(tn_configs):
-        # the output dtypes change only the epilogue's stores: all of them at one
-        # config (all configs with LORAKERN_COMPILE_ALL=1), the first elsewhere
-        variants = out_colsum if COMPILE_ALL or index == len(tn_configs) - 1 else out_colsum[:1]
-        for out, colsum in variants:
-            jobs.append(tn_job(cfg, precision, x, x, out, colsum, True, True))
+    for cfg in tn_configs:
+        # dW, and dB / db into same-dtype parameters
+        jobs.append(tn_job(cfg, precision, x, x, x, x, True, True))
         if cfg != tn_config_gpu(None, ELEMENT_BYTES[x]):
             jobs.append(tn_job(cfg, precision, x, x, x, x, True, False, ["transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
@@ -345,8 +376,10 @@ def tn_jobs(x, precision):
             jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", "fp32", True,
                                False, ["fp32 adapters", "transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
+    # one config: the direct store (rows not split), every flag off, generic strides
     cfg = tn_configs[-1]
-    jobs += [tn_job(cfg, precision, x, x, x, x, False, False),
+    jobs += [tn_job(cfg, precision, x, x, x, x, True, True, split=False),
+             tn_job(cfg, precision, x, x, x, x, False, False, split=False),
              tn_job(cfg, precision, x, x, x, x, True, True, unit_strides=None)]
     return jobs
 
@@ -365,11 +398,16 @@ def precision_jobs(x, precision):
     cfg, block_r = gemm_pairs(x, x)[-1]
     jobs += [gemm_job(cfg, block_r, x, x, precision, precision, "y", False, False),
              gemm_job(cfg, block_r, x, x, precision, precision, "dX", True, True, unit=False)]
+    cfg, block_r = grad_output_pairs(x, x)[-1]
+    jobs += [grad_output_job(cfg, block_r, x, x, precision, False, False, False),
+             grad_output_job(cfg, block_r, x, x, precision, unit=False)]
     if x != "fp32":
         cfg, block_r = rank_pairs(x, "fp32")[-1]
         jobs.append(rank_job(cfg, block_r, x, "fp32", "tf32", "h"))
         cfg, block_r = gemm_pairs(x, "fp32")[-1]
         jobs.append(gemm_job(cfg, block_r, x, "fp32", precision, "tf32", "dX", False, True))
+        cfg, block_r = grad_output_pairs(x, "fp32")[-1]
+        jobs.append(grad_output_job(cfg, block_r, x, "fp32", "tf32"))
     return jobs + tn_jobs(x, precision)
 
 

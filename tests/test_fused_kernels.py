@@ -225,18 +225,20 @@ def test_the_mask_keeps_one_minus_the_quantised_p(dropout_p, device):
 
 def test_the_forward_runs_the_rank_pass_once_and_the_gemm_once(device, monkeypatch):
     """The mask and drop(x) A^T are made once per call (not per output-column
-    block); the backward adds one rank pass (G) and one GEMM (dX)."""
+    block); the backward adds one pass over dY (G, dB and db: no rank pass) and
+    one GEMM (dX)."""
     monkeypatch.setenv("LORAKERN_STRATEGY", "fused")
     monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
     layer = make_layer((40,), 48, 70, 8, torch.float32, device)
+    names = ("rank_product", "lora_gemm", "grad_output")
     before = dict(kernels.launch_counts)
     y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
                              0.5, layer["bias"], 0.25)
-    ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in ("rank_product", "lora_gemm")}
-    assert ran == {"rank_product": 1, "lora_gemm": 1}, ran
+    ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in names}
+    assert ran == {"rank_product": 1, "lora_gemm": 1, "grad_output": 0}, ran
     y.sum().backward()
-    ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in ("rank_product", "lora_gemm")}
-    assert ran == {"rank_product": 2, "lora_gemm": 2}, ran
+    ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in names}
+    assert ran == {"rank_product": 1, "lora_gemm": 2, "grad_output": 1}, ran
 
 
 @pytest.mark.parametrize("tokens,rank,forward_launches", [
