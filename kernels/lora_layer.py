@@ -43,9 +43,9 @@ from typing import Optional
 
 from ._common import empty, launch_counts, lora_dtype
 from .dropout import keep_scale
+from .grad_output import grad_output
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
                         lora_gemm_tuning_configs, rank_in_kernel)
-from .grad_output import grad_output
 from .lora_term import lora_term
 from .rank_product import rank_product
 
