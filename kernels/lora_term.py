@@ -117,9 +117,14 @@ class TermConfig:
 
 
 TERM_INTERPRET = TermConfig(16, 32, num_warps=1, group_m=2)
-# wide rows: each program writes 32 x 256 outputs (16 KiB in a 16-bit dtype) from
-# a P tile and a Q tile of at most 64 ranks, which L2 serves to every program
-TERM_GPU = TermConfig(32, 256, num_warps=4)
+# The whole rank in one chunk: wide rows, each program writing 32 x 256 outputs
+# (16 KiB in a 16-bit dtype), the mask's cost spread over the widest rows
+# (bench/NOTES.md: dX's term 27.3 us against 30.0 at 64 x 128, r = 16).
+TERM_ONE_CHUNK = TermConfig(32, 256, num_warps=4)
+# Several rank chunks (r > 64, or > 32 in fp32): the Q tiles are re-read per
+# chunk, and 64 x 128 tiles read half as much of Q per output (r = 128: 29.9
+# against 40.1 us)
+TERM_CHUNKED = TermConfig(64, 128, num_warps=4)
 TERM_RANK_BLOCKS = (16, 32, 64)
 
 
@@ -128,14 +133,22 @@ def term_rank_block(rank, pq_bytes):
     return min(rank_block(rank), 64 if pq_bytes <= 2 else 32)
 
 
-def lora_term_config():
-    return TERM_INTERPRET if INTERPRET else TERM_GPU
+def lora_term_config(rank, pq_bytes):
+    if INTERPRET:
+        return TERM_INTERPRET
+    return lora_term_config_gpu(rank, pq_bytes)
+
+
+def lora_term_config_gpu(rank, pq_bytes):
+    one_chunk = rank_block(rank) <= term_rank_block(rank, pq_bytes)
+    return TERM_ONE_CHUNK if one_chunk else TERM_CHUNKED
 
 
 def lora_term_candidates(pq_bytes):
     """Every (config, rank block) pair the launcher can pick on a GPU."""
-    return [(TERM_GPU, block_r) for block_r in TERM_RANK_BLOCKS
-            if block_r <= (64 if pq_bytes <= 2 else 32)]
+    widest = 64 if pq_bytes <= 2 else 32
+    return ([(TERM_ONE_CHUNK, block_r) for block_r in TERM_RANK_BLOCKS if block_r <= widest]
+            + [(TERM_CHUNKED, widest)])
 
 
 def lora_term(p, q, bias, lora_scale, out_dtype, *, dropout_p=0.0, seed=0):
@@ -150,7 +163,7 @@ def lora_term(p, q, bias, lora_scale, out_dtype, *, dropout_p=0.0, seed=0):
         return out
     pq_dtype = torch.promote_types(p.dtype, q.dtype)
     block_r = term_rank_block(r, pq_dtype.itemsize)
-    cfg = lora_term_config()
+    cfg = lora_term_config(r, pq_dtype.itemsize)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     threshold = dropout_threshold(dropout_p)
