@@ -21,7 +21,8 @@ the forward) and G = dY B:
 
 Sums across programs (dB, db and G in grad_output, split rows in tn_matmul)
 are made by the last program to finish each block, in a fixed order, inside
-the launch: deterministic, no float atomics, one memset of int32 counters.
+the launch: deterministic, no float atomics; int32 counters that the kernels
+reset themselves, so no memset launch goes with them.
 
 No kernel forms the N x K product A B. h and G are fp32 when the adapters are
 (PEFT's default on a 16-bit base), else in x's dtype.

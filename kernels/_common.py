@@ -86,6 +86,27 @@ def sum_partials(ptr, offsets, mask, count, stride):
     return total
 
 
+_ARRIVAL_COUNTERS = {}
+
+
+def arrival_counters(count, device):
+    """``count`` int32 counters, all zero, for the kernels whose last program to
+    arrive at a block sums its partials. Each kernel sets every counter it
+    counted up back to zero before it ends, so one buffer per device and stream
+    serves every launch without a memset (launches on a stream run in order).
+    While a CUDA graph is captured a fresh zeroed buffer is made instead: a
+    buffer first allocated in the capture would belong to the graph's pool."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (str(device), stream)
+    counters = _ARRIVAL_COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _ARRIVAL_COUNTERS[key] = counters
+    return counters[:max(count, 1)]
+
+
 def rank_block(rank):
     """Rank padded to a power of two, at least 16 because ``tl.dot`` needs it."""
     return max(16, triton.next_power_of_2(rank))

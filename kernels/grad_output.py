@@ -18,9 +18,10 @@ Cross-program sums, in a fixed order (deterministic; no float atomics):
 - dB and db: with one row block the partials are the result and are stored
   directly. Otherwise each program writes its fp32 partials, then, once all of
   them are written, adds 1 to an int32 counter per column block (acq_rel; the
-  launcher zeroes the counters); the program that brings a counter to the
-  number of row blocks sums that column block's partials in row-block order
-  and writes dB and db in their dtypes. The counters are taken after the walk,
+  counters are zero at the start, ``arrival_counters``); the program that
+  brings a counter to the number of row blocks sets it back to zero for the
+  next launch, sums that column block's partials in row-block order and writes
+  dB and db in their dtypes. The counters are taken after the walk,
   so the walk is a loop with nothing nested and is pipelined like a GEMM's.
 - G: with one column group G is stored from the registers. With several, each
   program writes its fp32 partial of G and the last program of a row block
@@ -43,9 +44,9 @@ product holds its operands in registers), so their partials are twice the
 share: with a 16-bit dY only rank block 16 fits once M > 128.
 
 Predicted (bench.static, sm_90, 4096 x 4096, M = 8192, r = 16, bf16): 30.0
-us for the pass (HBM bound) and 3.0 us for the counters' memset, where the
-rank pass (25.5 us), tn_matmul (26.3 us) and the torch sums and copies of its
-partials (13.3 us) took 65 us.
+us for the pass (HBM bound), where the rank pass (25.5 us), tn_matmul (26.3
+us) and the torch sums and copies of its partials (13.3 us) took 65 us. The
+counters are reset by the kernel itself, so no memset launch goes with it.
 
 Dtypes follow the rank pass: the products run in the promoted dtype of dY and
 B (for G) and of dY and h (for dB), in fp32 (IEEE, or TF32 when torch allows)
@@ -58,9 +59,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, dot_precision, empty, fit_stages, launch_counts, lora_dtype,
-                      mma, promote_pair, rank_block, sum_partials, target_programs,
-                      to_storage)
+from ._common import (INTERPRET, arrival_counters, dot_precision, empty, fit_stages,
+                      launch_counts, lora_dtype, mma, promote_pair, rank_block, sum_partials,
+                      target_programs, to_storage)
 from .lora_grad_weights import tn_matmul
 from .rank_product import rank_product
 
@@ -152,6 +153,7 @@ def _grad_output_kernel(
         for n0 in range(n_start, n_end, BLOCK_N):
             arrived = tl.atomic_add(counter_ptr + n0 // BLOCK_N, 1, sem="acq_rel")
             if arrived == row_blocks - 1:
+                tl.store(counter_ptr + n0 // BLOCK_N, 0)  # zero again for the next launch
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 in_n = offs_n < N
                 cols = offs_n.to(tl.int64)
@@ -172,6 +174,7 @@ def _grad_output_kernel(
                 row_counter += col_blocks
             arrived = tl.atomic_add(row_counter, 1, sem="acq_rel")
             if arrived == groups - 1:
+                tl.store(row_counter, 0)
                 g = sum_partials(gpart_ptr, rows[:, None] * BLOCK_R + offs_r[None, :],
                                  in_m[:, None] & all_r[None, :], groups,
                                  M.to(tl.int64) * BLOCK_R)
@@ -294,17 +297,16 @@ def grad_output(dy, lora_b, h, scale, grad_b, grad_bias=None, g_dtype=None):
     row_blocks = triton.cdiv(m, cfg.block_m)
     split_m = row_blocks > 1
     split_n = need_g and groups > 1
-    # fp32 partials (and int32 counters, zeroed) only where a block is split;
+    # fp32 partials (and int32 counters, zero) only where a block is split;
     # unused pointers get a one-element stand-in of the same dtype
-    f32, i32 = torch.float32, torch.int32
+    f32 = torch.float32
     unused = torch.empty(1, dtype=f32, device=dy.device)
     part = empty((row_blocks, n, block_r), f32, dy.device) if split_m else unused
     colpart = (empty((row_blocks, n), f32, dy.device) if split_m and grad_bias is not None
                else unused)
     gpart = empty((groups, m, block_r), f32, dy.device) if split_n else unused
     counters = (triton.cdiv(n, cfg.block_n) if split_m else 0) + (row_blocks if split_n else 0)
-    counter = (torch.zeros(counters, dtype=i32, device=dy.device) if counters
-               else torch.empty(1, dtype=i32, device=dy.device))
+    counter = arrival_counters(counters, dy.device)
     _grad_output_kernel[(row_blocks * groups,)](
         dy, lora_b, h, g if need_g else grad_b, grad_b,
         grad_bias if grad_bias is not None else grad_b, part, colpart, gpart, counter,

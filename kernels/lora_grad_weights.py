@@ -12,8 +12,9 @@ so one kernel serves them all: a program owns a BLOCK_P x BLOCK_Q tile of out
 and a slice of the M rows. When the output has too few tiles to fill the
 device, the rows are split: each slice writes an fp32 partial of its tile,
 then adds 1 to an int32 counter per tile (acq_rel, after a barrier, so every
-thread's partial is visible first; the launcher zeroes the counters, one
-memset); the slice that brings a counter to the number of slices sums that
+thread's partial is visible first; the counters are zero at the start and
+the slice that brings one to the number of slices sets it back to zero, so a
+kept buffer serves every launch, ``arrival_counters``); that slice sums the
 tile's partials in slice order and writes it in out's dtype. Deterministic (the
 order of the sum is fixed, no float atomics) and inside the one launch: no
 torch ops sum the partials afterwards. dA is written through transposed
@@ -34,8 +35,8 @@ import triton.language as tl
 
 from dataclasses import dataclass
 
-from ._common import (INTERPRET, dot_precision, empty, launch_counts, mma, promote_pair,
-                      sum_partials, target_programs, to_storage)
+from ._common import (INTERPRET, arrival_counters, dot_precision, empty, launch_counts, mma,
+                      promote_pair, sum_partials, target_programs, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
 
@@ -100,6 +101,7 @@ def _tn_matmul_kernel(
         arrived = tl.atomic_add(counter_ptr + pid_p * tl.num_programs(1) + pid_q, 1,
                                 sem="acq_rel")
         if arrived == splits - 1:
+            tl.store(counter_ptr + pid_p * tl.num_programs(1) + pid_q, 0)  # for the next launch
             acc = sum_partials(part_ptr, tile, in_tile, splits, P.to(tl.int64) * Q)
             if HAS_COLSUM:
                 colsum = sum_partials(colpart_ptr, cols_p, in_p, splits, P.to(tl.int64))
@@ -190,10 +192,10 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
     has_colsum = colsum is not None
     f32, i32 = torch.float32, torch.int32
     if splits > 1:
-        # fp32 partials per row slice and an int32 counter per output tile (zeroed)
+        # fp32 partials per row slice and an int32 counter per output tile (zero)
         part = empty((splits, p, q), f32, lhs.device)
         colpart = empty((splits, p), f32, lhs.device) if has_colsum else part
-        counter = torch.zeros(grid_p * grid_q, dtype=i32, device=lhs.device)
+        counter = arrival_counters(grid_p * grid_q, lhs.device)
     else:  # unused: one-element stand-ins of the same dtypes
         part = colpart = torch.empty(1, dtype=f32, device=lhs.device)
         counter = torch.empty(1, dtype=i32, device=lhs.device)

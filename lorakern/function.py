@@ -8,12 +8,11 @@ layer keeps M * r * 4 bytes for h when the adapters (or x) are fp32, M * r * 2
 with 16-bit adapters of x's dtype, and an int.
 
 Backward launches (dX, dA, dB and db, W frozen): one pass over dY that makes
-G = dY B (fp32 with fp32 adapters), dB and db together (kernels/grad_output.py,
-with a memset of its counters); dX by the GEMM with the rank term in its
-epilogue (strategy ``fused``) or by torch's matmul onto the masked rank term
-(``cublas``; the dispatch point picks, kernels/lora_layer.py); dA from x and G
-(tn_matmul, with a memset of its counters). So dY is read once for the rank
-work and once by the dX GEMM. Without dB, G comes from the rank pass; past the
+G = dY B (fp32 with fp32 adapters), dB and db together (kernels/grad_output.py);
+dX by the GEMM with the rank term in its epilogue (strategy ``fused``) or by
+torch's matmul onto the masked rank term (``cublas``; the dispatch point picks,
+kernels/lora_layer.py); dA from x and G (tn_matmul). So dY is read once for the
+rank work and once by the dX GEMM. Without dB, G comes from the rank pass; past the
 one pass's partial budget (ranks over 32, over 16 with fp32 adapters on a
 16-bit base), from the rank pass with dB and db from tn_matmul. dW only when
 W trains. Only the gradients autograd asks for are computed.

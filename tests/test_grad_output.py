@@ -241,3 +241,26 @@ def test_tn_matmul_sums_its_row_slices_in_the_launch(colsum, dropout_p, dtype, d
     assert torch.equal(out, again)
     if colsum:
         assert torch.equal(sums, sums_again)
+
+
+def _kept_counters():
+    from lorakern.kernels import _common
+    return list(_common._ARRIVAL_COUNTERS.values())
+
+
+def test_the_kernels_leave_their_arrival_counters_at_zero(device, monkeypatch):
+    """The counters of the in-launch sums live in one kept buffer per device and
+    stream, with no memset between launches: every launch that counts on them
+    (column blocks and row blocks of the one pass, row slices of tn_matmul)
+    sets each back to zero, and the next launch sums correctly."""
+    monkeypatch.setattr(grad_output_module, "target_programs", lambda device: 256)
+    monkeypatch.setattr(grad_output_module, "PARTIAL_SHARE", 1e9)  # G's counters too
+    monkeypatch.setattr(lora_grad_weights, "target_programs", lambda device: 64)
+    inputs = _inputs(300, 130, 16, torch.float32, torch.float32, "contiguous", device, seed=4)
+    for _ in range(2):  # the second launch finds the counters as the first left them
+        _check(*inputs, True)
+    lhs, rhs = inputs[0], inputs[2]
+    out = kernels.empty((130, 16), torch.float32, device)
+    kernels.tn_matmul(lhs, rhs, out, 1.0, rank_block=16)
+    counters = _kept_counters()
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
