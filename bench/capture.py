@@ -200,26 +200,11 @@ TRAINING_NEEDS = (True, False, True, True, True)
 SEED = 1234
 
 
-@contextlib.contextmanager
-def strategy_forced(strategy):
-    """LORAKERN_STRATEGY set to ``strategy`` inside (None: left as it is)."""
-    if strategy is None:
-        yield
-        return
-    saved = os.environ.get("LORAKERN_STRATEGY")
-    os.environ["LORAKERN_STRATEGY"] = strategy
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("LORAKERN_STRATEGY", None)
-        else:
-            os.environ["LORAKERN_STRATEGY"] = saved
-
-
 def capture_case(case, arch, strategy=None):
     """{'fwd': [...], 'bwd': [...]}: the launches and torch ops of one case, in
     ``strategy`` ('fused' or 'cublas'; None: the dispatch point's choice)."""
+    from lorakern._backend import strategy_forced
+
     with strategy_forced(strategy):
         return _capture_case(case, arch)
 

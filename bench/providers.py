@@ -3,11 +3,9 @@
 Each provider builds a ``Layer`` from one set of ``LayerInputs`` (sharing
 their storage: every provider reads the very same tensors) and a ``Case``.
 """
-import contextlib
 import importlib.util
-import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -43,21 +41,10 @@ class Provider:
     dropout: bool = True           # can apply dropout > 0
     requires: Tuple[str, ...] = ()
     compiled: bool = False
-    # environment while the provider is built and timed (lorakern's strategy)
-    env: Dict[str, str] = field(default_factory=dict)
+    strategy: Optional[str] = None  # lorakern's, forced while built and timed
 
-    @contextlib.contextmanager
     def environment(self):
-        saved = {name: os.environ.get(name) for name in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        return _backend.strategy_forced(self.strategy)
 
     def unavailable(self):
         """Why this provider cannot run here, or None."""
@@ -138,11 +125,11 @@ PROVIDERS = {p.name: p for p in [
     Provider("merged", "W + s·B·A merged once: inference forward only", build_merged,
              modes=("forward",), dropout=False),
     Provider("lorakern", "lorakern.lora_linear, strategy chosen by its tuner (the default)",
-             build_lorakern, env={"LORAKERN_STRATEGY": "auto"}),
+             build_lorakern, strategy="auto"),
     Provider("lorakern:fused", "lorakern.lora_linear, LORAKERN_STRATEGY=fused: Triton GEMMs "
-             "with the LoRA term inside", build_lorakern, env={"LORAKERN_STRATEGY": "fused"}),
+             "with the LoRA term inside", build_lorakern, strategy="fused"),
     Provider("lorakern:cublas", "lorakern.lora_linear, LORAKERN_STRATEGY=cublas: torch's "
-             "matmul onto the LoRA term", build_lorakern, env={"LORAKERN_STRATEGY": "cublas"}),
+             "matmul onto the LoRA term", build_lorakern, strategy="cublas"),
 ]}
 
 

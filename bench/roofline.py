@@ -21,7 +21,6 @@ The baselines (cuBLAS GEMMs, eager elementwise ops) use the same constants: a
 GEMM at max(FLOPs / (peak x cuBLAS efficiency), bytes / HBM), an elementwise op
 at bytes / HBM, each plus the launch cost.
 """
-import math
 from dataclasses import asdict, dataclass
 
 

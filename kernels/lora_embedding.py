@@ -180,7 +180,7 @@ def lora_embedding_backward(grad_y, ids, weight, lora_a, lora_b, scale, padding_
                             need_a, need_b, need_e):
     """(dE, dA, dB), None where not needed. grad_y (T, D), ids (T)."""
     t, d = grad_y.shape
-    v, r = weight.shape[0], lora_a.shape[0]
+    r = lora_a.shape[0]
     device = grad_y.device
     # ids that no token names get zero gradients: these buffers start at zero
     grad_e = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_e else None

@@ -43,7 +43,8 @@ import triton.language as tl
 from ._common import (INTERPRET, dot_precision, empty, fit_stages, grouped_tile,
                       launch_counts, mma, promote_pair, rank_block, to_storage)
 from .dropout import dropout_threshold
-from .lora_term import lora_term_tile, scaled_and_masked
+from .lora_term import (RANK_BLOCKS, epilogue_rank_block, lora_term_tile,
+                        scaled_and_masked, widest_rank_block)
 from .rank_product import rank_tile
 
 
@@ -160,13 +161,6 @@ GEMM_LARGE_M_FP32 = GemmConfig(128, 128, 32, num_warps=8, num_stages=4)
 # per thread; same K depth (half for fp32 operands) and stages as the table's
 GEMM_LARGE_M_ALTERNATIVES = (GemmConfig(128, 64, 64, num_warps=4, num_stages=4),
                              GemmConfig(64, 128, 64, num_warps=4, num_stages=4))
-RANK_BLOCKS = (16, 32, 64)
-
-
-def epilogue_rank_block(rank, pq_bytes):
-    """The epilogue's rank chunk: the padded rank, at most 64 (32 for fp32 P
-    and Q), so that the P and Q tiles stay small next to the accumulators."""
-    return min(rank_block(rank), 64 if pq_bytes <= 2 else 32)
 
 
 def lora_gemm_config(m, l_bytes, block_r, pq_bytes):
@@ -212,7 +206,7 @@ def lora_gemm_candidates(l_bytes, pq_bytes):
     """Every (config, rank block) pair the launcher can pick on a GPU, the
     tuner's alternatives included."""
     pairs = {(cfg, block_r)
-             for block_r in RANK_BLOCKS if block_r <= (64 if pq_bytes <= 2 else 32)
+             for block_r in RANK_BLOCKS if block_r <= widest_rank_block(pq_bytes)
              for m in (1, 128, 8192)
              for cfg in _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes)}
     return sorted(pairs, key=repr)

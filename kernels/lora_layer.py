@@ -126,17 +126,11 @@ def lora_grad_output(grad_y, lora_a, lora_b, h, scale, grad_b, grad_bias, need_g
     return grad_output(grad_y, lora_b, h, scale, grad_b, grad_bias, g_dtype if need_g else None)
 
 
-def lora_grad_input(grad_y, weight, lora_a, lora_b, scale, dropout_p, seed, need_dx,
-                    plan=None, g=None):
-    """(dX or None, G) for a 2-D dY; dX in dY's dtype. G = dY @ B in the rank
-    dtype is ``g`` when given (lora_grad_output), else made here by the rank pass.
+def lora_grad_input(grad_y, weight, lora_a, lora_b, g, scale, dropout_p, seed, plan=None):
+    """dX for a 2-D dY, in dY's dtype, from G = dY @ B (``lora_grad_output``).
     ``plan`` defaults to the table's choice for dY."""
-    if g is None:
-        g = rank_product(grad_y, lora_b, lora_dtype(grad_y, lora_a, lora_b))
-    dx = None
-    if need_dx:
-        plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b)[0]
-        dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None,
-                             scale * keep_scale(dropout_p), dropout_p, seed)
+    plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b)[0]
+    dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None, scale * keep_scale(dropout_p),
+                         dropout_p, seed)
     launch_counts["lora_grad_input"] += 1
-    return dx, g
+    return dx

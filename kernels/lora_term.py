@@ -125,12 +125,19 @@ TERM_ONE_CHUNK = TermConfig(32, 256, num_warps=4)
 # chunk, and 64 x 128 tiles read half as much of Q per output (r = 128: 29.9
 # against 40.1 us)
 TERM_CHUNKED = TermConfig(64, 128, num_warps=4)
-TERM_RANK_BLOCKS = (16, 32, 64)
+# the rank chunks of the LoRA term, here and in the fused GEMM's epilogue
+RANK_BLOCKS = (16, 32, 64)
 
 
-def term_rank_block(rank, pq_bytes):
-    """The rank chunk: the padded rank, at most 64 (32 for fp32 P and Q)."""
-    return min(rank_block(rank), 64 if pq_bytes <= 2 else 32)
+def widest_rank_block(pq_bytes):
+    """The widest rank chunk: 64, or 32 for fp32 P and Q, so that the P and Q
+    tiles stay small next to the output tile's accumulators."""
+    return 64 if pq_bytes <= 2 else 32
+
+
+def epilogue_rank_block(rank, pq_bytes):
+    """The rank chunk for a rank: the padded rank, at most the widest."""
+    return min(rank_block(rank), widest_rank_block(pq_bytes))
 
 
 def lora_term_config(rank, pq_bytes):
@@ -140,14 +147,14 @@ def lora_term_config(rank, pq_bytes):
 
 
 def lora_term_config_gpu(rank, pq_bytes):
-    one_chunk = rank_block(rank) <= term_rank_block(rank, pq_bytes)
+    one_chunk = rank_block(rank) <= widest_rank_block(pq_bytes)
     return TERM_ONE_CHUNK if one_chunk else TERM_CHUNKED
 
 
 def lora_term_candidates(pq_bytes):
     """Every (config, rank block) pair the launcher can pick on a GPU."""
-    widest = 64 if pq_bytes <= 2 else 32
-    return ([(TERM_ONE_CHUNK, block_r) for block_r in TERM_RANK_BLOCKS if block_r <= widest]
+    widest = widest_rank_block(pq_bytes)
+    return ([(TERM_ONE_CHUNK, block_r) for block_r in RANK_BLOCKS if block_r <= widest]
             + [(TERM_CHUNKED, widest)])
 
 
@@ -162,7 +169,7 @@ def lora_term(p, q, bias, lora_scale, out_dtype, *, dropout_p=0.0, seed=0):
     if m == 0 or n == 0:
         return out
     pq_dtype = torch.promote_types(p.dtype, q.dtype)
-    block_r = term_rank_block(r, pq_dtype.itemsize)
+    block_r = epilogue_rank_block(r, pq_dtype.itemsize)
     cfg = lora_term_config(r, pq_dtype.itemsize)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None

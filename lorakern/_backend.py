@@ -17,6 +17,7 @@ see kernels/lora_layer.py) and, for ``fused``, the GEMM's tile config:
   caches the fastest (``LORAKERN_AUTOTUNE=0``: the table's choice);
 - elsewhere (the interpreter), the table's choice.
 """
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -56,6 +57,27 @@ def requested_strategy():
         raise ValueError(f"LORAKERN_STRATEGY={value!r}; expected 'fused', 'cublas' or "
                          f"'auto' (unset)")
     return value or "auto"
+
+
+@contextlib.contextmanager
+def strategy_forced(strategy):
+    """LORAKERN_STRATEGY set to ``strategy`` ('auto', 'fused' or 'cublas') inside,
+    and put back after; None leaves it as it is. An environment variable, not a
+    thread-local: the backward runs in autograd's threads."""
+    if strategy is None:
+        yield
+        return
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}; expected 'fused', 'cublas' or 'auto'")
+    saved = os.environ.get("LORAKERN_STRATEGY")
+    os.environ["LORAKERN_STRATEGY"] = strategy
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LORAKERN_STRATEGY", None)
+        else:
+            os.environ["LORAKERN_STRATEGY"] = saved
 
 
 def tunes_on(device):

@@ -78,11 +78,10 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
                                      grad_bias if need_b else None, need_g)
     if need_x:
         def run(plan):
-            return kernels.lora_grad_input(dy, weight, lora_A, lora_B, scale, dropout_p, seed,
-                                           True, plan, g=g)
+            return kernels.lora_grad_input(dy, weight, lora_A, lora_B, g, scale, dropout_p,
+                                           seed, plan)
 
-        dx, _ = run(choose_plan("grad_input", kernels, dy, weight, lora_A, lora_B, dropout_p,
-                                run))
+        dx = run(choose_plan("grad_input", kernels, dy, weight, lora_A, lora_B, dropout_p, run))
         grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
     if need_a:
         grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
