@@ -125,7 +125,9 @@ def _launch_recorder(arch, sink):
         if callable(grid):
             grid = grid(bound)
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        tensors = {name: (_tensor_key(v), _nbytes(v)) for name, v in bound.items()
+        # a TMA descriptor reads the tensor it describes
+        operands = {name: getattr(v, "base", v) for name, v in bound.items()}
+        tensors = {name: (_tensor_key(v), _nbytes(v)) for name, v in operands.items()
                    if isinstance(v, torch.Tensor)}
         ints = {name: v for name, v in bound.items()
                 if isinstance(v, int) and not isinstance(v, bool)}
@@ -157,6 +159,11 @@ def recording(arch):
     sink = []
     original_run = JITFunction.run
     patched = _patch_target_programs(2 * SM_COUNT[arch])
+    # the launchers ask the GPU whether it has TMA: the target arch answers
+    from lorakern.kernels import _common
+    patched.append((_common, "tma_supported", _common.tma_supported))
+    _common.tma_supported = lambda device, _tma=arch >= 90: _tma and \
+        _common.TensorDescriptor is not None
     JITFunction.run = _launch_recorder(arch, sink)
     try:
         with _TorchOpRecorder(sink):

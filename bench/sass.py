@@ -227,6 +227,12 @@ def loop_trips(ttir, int_args):
         match = _TTIR_DEF.match(line)
         if match and match.group(3).split(":")[0].strip() and "tensor<" not in line:
             defs[match.group(1)] = (match.group(2), match.group(3))
+    return [_trips(bounds, defs, int_args) for _, bounds in _innermost_dot_loops(lines)]
+
+
+def _innermost_dot_loops(lines):
+    """(body line span, (lower, upper, step) names) of each innermost ``scf.for``
+    holding a dot, in program order."""
     loops = []  # (indent, line index, bounds)
     for index, line in enumerate(lines):
         match = _TTIR_FOR.match(line)
@@ -243,10 +249,30 @@ def loop_trips(ttir, int_args):
     spans = [(body(indent, start), bounds) for indent, start, bounds in loops]
     with_dot = [(span, bounds) for span, bounds in spans
                 if any(op in lines[i] for i in range(*span) for op in DOT_OPS)]
-    innermost = [(span, bounds) for span, bounds in with_dot
-                 if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
-                            for other, _ in with_dot)]
-    return [_trips(bounds, defs, int_args) for _, bounds in innermost]
+    return [(span, bounds) for span, bounds in with_dot
+            if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
+                       for other, _ in with_dot)]
+
+
+_DESCRIPTOR_LOAD = re.compile(r"tt\.descriptor_load .*-> tensor<([\dx]+)x(\w+)>")
+_ELEMENT_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i8": 1, "f8E4M3FN": 1, "f8E5M2": 1}
+
+
+def descriptor_load_bytes(ttir):
+    """Bytes the TMA unit loads per trip of each innermost loop holding a dot
+    (``tt.descriptor_load`` boxes: one per load per trip), in program order.
+    TMA copies are not LDG/LDGSTS instructions, so the SASS widths miss them."""
+    lines = ttir.splitlines()
+    totals = []
+    for (start, end), _ in _innermost_dot_loops(lines):
+        total = 0
+        for line in lines[start:end]:
+            match = _DESCRIPTOR_LOAD.search(line)
+            if match:
+                elements = math.prod(int(d) for d in match.group(1).split("x"))
+                total += elements * _ELEMENT_BYTES[match.group(2)]
+        totals.append(total)
+    return totals
 
 
 def main_loop_trips(ttir, int_args):
@@ -316,6 +342,9 @@ def analyse(name, arch, metadata, cubin, ttir):
         return sum(access_bytes(i) * 32 * warps for i in instructions
                    if i.base in GLOBAL_MEMORY)
 
+    # TMA boxes of the Triton IR's loops, matched to the SASS loops in order
+    tma_bytes = descriptor_load_bytes(ttir) if ttir else []
+    tma_bytes = tma_bytes if len(tma_bytes) == len(loops) else [0] * len(loops)
     mix = {"kernel": instruction_mix(sass.instructions),
            "main_loop": instruction_mix(inside) if loop else None,
            "main_loop_philox_rounds": philox_rounds(inside) if loop else 0.0,
@@ -331,12 +360,14 @@ def analyse(name, arch, metadata, cubin, ttir):
         main_loop_instructions=len(inside), other_instructions=len(outside),
         loop_tensor_flops=sum(tensor_flops(i, warps) for i in inside),
         other_tensor_flops=sum(tensor_flops(i, warps) for i in outside),
-        loop_global_bytes=global_bytes(inside), other_global_bytes=global_bytes(outside),
+        loop_global_bytes=global_bytes(inside) + (tma_bytes[0] if loop else 0),
+        other_global_bytes=global_bytes(outside),
         ttir=ttir,
         later_loops=[{"instructions": len(body),
                       "tensor_flops": sum(tensor_flops(i, warps) for i in body),
-                      "global_bytes": global_bytes(body),
-                      "imads": sum(i.base == "IMAD" for i in body)} for body in later])
+                      "global_bytes": global_bytes(body) + box_bytes,
+                      "imads": sum(i.base == "IMAD" for i in body)}
+                     for body, box_bytes in zip(later, tma_bytes[1:])])
 
 
 _COMPILED = {}

@@ -240,6 +240,7 @@ def describe_launches(launch_log):
                        kernel=report.as_json(), spill_instructions=report.spill_instructions,
                        main_loop_instructions=report.main_loop_instructions,
                        other_instructions=report.other_instructions,
+                       loop_global_bytes=report.loop_global_bytes,
                        later_loop_instructions=_later_loop_instructions(report, d),
                        terms_us={k: d[k] * 1e6 for k in ("tensor", "issue", "hbm", "l2")},
                        ctas_per_sm=d["ctas_per_sm"])

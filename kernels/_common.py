@@ -10,6 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernels only
+    TensorDescriptor = None
+
 # Decided once, like the @triton.jit decorations of this package: the
 # interpreter mode of a kernel cannot change after it has been decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -38,7 +43,13 @@ def promote_pair(a, b):
 def grouped_tile(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, walking GROUP_M row blocks per column
     block so that neighbouring programs share weight tiles in L2."""
-    pid = tl.program_id(0)
+    return grouped_tile_of(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+
+
+@triton.jit
+def grouped_tile_of(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile ``pid`` in ``grouped_tile``'s order (a persistent
+    program walks several)."""
     pids_per_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_per_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
@@ -137,6 +148,27 @@ def target_programs(device):
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return 2 * _SM_COUNT[index]
+
+
+_CAPABILITY = {}
+
+
+def tma_supported(device):
+    """Whether the GPU has the Tensor Memory Accelerator (sm_90 and later) and the
+    installed Triton takes host tensor descriptors; capability queried on first use."""
+    if device.type != "cuda" or TensorDescriptor is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index] >= (9, 0)
+
+
+def tma_ready(t):
+    """Whether a 2-D tensor can back a TMA descriptor as laid out: unit stride
+    along its last dim, the other stride and the base 16-byte aligned, no empty dim."""
+    return (t.dim() == 2 and t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 # Pipelined operand tiles and the epilogue's tiles may use this much shared

@@ -40,8 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, dot_precision, empty, fit_stages, grouped_tile,
-                      launch_counts, mma, promote_pair, rank_block, to_storage)
+from ._common import (INTERPRET, TensorDescriptor, dot_precision, empty, fit_stages,
+                      grouped_tile, launch_counts, mma, promote_pair, rank_block, tma_ready,
+                      to_storage)
 from .dropout import dropout_threshold
 from .lora_term import (RANK_BLOCKS, epilogue_rank_block, lora_term_tile,
                         scaled_and_masked, widest_rank_block)
@@ -99,12 +100,66 @@ def _lora_gemm_kernel(
                               offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N, lora_scale,
                               threshold, seed, BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT,
                               UPCAST_DOT, RANK_DOT_PRECISION)
+    _store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
+                     in_m, in_n, HAS_BIAS, UPCAST_DOT)
+
+
+@triton.jit
+def _store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
+                     in_m, in_n, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """out = acc + bias, rounded once to out's dtype."""
+    cols = offs_n.to(tl.int64)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
              to_storage(acc, out_ptr.dtype.element_ty, UPCAST_DOT),
              mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _lora_gemm_tma_kernel(
+    # tensor descriptors (TMA): L (M, K); Rt as (K, N), or as its transpose (N, K)
+    l_desc, rt_desc,
+    # pointers
+    p_ptr, q_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_pm, stride_pr, stride_qr, stride_qn, stride_bias, stride_om, stride_on,
+    # scalars
+    lora_scale, threshold, seed,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, RT_TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RANK_DOT_PRECISION: tl.constexpr,
+):
+    """The same GEMM with its operand tiles fetched by the Tensor Memory
+    Accelerator (sm_90+): no address arithmetic or bounds masks in the main
+    loop (the TMA unit fills out-of-range rows and columns with zeros), the
+    registers left to the accumulators."""
+    pid_m, pid_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        lhs = l_desc.load([row0, k0])
+        if RT_TRANSPOSED:
+            rhs = rt_desc.load([col0, k0]).T
+        else:
+            rhs = rt_desc.load([k0, col0])
+        acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    acc += lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
+                          offs_m, offs_n, in_m, in_n, col0, lora_scale, threshold, seed,
+                          BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT, UPCAST_DOT, RANK_DOT_PRECISION)
+    _store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
+                     in_m, in_n, HAS_BIAS, UPCAST_DOT)
 
 
 @triton.jit
@@ -147,9 +202,11 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    tma: bool = False  # operand tiles by TMA descriptors (_lora_gemm_tma_kernel)
 
 
 GEMM_INTERPRET = GemmConfig(16, 32, 32, num_warps=1, num_stages=1, group_m=2)
+GEMM_INTERPRET_TMA = replace(GEMM_INTERPRET, tma=True)
 DECODE_M = 16  # the token counts of GEMM_DECODE
 GEMM_DECODE = GemmConfig(16, 32, 128, num_warps=4, num_stages=4)
 GEMM_SMALL_M = GemmConfig(64, 64, 64, num_warps=4, num_stages=4)
@@ -161,12 +218,25 @@ GEMM_LARGE_M_FP32 = GemmConfig(128, 128, 32, num_warps=8, num_stages=4)
 # per thread; same K depth (half for fp32 operands) and stages as the table's
 GEMM_LARGE_M_ALTERNATIVES = (GemmConfig(128, 64, 64, num_warps=4, num_stages=4),
                              GemmConfig(64, 128, 64, num_warps=4, num_stages=4))
+# sm_90 and later, 16-bit operands aligned for TMA (``tma_operands``): the
+# table's tile with its operand tiles fetched by the TMA unit. 128 x 256 tiles
+# would halve the L2 traffic per flop but keep 296-1248 bytes of registers on
+# the stack at 8 or 16 warps with triton 3.7.1, and so does the fp32 build with
+# IEEE products (bench/NOTES.md): neither is offered
+GEMM_LARGE_M_TMA = replace(GEMM_LARGE_M, tma=True)
 
 
-def lora_gemm_config(m, l_bytes, block_r, pq_bytes):
+def lora_gemm_config(m, l_bytes, block_r, pq_bytes, tma=False):
+    """The table's config. Under the interpreter one small tile, in its TMA
+    build where a GPU would take one for 16-bit operands, at any M past
+    decode (so the small shapes of the tests reach it)."""
     if INTERPRET:
-        return GEMM_INTERPRET
-    return lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes)
+        return GEMM_INTERPRET_TMA if _tma_build(m > DECODE_M, l_bytes, tma) else GEMM_INTERPRET
+    return lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma)
+
+
+def _tma_build(large_m, l_bytes, tma):
+    return tma and large_m and l_bytes <= 2
 
 
 def _fitted(cfg, l_bytes, block_r, pq_bytes):
@@ -177,12 +247,13 @@ def _fitted(cfg, l_bytes, block_r, pq_bytes):
     return cfg
 
 
-def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes):
+def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma=False):
     """Tiles by token count M; as many stages of the L and Rt tiles as fit.
     The epilogue's P (BLOCK_M x BLOCK_R) and Q (BLOCK_R x BLOCK_N) tiles reuse
     the pipeline's shared memory once the main loop is done (the compiled
     kernels need stages x stage bytes, nothing more), so they count only when
-    larger than the pipeline."""
+    larger than the pipeline. With ``tma`` (sm_90+, operands that allow it)
+    large M in a 16-bit dtype takes the TMA build of the same tile."""
     if m <= DECODE_M:
         cfg = GEMM_DECODE
     elif m <= 128:
@@ -190,40 +261,61 @@ def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes):
     elif l_bytes >= 4:
         cfg = GEMM_LARGE_M_FP32
     else:
-        cfg = GEMM_LARGE_M
+        cfg = GEMM_LARGE_M_TMA if _tma_build(True, l_bytes, tma) else GEMM_LARGE_M
     return _fitted(cfg, l_bytes, block_r, pq_bytes)
 
 
-def lora_gemm_tuning_configs(m, l_bytes, block_r, pq_bytes):
+def lora_gemm_tuning_configs(m, l_bytes, block_r, pq_bytes, tma=False):
     """The configs the tuner may time for M tokens: the table's choice first;
-    at large M on a GPU, the alternatives too (fitted to shared memory)."""
+    at large M on a GPU, the alternatives too (fitted to shared memory), the
+    pointer build of the table's tile among them when the TMA one leads."""
     if INTERPRET:
-        return [GEMM_INTERPRET]
-    return _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes)
+        configs = [lora_gemm_config(m, l_bytes, block_r, pq_bytes, tma)]
+        return configs + ([GEMM_INTERPRET] if configs[0].tma else [])
+    return _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma)
 
 
-def lora_gemm_candidates(l_bytes, pq_bytes):
+def lora_gemm_candidates(l_bytes, pq_bytes, tma=False):
     """Every (config, rank block) pair the launcher can pick on a GPU, the
-    tuner's alternatives included."""
+    tuner's alternatives included: the pointer builds, or with ``tma`` the
+    TMA builds (sm_90+)."""
     pairs = {(cfg, block_r)
              for block_r in RANK_BLOCKS if block_r <= widest_rank_block(pq_bytes)
              for m in (1, 128, 8192)
-             for cfg in _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes)}
+             for cfg in _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma)
+             if cfg.tma == tma}
     return sorted(pairs, key=repr)
 
 
-def _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes):
-    chosen = lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes)
+def _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma=False):
+    chosen = lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma)
     if m <= 128:
         return [chosen]
     alternatives = [replace(cfg, block_k=cfg.block_k // 2) if l_bytes >= 4 else cfg
                     for cfg in GEMM_LARGE_M_ALTERNATIVES]
+    if chosen.tma:
+        alternatives.insert(0, replace(chosen, tma=False))
     return [chosen] + [_fitted(cfg, l_bytes, block_r, pq_bytes) for cfg in alternatives]
 
 
 def config_name(cfg):
-    """A config as the tuner names it, e.g. ``128x128x64:w8:s4``."""
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}:w{cfg.num_warps}:s{cfg.num_stages}"
+    """A config as the tuner names it, e.g. ``128x128x64:w8:s4`` (``:tma`` added
+    for the TMA build)."""
+    name = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}:w{cfg.num_warps}:s{cfg.num_stages}"
+    return name + (":tma" if cfg.tma else "")
+
+
+def tma_operands(lhs, rhs_t):
+    """(rt, transposed) when lhs (M, K) and rhs_t (K, N) can be read through TMA
+    descriptors: rt is rhs_t itself (N contiguous, dX's W) or its transpose
+    (K contiguous: the forward's W^T read as W); None when either cannot."""
+    if not tma_ready(lhs):
+        return None
+    if tma_ready(rhs_t):
+        return rhs_t, False
+    if tma_ready(rhs_t.t()):
+        return rhs_t.t(), True
+    return None
 
 
 def rank_in_kernel(m, n, rank, pq_bytes):
@@ -269,6 +361,10 @@ def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, conf
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     threshold = dropout_threshold(max(dropout_p, rank_dropout_p))
+    if cfg.tma:
+        _launch_tma(cfg, grid, lhs, rhs_t, p, q, bias, out, lora_scale, threshold, seed,
+                    block_r, pq_dtype, in_kernel)
+        return out
     _lora_gemm_kernel[grid](
         lhs, rhs_t, p, q, rank_rt if in_kernel else p, bias if has_bias else out, out,
         m, n, k, r,
@@ -286,3 +382,34 @@ def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, conf
     )
     launch_counts["lora_gemm"] += 1
     return out
+
+
+def _launch_tma(cfg, grid, lhs, rhs_t, p, q, bias, out, lora_scale, threshold, seed, block_r,
+                pq_dtype, in_kernel):
+    operands = tma_operands(lhs, rhs_t)
+    if TensorDescriptor is None or in_kernel or operands is None:
+        why = ("this Triton has no tensor descriptors" if TensorDescriptor is None else
+               "the decode GEMM that makes h is built without TMA" if in_kernel else
+               f"TMA needs unit-stride rows, 16-byte aligned row strides and bases and no "
+               f"empty dim: lhs {tuple(lhs.shape)} strides {lhs.stride()}, rhs_t "
+               f"{tuple(rhs_t.shape)} strides {rhs_t.stride()}")
+        raise ValueError(f"lora_gemm: config {config_name(cfg)} cannot run: {why}")
+    rt, transposed = operands
+    l_desc = TensorDescriptor.from_tensor(lhs, [cfg.block_m, cfg.block_k])
+    rt_block = [cfg.block_n, cfg.block_k] if transposed else [cfg.block_k, cfg.block_n]
+    rt_desc = TensorDescriptor.from_tensor(rt, rt_block)
+    has_bias = bias is not None
+    _lora_gemm_tma_kernel[grid](
+        l_desc, rt_desc, p, q, bias if has_bias else out, out,
+        lhs.shape[0], out.shape[1], lhs.shape[1], p.shape[1],
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
+        float(lora_scale), threshold, seed,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+        GROUP_M=cfg.group_m, RT_TRANSPOSED=transposed, HAS_BIAS=has_bias,
+        HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
+        DOT_PRECISION=dot_precision(lhs.dtype), RANK_DOT_PRECISION=dot_precision(pq_dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    launch_counts["lora_gemm"] += 1
+    launch_counts["lora_gemm_tma"] += 1

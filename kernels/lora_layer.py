@@ -41,11 +41,12 @@ dX given G) as well as each kernel.
 from dataclasses import dataclass
 from typing import Optional
 
+from . import _common
 from ._common import empty, launch_counts, lora_dtype
 from .dropout import keep_scale
 from .grad_output import grad_output
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
-                        lora_gemm_tuning_configs, rank_in_kernel)
+                        lora_gemm_tuning_configs, rank_in_kernel, tma_operands)
 from .lora_term import lora_term
 from .rank_product import rank_product
 
@@ -68,13 +69,17 @@ class Plan:
         return self.strategy if self.gemm is None else f"{self.strategy}:{config_name(self.gemm)}"
 
 
-def layer_plans(m, x, lora_a, lora_b):
+def layer_plans(m, x, lora_a, lora_b, weight=None):
     """Every plan for a call with M tokens of x's dtype (forward or grad-input:
-    the GEMM's left operand is x or dY, of one dtype), the table's choice first."""
+    the GEMM's left operand is x or dY, of one dtype), the table's choice first.
+    With ``weight`` given, the fused GEMM's TMA builds lead where the GPU has
+    TMA and x (or dY) and W can be read through descriptors."""
     pq_bytes = lora_dtype(x, lora_a, lora_b).itemsize
     block_r = epilogue_rank_block(lora_a.shape[0], pq_bytes)
+    tma = (weight is not None and _common.tma_supported(x.device)
+           and tma_operands(x, weight) is not None)
     fused = [Plan("fused", cfg)
-             for cfg in lora_gemm_tuning_configs(m, x.element_size(), block_r, pq_bytes)]
+             for cfg in lora_gemm_tuning_configs(m, x.element_size(), block_r, pq_bytes, tma)]
     cublas = [Plan("cublas")]
     return cublas + fused if m >= CUBLAS_FROM_M else fused + cublas
 
@@ -87,7 +92,7 @@ def _base_plus(c, lhs, rhs_t):
 def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=None):
     """(y, h) for a 2-D x; y in x's dtype, h = drop(x) @ A^T in the rank dtype.
     ``plan`` defaults to the table's choice for x."""
-    plan = plan or layer_plans(x.shape[0], x, lora_a, lora_b)[0]
+    plan = plan or layer_plans(x.shape[0], x, lora_a, lora_b, weight)[0]
     rank_dtype = lora_dtype(x, lora_a, lora_b)
     if plan.strategy == "fused" and rank_in_kernel(x.shape[0], weight.shape[0],
                                                    lora_a.shape[0], rank_dtype.itemsize):
@@ -129,7 +134,7 @@ def lora_grad_output(grad_y, lora_a, lora_b, h, scale, grad_b, grad_bias, need_g
 def lora_grad_input(grad_y, weight, lora_a, lora_b, g, scale, dropout_p, seed, plan=None):
     """dX for a 2-D dY, in dY's dtype, from G = dY @ B (``lora_grad_output``).
     ``plan`` defaults to the table's choice for dY."""
-    plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b)[0]
+    plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b, weight)[0]
     dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None, scale * keep_scale(dropout_p),
                          dropout_p, seed)
     launch_counts["lora_grad_input"] += 1

@@ -89,7 +89,7 @@ def tunes_on(device):
 def choose_plan(direction, kernels, lhs, weight, lora_A, lora_B, dropout_p, run):
     """The plan (strategy and config) for a forward (``lhs`` = x) or grad-input
     (``lhs`` = dY) call; ``run(plan)`` launches that call, for the tuner."""
-    plans = kernels.layer_plans(lhs.shape[0], lhs, lora_A, lora_B)
+    plans = kernels.layer_plans(lhs.shape[0], lhs, lora_A, lora_B, weight)
     requested = requested_strategy()
     if requested != "auto":
         plans = [plan for plan in plans if plan.strategy == requested]
@@ -98,7 +98,8 @@ def choose_plan(direction, kernels, lhs, weight, lora_A, lora_B, dropout_p, run)
     from . import autotune
 
     by_name = {plan.name: plan for plan in plans}
-    key = autotune.tuning_key(direction, lhs, weight, lora_A, lora_B, dropout_p)
+    tma = any(plan.gemm is not None and plan.gemm.tma for plan in plans)
+    key = autotune.tuning_key(direction, lhs, weight, lora_A, lora_B, dropout_p, tma=tma)
     chosen = autotune.choose(key, {name: (lambda plan=plan: run(plan))
                                    for name, plan in by_name.items()}, plans[0].name)
     return by_name[chosen]

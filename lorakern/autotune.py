@@ -104,8 +104,10 @@ def _device_label(device):
     return str(device.type)
 
 
-def tuning_key(direction, x, weight, lora_A, lora_B, dropout_p, *, rank_block=None):
-    """The dict that names one tuning problem; timings are only reused for an equal key."""
+def tuning_key(direction, x, weight, lora_A, lora_B, dropout_p, *, rank_block=None, tma=False):
+    """The dict that names one tuning problem; timings are only reused for an equal key.
+    ``tma``: whether the candidates include the TMA builds (aligned operands on
+    sm_90+), so aligned and unaligned calls of one shape keep separate choices."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}; expected one of {DIRECTIONS}")
     out_features, in_features = weight.shape[0], weight.shape[1]
@@ -124,6 +126,7 @@ def tuning_key(direction, x, weight, lora_A, lora_B, dropout_p, *, rank_block=No
         "k": int(k),
         "rank_block": int(rank_block),
         "dropout": bool(dropout_p > 0),
+        "tma": bool(tma),
     }
 
 

@@ -20,6 +20,9 @@ What one group compiles, for the kernels' x dtype:
 - the LoRA GEMM (``lora_gemm_candidates()``) at every config and epilogue rank
   block, as the forward launches it (W^T, B^T; bias on) and as dX does (W, A;
   dropout on); the forward build also with dropout on, the superset of the code;
+- the LoRA GEMM's TMA build (``lora_gemm_candidates(tma=True)``), for sm_90
+  only (TMA is sm_90+), as the forward (W read as stored: K contiguous) and dX
+  launch it;
 - the cublas strategy's LoRA term (``lora_term_candidates()``) as the forward
   (bias on) and dX (dropout on) launch it;
 - the one pass over dY (``grad_output_candidates()``: G, dB and db) at every
@@ -99,6 +102,7 @@ TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}
 # dA^T is written through A's gradient transposed: unit stride along P.
 TN_TRANSPOSED_OUT_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_op", "stride_cp"}
 KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "lora_gemm",
+                  "_lora_gemm_tma_kernel": "lora_gemm",
                   "_lora_term_kernel": "lora_term",
                   "_tn_matmul_kernel": "lora_grad_weights",
                   "_grad_output_kernel": "grad_output",
@@ -129,6 +133,7 @@ def build_source_args(fn, pointer_dtypes, meta, *, aligned, unit_strides=(),
 
     Every constexpr parameter of ``fn`` must be in ``meta`` and every pointer in
     ``pointer_dtypes``, so a kernel that grows an argument fails here by name.
+    A TMA descriptor argument (``*_desc``) is given there as (dtype, block shape).
     """
     signature, constexprs, attrs = {}, {}, {}
     constexpr_params = _constexpr_params(fn)
@@ -139,6 +144,9 @@ def build_source_args(fn, pointer_dtypes, meta, *, aligned, unit_strides=(),
         if name in constexpr_params:
             signature[name] = "constexpr"
             constexprs[name] = meta[name]
+        elif name.endswith("_desc"):
+            dtype, block = pointer_dtypes.pop(name)
+            signature[name] = f"tensordesc<{dtype}[{', '.join(map(str, block))}]>"
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointer_dtypes.pop(name)
             if aligned:
@@ -162,8 +170,9 @@ def kernel_fn(kernel):
     return getattr(module, kernel)
 
 
-def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None):
-    """One compile: ``unit_strides`` None means the generic specialization."""
+def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None, min_arch=0):
+    """One compile: ``unit_strides`` None means the generic specialization;
+    ``min_arch``: compiled only for that architecture and later (TMA: 90)."""
     fn = kernel_fn(kernel)
     if unit_strides is None:
         spec = dict(aligned=False)
@@ -175,13 +184,15 @@ def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None):
                      if k.startswith("BLOCK_") or k == "GROUP_M")
     flags = " ".join(f"{k}={'on' if v else 'off'}" for k, v in meta.items()
                      if k.startswith(("HAS_", "NEED_", "SPLIT_", "RANK_IN", "RANK_DROPOUT")))
-    pointers = " ".join(f"{k[:-4]}:{v}" for k, v in pointer_dtypes.items())
+    pointers = " ".join(f"{k[:-4]}:{v}" for k, v in pointer_dtypes.items()
+                        if k.endswith("_ptr"))
     label = ", ".join([f"{shown} warps={cfg.num_warps} stages={cfg.num_stages}", pointers,
                        flags] + [f"{k}={v}" for k, v in meta.items() if "PRECISION" in k]
                       + words)
     return {"kernel": kernel, "label": label, "fn": fn, "signature": signature,
             "constexprs": constexprs, "attrs": attrs,
-            "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
+            "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+            "min_arch": min_arch}
 
 
 def _promoted(x, adapter):
@@ -244,6 +255,31 @@ def gemm_job(cfg, block_r, x, adapter, precision, rank_precision, pass_, bias, d
                GEMM_Y_UNIT_STRIDES | ({"stride_prk"} if in_kernel else set()))
     return _job("_lora_gemm_kernel", meta, pointers, cfg, [f"pass {pass_}"],
                 strides if unit else None)
+
+
+def gemm_tma_pairs(x, adapter):
+    """The TMA build's pairs: none for fp32 x, which keeps the pointer build."""
+    from lorakern.kernels.lora_gemm import lora_gemm_candidates
+    pq = _promoted(x, adapter)
+    pairs = lora_gemm_candidates(ELEMENT_BYTES[x], ELEMENT_BYTES[pq], tma=True)
+    return _widest_and_narrowest(pairs) if pairs else []
+
+
+def gemm_tma_job(cfg, block_r, x, adapter, precision, rank_precision, pass_):
+    """The LoRA GEMM's TMA build (sm_90+) as the forward (pass_ "y": W read as
+    stored, K contiguous, bias and, for the superset, dropout on) or grad-input
+    ("dX": W's tile (K, N), dropout on) launches it on aligned operands."""
+    forward = pass_ == "y"
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                BLOCK_R=block_r, GROUP_M=cfg.group_m, RT_TRANSPOSED=forward,
+                HAS_BIAS=forward, HAS_DROPOUT=True, UPCAST_DOT=False,
+                DOT_PRECISION=precision, RANK_DOT_PRECISION=rank_precision)
+    rt_block = [cfg.block_n, cfg.block_k] if forward else [cfg.block_k, cfg.block_n]
+    operands = dict(l_desc=(x, [cfg.block_m, cfg.block_k]), rt_desc=(x, rt_block),
+                    p_ptr=_promoted(x, adapter), q_ptr=adapter, bias_ptr=x, out_ptr=x)
+    strides = GEMM_Y_UNIT_STRIDES if forward else GEMM_DX_UNIT_STRIDES
+    return _job("_lora_gemm_tma_kernel", meta, operands, cfg, [f"pass {pass_}", "TMA"],
+                strides, min_arch=90)
 
 
 def decode_rank_blocks(x, adapter):
@@ -328,6 +364,9 @@ def rank_and_gemm_jobs(x, adapter, precision):
                              bias=True, dropout=True))
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "dX",
                              bias=False, dropout=True))
+    for cfg, block_r in gemm_tma_pairs(x, adapter):
+        jobs += [gemm_tma_job(cfg, block_r, x, adapter, precision, rank_precision, pass_)
+                 for pass_ in ("y", "dX")]
     from lorakern.kernels.lora_gemm import DECODE_M, lora_gemm_config_gpu
     pq = ELEMENT_BYTES[_promoted(x, adapter)]
     for block_r in _widest_and_narrowest_blocks(decode_rank_blocks(x, adapter)):
@@ -485,7 +524,7 @@ def describe(job):
     """A job as JSON: what was compiled, without the kernel object."""
     return {"kernel": job["kernel"], "label": job["label"], "signature": job["signature"],
             "constexprs": job["constexprs"], "options": job["options"],
-            "aligned": bool(job["attrs"])}
+            "aligned": bool(job["attrs"]), "min_arch": job["min_arch"]}
 
 
 class SharedMemoryOverLimit(Exception):
@@ -598,7 +637,7 @@ def main(argv=None):
     parser.add_argument("--only", metavar="TEXT",
                         help="compile only the jobs whose kernel and label contain TEXT")
     args = parser.parse_args(argv)
-    jobs = plan(args.group)
+    jobs = [job for job in plan(args.group) if args.arch >= job["min_arch"]]
     if args.only:
         jobs = [job for job in jobs if args.only in f"{job['kernel']} {job['label']}"]
     print(json.dumps({"plan": [describe(job) for job in jobs]}), flush=True)

@@ -342,7 +342,7 @@ def test_tuning_key_for_cpu_tensors():
     assert key == {"direction": "forward", "device": "cpu", "torch": torch.__version__,
                    "triton": key["triton"], "x_dtype": "torch.bfloat16",
                    "adapter_dtype": "torch.float32", "m_bucket": 128, "n": 32, "k": 64,
-                   "rank_block": 16, "dropout": False}
+                   "rank_block": 16, "dropout": False, "tma": False}
     assert isinstance(key["triton"], str) and key["triton"]
     json.dumps(key)  # every value is JSON
 

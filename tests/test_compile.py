@@ -37,6 +37,7 @@ ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
 COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
 FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM", "NEED_G", "SPLIT_M")
 RANK, GEMM, TN = "_rank_product_kernel", "_lora_gemm_kernel", "_tn_matmul_kernel"
+GEMM_TMA = "_lora_gemm_tma_kernel"  # its TMA build, sm_90 only, 16-bit operands
 TERM = "_lora_term_kernel"  # the cublas strategy's LoRA term
 GRAD_OUTPUT = "_grad_output_kernel"  # the backward's one pass over dY: G, dB, db
 # fp32 partials and int32 counters of the sums across programs, whatever the dtypes
@@ -60,13 +61,16 @@ def launcher_configs(x_dtype, adapter_dtype):
             for c, r in compile_kernels.rank_pairs(x_dtype, adapter_dtype)}
     gemm = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
             for c, r in compile_kernels.gemm_pairs(x_dtype, adapter_dtype)}
+    gemm_tma = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
+                for c, r in compile_kernels.gemm_tma_pairs(x_dtype, adapter_dtype)}
     tn = {_tn_tuple(c) for c in compile_kernels.tn_configs_compiled(
         max(compile_kernels.ELEMENT_BYTES[x_dtype], compile_kernels.ELEMENT_BYTES[adapter_dtype]))}
     term = {(c.block_m, c.block_n, r, c.group_m, c.num_warps, c.num_stages)
             for c, r in compile_kernels.term_pairs(x_dtype, adapter_dtype)}
     grad_output = {(c.block_m, c.block_n, r, c.num_warps, c.num_stages)
                    for c, r in compile_kernels.grad_output_pairs(x_dtype, adapter_dtype)}
-    return {RANK: rank, GEMM: gemm, TN: tn, TERM: term, GRAD_OUTPUT: grad_output}
+    configs = {RANK: rank, GEMM: gemm, TN: tn, TERM: term, GRAD_OUTPUT: grad_output}
+    return configs | ({GEMM_TMA: gemm_tma} if gemm_tma else {})
 
 
 def _flags_on(entry):
@@ -104,6 +108,7 @@ def _adapter_pointers(kernel, x_dtype, adapter):
     rank_dtype = x_dtype if adapter == x_dtype else "fp32"
     return {RANK: {"rt_ptr": adapter, "out_ptr": rank_dtype},
             GEMM: {"p_ptr": rank_dtype, "q_ptr": adapter},
+            GEMM_TMA: {"p_ptr": rank_dtype, "q_ptr": adapter},
             TN: {"q_ptr": rank_dtype},
             TERM: {"p_ptr": rank_dtype, "q_ptr": adapter, "out_ptr": x_dtype},
             GRAD_OUTPUT: {"b_ptr": adapter, "h_ptr": rank_dtype, "g_ptr": rank_dtype,
@@ -122,6 +127,12 @@ def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
             assert entry["constexprs"]["UPCAST_DOT"] is False, entry["label"]
             if entry["kernel"] == TERM:  # P and Q only: the rank products' dtype
                 assert entry["signature"]["out_ptr"] == "*" + x_dtype, entry["label"]
+                continue
+            if entry["kernel"] == GEMM_TMA:  # x (or dY) and W through descriptors
+                assert entry["min_arch"] == 90, entry["label"]
+                for desc in ("l_desc", "rt_desc"):
+                    assert entry["signature"][desc].startswith(f"tensordesc<{x_dtype}["), entry
+                assert entry["constexprs"]["DOT_PRECISION"] == precision, entry["label"]
                 continue
             first_pointer = next(v for k, v in entry["signature"].items() if k.endswith("_ptr"))
             assert first_pointer == "*" + x_dtype, entry["label"]
@@ -185,6 +196,11 @@ def test_compile_plan_holds_both_passes_flags_off_and_generic_builds(compile_pla
             labels = [e["label"] for e in plan if e["kernel"] == kernel and e["aligned"]]
             for pass_ in (("h", "G") if kernel == RANK else ("y", "dX")):
                 assert any(label.endswith(f"pass {pass_}") for label in labels), (group, pass_)
+        # the TMA build (16-bit x) in both passes, for sm_90 only
+        tma = [e for e in plan if e["kernel"] == GEMM_TMA]
+        assert all(e["min_arch"] == 90 for e in tma)
+        assert {e["label"].split("pass ")[1].split(",")[0] for e in tma} == (
+            set() if x_dtype == "fp32" else {"y", "dX"}), group
         # tn_matmul's rows split (partials summed in the launch) and not
         assert any(e["kernel"] == TN and e["constexprs"]["SPLIT_M"] for e in plan), group
         assert any(e["kernel"] == TN and not e["constexprs"]["SPLIT_M"]

@@ -136,7 +136,7 @@ def test_the_cublas_strategy_runs_torchs_matmul_onto_the_lora_term(static_run):
     for phase in ("fwd", "bwd"):
         names = [r["name"] for r in rows if r["phase"] == phase and r["dropout"] == 0.1]
         assert names.count("_lora_term_kernel") == names.count("addmm_") == 1, names
-        assert "_lora_gemm_kernel" not in names, names
+        assert not set(BASE_GEMMS) & set(names), names
 
 
 CAPTURE_SCRIPT = textwrap.dedent("""
@@ -331,13 +331,14 @@ def _large_m_gemms(static_run):
             if r["M"] >= LARGE_M and r["kernel"]["sass"]["main_loop"]]
 
 
-# The GEMM that carries the base product x W^T (forward) and dY W (backward dX); the
-# rank passes and tn_matmul reduce over a rank-sized dimension and are memory-bound.
-BASE_GEMM = "_lora_gemm_kernel"
+# The GEMM that carries the base product x W^T (forward) and dY W (backward dX), in
+# its pointer and TMA builds; the rank passes and tn_matmul reduce over a rank-sized
+# dimension and are memory-bound.
+BASE_GEMMS = ("_lora_gemm_kernel", "_lora_gemm_tma_kernel")
 
 
 def test_every_large_m_gemm_uses_wgmma_with_at_least_three_stages(static_run):
-    gemms = [r for r in _large_m_gemms(static_run) if r["name"] == BASE_GEMM]
+    gemms = [r for r in _large_m_gemms(static_run) if r["name"] in BASE_GEMMS]
     assert {(r["phase"], r["dropout"]) for r in gemms} == {
         (phase, p) for phase in ("fwd", "bwd") for p in (0.0, 0.1)}
     shallow = [(r["phase"], r["dropout"], r["kernel"]["wgmma"], r["kernel"]["num_stages"])
@@ -345,10 +346,22 @@ def test_every_large_m_gemm_uses_wgmma_with_at_least_three_stages(static_run):
     assert not shallow
 
 
+def test_the_large_m_gemm_reads_its_operands_through_tma_on_sm90(static_run):
+    """On sm_90 the fused strategy's large-M GEMM is the TMA build (UTMALDG in its
+    SASS), and the roofline counts the TMA boxes as L2 traffic: 128x64 tiles of L
+    and Rt per K step, 32 KiB a program per trip."""
+    gemms = [r for r in _large_m_gemms(static_run) if r["name"] in BASE_GEMMS]
+    assert gemms
+    assert [r["name"] for r in gemms if not r["kernel"]["tma"]] == []
+    assert {r["name"] for r in gemms} == {"_lora_gemm_tma_kernel"}
+    for row in gemms:
+        assert row["loop_global_bytes"] >= 2 * 128 * 64 * 2, row["loop_global_bytes"]
+
+
 def test_no_philox_in_any_gemm_main_loop(static_run):
     """The base GEMM's main loop carries no mask work: the forward's mask is made in
     the rank pass, the backward's in the dX epilogue."""
-    gemms = [r for r in _kernel_launches(static_run) if r["name"] == BASE_GEMM]
+    gemms = [r for r in _kernel_launches(static_run) if r["name"] in BASE_GEMMS]
     assert gemms
     with_philox = [(r["phase"], r["dropout"], r["kernel"]["sass"]["main_loop"]["imad_hi"])
                    for r in gemms if r["kernel"]["sass"]["main_loop"]["imad_hi"]]
