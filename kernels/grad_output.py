@@ -28,24 +28,26 @@ Cross-program sums, in a fixed order (deterministic; no float atomics):
   (a second set of counters) sums them in column-group order.
 
 Partials, and when the pass is taken. At M = 8192, N = 4096, bf16 dY (64
-MiB), 256-row blocks and 8 column groups (256 programs, two per SM on an
-H100): dB's and db's partials are 32 x N x (BLOCK_R + 1) x 4 bytes = 8.5 MiB
-at R = 16 (17 MiB at R = 32), G's 8 x M x BLOCK_R x 4 = 4 MiB (8 MiB). They
+MiB), 256-row blocks and 5 column groups (160 programs: at least one per SM
+of an H100, as few as that takes): dB's and db's partials are 32 x N x
+(BLOCK_R + 1) x 4 bytes = 8.5 MiB at R = 16 (17 MiB at R = 32), G's 5 x M x
+BLOCK_R x 4 = 2.5 MiB (5 MiB). They
 are written once and read back once, from L2 while they are still there, from
 HBM at worst: the one pass moves at most dY + 2 x partials where two passes
 move 2 x dY. So the launcher takes it while the partials stay within half of
 dY's bytes (``PARTIAL_SHARE``, reckoned at a GPU's tiles) and for rank blocks
-of 16 and 32 (``one_pass_fits``); the column groups are as many as fill the
-device within that budget. At R = 64 the partials would be 49 MiB (0.76 of
+of 16 and 32 (``one_pass_fits``); the column groups are as many as give
+each SM a program, within that budget. At R = 64 the partials would be 49 MiB (0.76 of
 dY) and 256 x 64 tiles spill on sm_80, so G comes from the rank pass
 (rank_product.py) and dB and db from tn_matmul (lora_grad_weights.py), as
 before. fp32 products (fp32 dY or fp32 adapters) take 128-row blocks (the FMA
 product holds its operands in registers), so their partials are twice the
 share: with a 16-bit dY only rank block 16 fits once M > 128.
 
-Predicted (bench.static, sm_90, 4096 x 4096, M = 8192, r = 16, bf16): 30.0
-us for the pass (HBM bound), where the rank pass (25.5 us), tn_matmul (26.3
-us) and the torch sums and copies of its partials (13.3 us) took 65 us. The
+Predicted (bench.static, sm_90, 4096 x 4096, M = 8192, r = 16, bf16): 29.5
+us for the pass (HBM bound; 30.0 at two programs per SM, with 8 column
+groups' G partials), where the rank pass (25.5 us), tn_matmul (26.3 us) and
+the torch sums and copies of its partials (13.3 us) took 65 us. The
 counters are reset by the kernel itself, so no memset launch goes with it.
 
 Dtypes follow the rank pass: the products run in the promoted dtype of dY and
@@ -252,13 +254,17 @@ def one_pass_fits(m, n, rank, dy_bytes, rank_bytes):
 
 
 def column_groups(m, n, block_r, cfg, dy_bytes, rank_bytes, device, need_g=True):
-    """(groups, columns per group) for each row block: enough programs to fill the
-    device, as few as that takes (each group adds M x BLOCK_R x 4 bytes of G
+    """(groups, columns per group) for each row block: enough programs for one per
+    SM, as few as that takes (each group adds M x BLOCK_R x 4 bytes of G
     partials), within the partial budget, which is reckoned at a GPU's tiles as
     in ``one_pass_fits``; a group is a whole number of BLOCK_N columns."""
     col_blocks = triton.cdiv(n, cfg.block_n)
     row_blocks = triton.cdiv(m, cfg.block_m)
-    groups = max(1, min(col_blocks, triton.cdiv(target_programs(device), row_blocks)))
+    # one program per SM is enough for a pass bound by reading dY: each keeps two
+    # 32 KiB tiles in flight, several MiB over the device, past what HBM's
+    # latency asks for; the second program per SM would only add G's partials
+    per_sm = max(1, target_programs(device) // 2)
+    groups = max(1, min(col_blocks, triton.cdiv(per_sm, row_blocks)))
     gpu = grad_output_config_gpu(block_r, dy_bytes, rank_bytes)
     budget = PARTIAL_SHARE * m * n * dy_bytes
     while groups > 1 and partial_bytes(m, n, block_r, gpu, groups, need_g) > budget:
