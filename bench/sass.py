@@ -361,7 +361,10 @@ def analyse(name, arch, metadata, cubin, ttir):
         loop_tensor_flops=sum(tensor_flops(i, warps) for i in inside),
         other_tensor_flops=sum(tensor_flops(i, warps) for i in outside),
         loop_global_bytes=global_bytes(inside) + (tma_bytes[0] if loop else 0),
-        other_global_bytes=global_bytes(outside),
+        # the pipeline's prologue (cp.async of the first stages, before the loop) loads
+        # tiles of iterations the loop's trip count already counts
+        other_global_bytes=global_bytes([i for i in outside
+                                         if not (loop and i.base == "LDGSTS")]),
         ttir=ttir,
         later_loops=[{"instructions": len(body),
                       "tensor_flops": sum(tensor_flops(i, warps) for i in body),

@@ -33,8 +33,9 @@ First-call cost: each new key runs every candidate once to warm up (which also
 compiles a fused candidate's kernels, if this process has not yet) and then
 ``DEFAULT_REPS`` = 7 timed times, i.e. candidates x 8 runs of that layer's
 forward (or grad-input). With 4 candidates at M = 8192, 4096x4096 that is about
-30 runs of 0.3-0.5 ms: ~15 ms per key, once per machine, since the choice is
-kept in the file.
+30 runs of 0.3-0.5 ms: ~15 ms per key (~19 ms with the TMA build, the fifth
+candidate on sm_90 and later), once per machine, since the choice is kept in
+the file.
 
 No timing happens, and ``heuristic`` is returned, when ``LORAKERN_AUTOTUNE=0``,
 while a CUDA graph is captured, while torch.compile traces, or when there is a

@@ -263,6 +263,19 @@ def test_every_innermost_dot_loop_gets_its_trip_count_in_program_order():
     assert sass.main_loop_trips(two_loops, {"M": 8192, "K": 4096, "rows_per_split": 960}) == 15
 
 
+def test_tma_boxes_count_as_the_loop_bytes_they_load():
+    """TMA copies are no LDG/LDGSTS instructions: each ``tt.descriptor_load`` in an
+    innermost dot loop loads its box once a trip (here 128x64 and 64x128 bf16)."""
+    with_tma = TTIR.replace(
+        "      %d = tt.dot",
+        "      %p = tt.descriptor_load %l_desc[%i, %c0] : !tt.tensordesc<tensor<128x64xbf16>>"
+        " -> tensor<128x64xbf16> loc(#loc7)\n"
+        "      %q = tt.descriptor_load %r_desc[%c0, %i] : !tt.tensordesc<tensor<64x128xbf16>>"
+        " -> tensor<64x128xbf16> loc(#loc8)\n      %d = tt.dot")
+    assert sass.descriptor_load_bytes(with_tma) == [2 * 128 * 64 * 2]
+    assert sass.descriptor_load_bytes(TTIR) == [0]
+
+
 # ---- the roofline, on a hand-made kernel
 
 def test_roofline_terms_occupancy_and_tail_on_a_hand_made_kernel():
