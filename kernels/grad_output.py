@@ -204,13 +204,20 @@ PARTIAL_SHARE = 0.5
 RANK_BLOCKS = (16, 32)
 
 
-def grad_output_config(block_r, dy_bytes, rank_bytes):
+def grad_output_config(block_r, dy_bytes, rank_bytes, aligned=True):
     if INTERPRET:
         return GRAD_OUTPUT_INTERPRET
-    return grad_output_config_gpu(block_r, dy_bytes, rank_bytes)
+    return grad_output_config_gpu(block_r, dy_bytes, rank_bytes, aligned)
 
 
-def grad_output_config_gpu(block_r, dy_bytes, rank_bytes):
+def dy_aligned(dy):
+    """Whether dY's launch gets Triton's 16-byte specialization (16-byte aligned
+    base, unit column stride, a row stride that is a multiple of 16): loads of
+    16 bytes. Odd column counts (a vocabulary of 50257) or offset views do not."""
+    return dy.stride(1) == 1 and dy.stride(0) % 16 == 0 and dy.data_ptr() % 16 == 0
+
+
+def grad_output_config_gpu(block_r, dy_bytes, rank_bytes, aligned=True):
     """Tiles by the dtype the products run in (``rank_bytes``: h's and G's).
 
     16-bit products (tensor cores): 256-row blocks keep dB's partials at
@@ -219,8 +226,13 @@ def grad_output_config_gpu(block_r, dy_bytes, rank_bytes):
     (fp32 dY or fp32 adapters, on the FMA pipes unless TF32 is allowed):
     128-row blocks and 16 columns a step, 8 warps at rank block 16 and 4 at 32
     (the FMA product holds both operands in registers; the other shapes spill
-    on sm_80 or sm_90 with triton 3.7.1)."""
-    if rank_bytes <= 2:
+    on sm_80 or sm_90 with triton 3.7.1). A dY that is not ``aligned`` is read
+    element by element, its tiles held in registers: 128 x 32 tiles for
+    16-bit products (256 x 64 keeps 240 bytes a thread on sm_90's stack, 848
+    on sm_80's)."""
+    if rank_bytes <= 2 and not aligned:
+        cfg = GradOutputConfig(128, 32, num_warps=8, num_stages=3)
+    elif rank_bytes <= 2:
         cfg = GradOutputConfig(256, 64, num_warps=8, num_stages=3)
     else:
         cfg = GradOutputConfig(128, 16, num_warps=8 if block_r <= 16 else 4, num_stages=3)
@@ -228,10 +240,11 @@ def grad_output_config_gpu(block_r, dy_bytes, rank_bytes):
     return fit_stages(cfg, stage, fixed_bytes=cfg.block_m * block_r * rank_bytes)
 
 
-def grad_output_candidates(dy_bytes, rank_bytes):
-    """Every (config, rank block) pair the launcher can pick on a GPU."""
-    return sorted({(grad_output_config_gpu(b, dy_bytes, rank_bytes), b) for b in RANK_BLOCKS},
-                  key=repr)
+def grad_output_candidates(dy_bytes, rank_bytes, aligned=True):
+    """Every (config, rank block) pair the launcher can pick on a GPU for an
+    ``aligned`` dY (or not)."""
+    return sorted({(grad_output_config_gpu(b, dy_bytes, rank_bytes, aligned), b)
+                   for b in RANK_BLOCKS}, key=repr)
 
 
 def partial_bytes(m, n, block_r, cfg, groups, need_g=True):
@@ -243,17 +256,18 @@ def partial_bytes(m, n, block_r, cfg, groups, need_g=True):
     return by_rows + by_groups
 
 
-def one_pass_fits(m, n, rank, dy_bytes, rank_bytes):
+def one_pass_fits(m, n, rank, dy_bytes, rank_bytes, aligned=True):
     """Whether G, dB and db come from one pass (with a GPU's tiles, also under
     the interpreter, so that a CPU run takes the path a GPU would)."""
     block_r = rank_block(rank)
     if block_r not in RANK_BLOCKS:
         return False
-    cfg = grad_output_config_gpu(block_r, dy_bytes, rank_bytes)
+    cfg = grad_output_config_gpu(block_r, dy_bytes, rank_bytes, aligned)
     return partial_bytes(m, n, block_r, cfg, 1) <= PARTIAL_SHARE * m * n * dy_bytes
 
 
-def column_groups(m, n, block_r, cfg, dy_bytes, rank_bytes, device, need_g=True):
+def column_groups(m, n, block_r, cfg, dy_bytes, rank_bytes, device, need_g=True,
+                  aligned=True):
     """(groups, columns per group) for each row block: enough programs for one per
     SM, as few as that takes (each group adds M x BLOCK_R x 4 bytes of G
     partials), within the partial budget, which is reckoned at a GPU's tiles as
@@ -265,7 +279,7 @@ def column_groups(m, n, block_r, cfg, dy_bytes, rank_bytes, device, need_g=True)
     # latency asks for; the second program per SM would only add G's partials
     per_sm = max(1, target_programs(device) // 2)
     groups = max(1, min(col_blocks, triton.cdiv(per_sm, row_blocks)))
-    gpu = grad_output_config_gpu(block_r, dy_bytes, rank_bytes)
+    gpu = grad_output_config_gpu(block_r, dy_bytes, rank_bytes, aligned)
     budget = PARTIAL_SHARE * m * n * dy_bytes
     while groups > 1 and partial_bytes(m, n, block_r, gpu, groups, need_g) > budget:
         groups -= 1
@@ -286,7 +300,8 @@ def grad_output(dy, lora_b, h, scale, grad_b, grad_bias=None, g_dtype=None):
     r = lora_b.shape[1]
     need_g = g_dtype is not None
     rank_bytes = h.element_size()
-    if not one_pass_fits(m, n, r, dy.element_size(), rank_bytes):
+    aligned = dy_aligned(dy)
+    if not one_pass_fits(m, n, r, dy.element_size(), rank_bytes, aligned):
         g = rank_product(dy, lora_b, g_dtype) if need_g else None
         tn_matmul(dy, h, grad_b, scale, rank_block=rank_block(r), colsum=grad_bias)
         return g
@@ -297,9 +312,9 @@ def grad_output(dy, lora_b, h, scale, grad_b, grad_bias=None, g_dtype=None):
             grad_bias.zero_()
         return g.zero_() if need_g else None
     block_r = rank_block(r)
-    cfg = grad_output_config(block_r, dy.element_size(), rank_bytes)
+    cfg = grad_output_config(block_r, dy.element_size(), rank_bytes, aligned)
     groups, cols_per_group = column_groups(m, n, block_r, cfg, dy.element_size(), rank_bytes,
-                                           dy.device, need_g)
+                                           dy.device, need_g, aligned)
     row_blocks = triton.cdiv(m, cfg.block_m)
     split_m = row_blocks > 1
     split_n = need_g and groups > 1

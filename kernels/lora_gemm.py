@@ -218,6 +218,12 @@ GEMM_LARGE_M_FP32 = GemmConfig(128, 128, 32, num_warps=8, num_stages=4)
 # per thread; same K depth (half for fp32 operands) and stages as the table's
 GEMM_LARGE_M_ALTERNATIVES = (GemmConfig(128, 64, 64, num_warps=4, num_stages=4),
                              GemmConfig(64, 128, 64, num_warps=4, num_stages=4))
+# fp32 operands with IEEE products (torch's default for fp32 matmuls) run on the
+# FMA pipes with their operand fragments in registers: 128 x 128 x 32 keeps 72-80
+# bytes a thread on the stack at 8 warps, the 4-warp alternatives 8-16, and 128 x
+# 64 at 8 warps 8 on sm_80 (rank block 32); 64 x 128 at 8 warps keeps none on sm_80
+# and sm_90 (bench/NOTES.md). No alternative: the tuner times it against cublas
+GEMM_LARGE_M_FP32_IEEE = GemmConfig(64, 128, 32, num_warps=8, num_stages=4)
 # sm_90 and later, 16-bit operands aligned for TMA (``tma_operands``): the
 # table's tile with its operand tiles fetched by the TMA unit. 128 x 256 tiles
 # would halve the L2 traffic per flop but keep 296-1248 bytes of registers on
@@ -226,13 +232,13 @@ GEMM_LARGE_M_ALTERNATIVES = (GemmConfig(128, 64, 64, num_warps=4, num_stages=4),
 GEMM_LARGE_M_TMA = replace(GEMM_LARGE_M, tma=True)
 
 
-def lora_gemm_config(m, l_bytes, block_r, pq_bytes, tma=False):
+def lora_gemm_config(m, l_bytes, block_r, pq_bytes, tma=False, ieee=False):
     """The table's config. Under the interpreter one small tile, in its TMA
     build where a GPU would take one for 16-bit operands, at any M past
     decode (so the small shapes of the tests reach it)."""
     if INTERPRET:
         return GEMM_INTERPRET_TMA if _tma_build(m > DECODE_M, l_bytes, tma) else GEMM_INTERPRET
-    return lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma)
+    return lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma, ieee)
 
 
 def _tma_build(large_m, l_bytes, tma):
@@ -247,52 +253,56 @@ def _fitted(cfg, l_bytes, block_r, pq_bytes):
     return cfg
 
 
-def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma=False):
+def lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma=False, ieee=False):
     """Tiles by token count M; as many stages of the L and Rt tiles as fit.
     The epilogue's P (BLOCK_M x BLOCK_R) and Q (BLOCK_R x BLOCK_N) tiles reuse
     the pipeline's shared memory once the main loop is done (the compiled
     kernels need stages x stage bytes, nothing more), so they count only when
     larger than the pipeline. With ``tma`` (sm_90+, operands that allow it)
-    large M in a 16-bit dtype takes the TMA build of the same tile."""
+    large M in a 16-bit dtype takes the TMA build of the same tile; with
+    ``ieee`` (fp32 operands, IEEE products) large M takes a narrower tile."""
     if m <= DECODE_M:
         cfg = GEMM_DECODE
     elif m <= 128:
         cfg = GEMM_SMALL_M
     elif l_bytes >= 4:
-        cfg = GEMM_LARGE_M_FP32
+        cfg = GEMM_LARGE_M_FP32_IEEE if ieee else GEMM_LARGE_M_FP32
     else:
         cfg = GEMM_LARGE_M_TMA if _tma_build(True, l_bytes, tma) else GEMM_LARGE_M
     return _fitted(cfg, l_bytes, block_r, pq_bytes)
 
 
-def lora_gemm_tuning_configs(m, l_bytes, block_r, pq_bytes, tma=False):
+def lora_gemm_tuning_configs(m, l_bytes, block_r, pq_bytes, tma=False, ieee=False):
     """The configs the tuner may time for M tokens: the table's choice first;
     at large M on a GPU, the alternatives too (fitted to shared memory), the
     pointer build of the table's tile among them when the TMA one leads."""
     if INTERPRET:
         configs = [lora_gemm_config(m, l_bytes, block_r, pq_bytes, tma)]
         return configs + ([GEMM_INTERPRET] if configs[0].tma else [])
-    return _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma)
+    return _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma, ieee)
 
 
-def lora_gemm_candidates(l_bytes, pq_bytes, tma=False):
+def lora_gemm_candidates(l_bytes, pq_bytes, tma=False, ieee=False):
     """Every (config, rank block) pair the launcher can pick on a GPU, the
     tuner's alternatives included: the pointer builds, or with ``tma`` the
-    TMA builds (sm_90+)."""
+    TMA builds (sm_90+); ``ieee``: for IEEE products of fp32 operands."""
     pairs = {(cfg, block_r)
              for block_r in RANK_BLOCKS if block_r <= widest_rank_block(pq_bytes)
              for m in (1, 128, 8192)
-             for cfg in _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma)
+             for cfg in _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma, ieee)
              if cfg.tma == tma}
     return sorted(pairs, key=repr)
 
 
-def _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma=False):
-    chosen = lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma)
+def _gpu_tuning_configs(m, l_bytes, block_r, pq_bytes, tma=False, ieee=False):
+    chosen = lora_gemm_config_gpu(m, l_bytes, block_r, pq_bytes, tma, ieee)
     if m <= 128:
         return [chosen]
-    alternatives = [replace(cfg, block_k=cfg.block_k // 2) if l_bytes >= 4 else cfg
-                    for cfg in GEMM_LARGE_M_ALTERNATIVES]
+    if l_bytes >= 4 and ieee:
+        alternatives = []
+    else:
+        alternatives = [replace(cfg, block_k=cfg.block_k // 2) if l_bytes >= 4 else cfg
+                        for cfg in GEMM_LARGE_M_ALTERNATIVES]
     if chosen.tma:
         alternatives.insert(0, replace(chosen, tma=False))
     return [chosen] + [_fitted(cfg, l_bytes, block_r, pq_bytes) for cfg in alternatives]
@@ -357,7 +367,8 @@ def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, conf
     block_r = epilogue_rank_block(r, pq_bytes)
     if in_kernel and block_r < r:
         raise ValueError(f"rank {r} does not fit one epilogue chunk of {block_r}")
-    cfg = config or lora_gemm_config(m, lhs.element_size(), block_r, pq_bytes)
+    ieee = dot_precision(lhs.dtype) == "ieee"
+    cfg = config or lora_gemm_config(m, lhs.element_size(), block_r, pq_bytes, ieee=ieee)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     threshold = dropout_threshold(max(dropout_p, rank_dropout_p))

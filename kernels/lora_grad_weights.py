@@ -155,8 +155,11 @@ def tn_config_gpu(rank_block, x_bytes):
         if x_bytes >= 4:
             return TnConfig(32, 64, rank_block, num_warps=8, num_stages=2)
         return TnConfig(64, 64, rank_block, num_warps=8, num_stages=3)
-    # 4 warps spill at rank blocks of 64 with an IEEE fp32 product (fp32 adapters)
-    return TnConfig(64, 128, rank_block, num_warps=8 if rank_block >= 64 else 4, num_stages=3)
+    # 4 warps spill at rank blocks of 64 with an IEEE fp32 product (fp32 adapters),
+    # and with fp32 operands 3 stages keep 8 bytes a thread on sm_90's stack; 2 none
+    stages = 2 if x_bytes >= 4 and rank_block >= 64 else 3
+    return TnConfig(64, 128, rank_block, num_warps=8 if rank_block >= 64 else 4,
+                    num_stages=stages)
 
 
 def tn_candidates(x_bytes):

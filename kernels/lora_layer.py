@@ -78,8 +78,10 @@ def layer_plans(m, x, lora_a, lora_b, weight=None):
     block_r = epilogue_rank_block(lora_a.shape[0], pq_bytes)
     tma = (weight is not None and _common.tma_supported(x.device)
            and tma_operands(x, weight) is not None)
+    ieee = _common.dot_precision(x.dtype) == "ieee"
     fused = [Plan("fused", cfg)
-             for cfg in lora_gemm_tuning_configs(m, x.element_size(), block_r, pq_bytes, tma)]
+             for cfg in lora_gemm_tuning_configs(m, x.element_size(), block_r, pq_bytes, tma,
+                                                 ieee)]
     cublas = [Plan("cublas")]
     return cublas + fused if m >= CUBLAS_FROM_M else fused + cublas
 

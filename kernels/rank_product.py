@@ -110,11 +110,15 @@ def rank_product_config_gpu(m, block_r, l_bytes, rt_bytes):
     (of 128, 64, 32) whose Rt tile stays within 32 KiB, so that 3 or 4 stages
     fit; the accumulator is 32 x BLOCK_R fp32: from rank block 128, 8 warps
     (32 registers a thread at 256), as 4 put the masked builds in the stack
-    frame (8-168 bytes a thread on sm_90)."""
+    frame (8-168 bytes a thread on sm_90). fp32 x at rank block 256 steps 16
+    deep (the FMA product holds its operands in registers: 32 deep keeps 8
+    bytes a thread on the stack, on sm_80 and sm_90)."""
     block_m = 32
     block_k = 128
     while block_k > 32 and block_k * block_r * rt_bytes > 32 * 1024:
         block_k //= 2
+    if l_bytes >= 4 and block_r >= 256:
+        block_k = 16
     cfg = RankConfig(block_m, block_k, num_warps=8 if block_r >= 128 else 4, num_stages=4)
     return fit_stages(cfg, block_k * (block_m * l_bytes + block_r * rt_bytes))
 

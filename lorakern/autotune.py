@@ -128,6 +128,9 @@ def tuning_key(direction, x, weight, lora_A, lora_B, dropout_p, *, rank_block=No
         "rank_block": int(rank_block),
         "dropout": bool(dropout_p > 0),
         "tma": bool(tma),
+        # fp32 products run on the tensor cores (TF32) or the FMA pipes (IEEE), for
+        # cuBLAS and the Triton GEMMs alike, and the GEMMs' tiles differ between them
+        "tf32": x.dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32),
     }
 
 

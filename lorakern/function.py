@@ -19,16 +19,36 @@ W trains. Only the gradients autograd asks for are computed.
 
 ``fused_forward`` and ``fused_backward`` hold the launch sequence; the
 autograd Function here and the torch.library op in ``ops.py`` both call them.
+They hand the kernels x, dY, W, A and B with unit stride along the last dim
+(``_unit_rows``), copying any other layout.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import choose_plan, load_kernels
+from ._backend import choose_plan, load_kernels, log
+
+_copied = set()
 
 
 def _flatten(t):
     # reshape(-1, 0) is ambiguous: a layer with no inputs or no outputs has a zero last dim
     return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
+def _unit_rows(t, name):
+    """``t`` with unit stride along its last dim, the layout every kernel build is
+    compiled and checked for (tests/compile_kernels.py). Another layout (a
+    transposed or sliced x, the expanded dY of ``y.sum().backward()``) is copied
+    to contiguous rows, one read and one write of it, and a log line says so once
+    per tensor role."""
+    if t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    if name not in _copied:
+        _copied.add(name)
+        log.info("lorakern: %s of shape %s has stride %s along its last dim; it is copied "
+                 "to contiguous rows for the kernels (said once)", name, tuple(t.shape),
+                 t.stride(-1))
+    return t.contiguous()
 
 
 def draw_seed():
@@ -40,7 +60,9 @@ def draw_seed():
 def fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
     """Returns (y [..., out], h [M, r]); h is fp32 with fp32 adapters, else x's dtype."""
     kernels = load_kernels(x.device)
-    x2 = _flatten(x)
+    x2 = _unit_rows(_flatten(x), "x")
+    weight, lora_A, lora_B = (_unit_rows(t, name) for t, name in
+                              ((weight, "W"), (lora_A, "lora_A"), (lora_B, "lora_B")))
 
     def run(plan):
         return kernels.lora_forward(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed,
@@ -59,9 +81,11 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     need_x, need_w, need_a, need_b, need_bias = needs
     kernels = load_kernels(grad_y.device)
     rank_block = kernels.rank_block(lora_A.shape[0])
-    dy = _flatten(grad_y)
+    dy = _unit_rows(_flatten(grad_y), "dY")
     # once: a non-viewable x (a permuted 3-D input) is copied by the reshape
-    x2 = _flatten(x) if need_a or need_w else None
+    x2 = _unit_rows(_flatten(x), "x") if need_a or need_w else None
+    weight, lora_A, lora_B = (_unit_rows(t, name) for t, name in
+                              ((weight, "W"), (lora_A, "lora_A"), (lora_B, "lora_B")))
     device = dy.device
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
     if need_bias:

@@ -34,15 +34,20 @@ What one group compiles, for the kernels' x dtype:
   adapter's gradient) and dA's transposed output; the direct store once;
 - each of these again with fp32 adapters under fp16/bf16 x (h and G then fp32,
   their products in fp32: IEEE, torch's default, here; TF32 once per kernel);
-- at one config per kernel: every flag off, and the generic specialization.
+- at one config per kernel: every flag off, and the unaligned specialization.
 
 Specialization. A launch on contiguous, 16-byte aligned tensors (the common
 case) compiles with pointers and multiples of 16 marked divisible by 16 and
 unit strides folded to the constant 1, which is what lets Triton vectorize and
 pipeline the loads through shared memory (several times the shared memory of
 the unaligned build). So every entry is compiled in that "aligned"
-specialization; the "generic" one (nothing known about pointers or strides:
-transposed or odd-sized inputs) is compiled once per kernel.
+specialization. The layer hands its kernels rows of unit stride only
+(``lorakern/function.py`` copies a transposed x, an expanded dY and the like
+to contiguous rows), so the other launch is the "unaligned" one: unit strides
+folded, nothing known to divide by 16 (odd sizes, offset views; a strided
+bias as given), compiled once per kernel. The LoRA embedding's and the mask
+helper's launchers take any strides: theirs is the "generic" one (nothing
+known about pointers or strides).
 
 A build that needs more shared memory than the architecture has is stopped
 after LLVM IR, where its shared memory is known: it cannot launch, so its PTX
@@ -153,7 +158,7 @@ def build_source_args(fn, pointer_dtypes, meta, *, aligned, unit_strides=(),
                 attrs[(index,)] = DIVISIBLE_16
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
-        elif aligned and name in unit_strides:
+        elif name in unit_strides:
             signature[name] = "constexpr"  # an int argument equal to 1 is specialized
             constexprs[name] = 1
         else:
@@ -170,13 +175,19 @@ def kernel_fn(kernel):
     return getattr(module, kernel)
 
 
-def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None, min_arch=0):
-    """One compile: ``unit_strides`` None means the generic specialization;
+def _job(kernel, meta, pointer_dtypes, cfg, words, unit_strides=None, min_arch=0,
+         aligned=True):
+    """One compile: ``unit_strides`` None means the generic specialization, not
+    ``aligned`` the unaligned one (unit strides, nothing divisible);
     ``min_arch``: compiled only for that architecture and later (TMA: 90)."""
     fn = kernel_fn(kernel)
     if unit_strides is None:
         spec = dict(aligned=False)
         words = words + ["generic strides"]
+    elif not aligned:
+        # a strided bias is read as it is given (the layer copies nothing else)
+        spec = dict(aligned=False, unit_strides=set(unit_strides) - {"stride_bias"})
+        words = words + ["unaligned"]
     else:
         spec = dict(aligned=True, unit_strides=unit_strides, divisible_sizes=DIVISIBLE_SIZES)
     signature, constexprs, attrs = build_source_args(fn, dict(pointer_dtypes), meta, **spec)
@@ -221,10 +232,13 @@ def rank_pairs(x, adapter):
                                                          ELEMENT_BYTES[adapter]))
 
 
-def gemm_pairs(x, adapter):
+def gemm_pairs(x, adapter, precision="tf32"):
+    """The pointer build's pairs; fp32 x with IEEE products has tiles of its own."""
     from lorakern.kernels.lora_gemm import lora_gemm_candidates
     pq = _promoted(x, adapter)
-    return _widest_and_narrowest(lora_gemm_candidates(ELEMENT_BYTES[x], ELEMENT_BYTES[pq]))
+    ieee = x == "fp32" and precision == "ieee"
+    return _widest_and_narrowest(lora_gemm_candidates(ELEMENT_BYTES[x], ELEMENT_BYTES[pq],
+                                                      ieee=ieee))
 
 
 def rank_job(cfg, block_r, x, adapter, precision, pass_, dropout=None, unit=True):
@@ -234,8 +248,8 @@ def rank_job(cfg, block_r, x, adapter, precision, pass_, dropout=None, unit=True
                 UPCAST_DOT=False, DOT_PRECISION=precision)
     pointers = dict(l_ptr=x, rt_ptr=adapter, out_ptr=_promoted(x, adapter))
     strides = RANK_H_UNIT_STRIDES if pass_ == "h" else RANK_G_UNIT_STRIDES
-    return _job("_rank_product_kernel", meta, pointers, cfg, [f"pass {pass_}"],
-                strides if unit else None)
+    return _job("_rank_product_kernel", meta, pointers, cfg, [f"pass {pass_}"], strides,
+                aligned=unit)
 
 
 def gemm_job(cfg, block_r, x, adapter, precision, rank_precision, pass_, bias, dropout,
@@ -253,8 +267,8 @@ def gemm_job(cfg, block_r, x, adapter, precision, rank_precision, pass_, bias, d
                     pr_ptr=adapter, bias_ptr=x, out_ptr=x)
     strides = (GEMM_DX_UNIT_STRIDES if pass_ == "dX" else
                GEMM_Y_UNIT_STRIDES | ({"stride_prk"} if in_kernel else set()))
-    return _job("_lora_gemm_kernel", meta, pointers, cfg, [f"pass {pass_}"],
-                strides if unit else None)
+    return _job("_lora_gemm_kernel", meta, pointers, cfg, [f"pass {pass_}"], strides,
+                aligned=unit)
 
 
 def gemm_tma_pairs(x, adapter):
@@ -298,7 +312,7 @@ def term_job(cfg, block_r, x, adapter, rank_precision, pass_, unit=True):
     pointers = dict(p_ptr=_promoted(x, adapter), q_ptr=adapter, bias_ptr=x, out_ptr=x)
     strides = TERM_Y_UNIT_STRIDES if pass_ == "y0" else TERM_DX_UNIT_STRIDES
     return _job("_lora_term_kernel", meta, pointers, cfg, [f"pass {pass_}"],
-                strides if unit else None)
+                strides, aligned=unit)
 
 
 def term_pairs(x, adapter):
@@ -312,7 +326,7 @@ def term_jobs(x, adapter, rank_precision):
 
 
 def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
-           unit_strides=TN_UNIT_STRIDES, split=True):
+           unit_strides=TN_UNIT_STRIDES, split=True, aligned=True):
     """tn_matmul; ``split``: rows split across programs, fp32 partials summed by the
     last program of each tile (the launch at large M), else the direct store."""
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
@@ -320,7 +334,8 @@ def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
                 DOT_PRECISION=precision)
     pointers = dict(l_ptr=lhs, q_ptr=rhs, out_ptr=out, colsum_ptr=colsum, part_ptr="fp32",
                     colpart_ptr="fp32", counter_ptr="i32")
-    return _job("_tn_matmul_kernel", meta, pointers, cfg, list(words), unit_strides)
+    return _job("_tn_matmul_kernel", meta, pointers, cfg, list(words), unit_strides,
+                aligned=aligned)
 
 
 def grad_output_pairs(x, adapter):
@@ -339,8 +354,8 @@ def grad_output_job(cfg, block_r, x, adapter, precision, need_g=True, colsum=Tru
     pointers = dict(dy_ptr=x, b_ptr=adapter, h_ptr=rank, g_ptr=rank, db_ptr=adapter,
                     dbias_ptr=x, part_ptr="fp32", colpart_ptr="fp32", gpart_ptr="fp32",
                     counter_ptr="i32")
-    return _job("_grad_output_kernel", meta, pointers, cfg, [],
-                GRAD_OUTPUT_UNIT_STRIDES if unit else None)
+    return _job("_grad_output_kernel", meta, pointers, cfg, [], GRAD_OUTPUT_UNIT_STRIDES,
+                aligned=unit)
 
 
 def grad_output_jobs(x, adapter, precision):
@@ -359,7 +374,7 @@ def rank_and_gemm_jobs(x, adapter, precision):
     # adapter is 1: once, at the widest rank block
     cfg, block_r = max(pairs, key=lambda pair: pair[1])
     jobs.append(rank_job(cfg, block_r, x, adapter, rank_precision, "G"))
-    for cfg, block_r in gemm_pairs(x, adapter):
+    for cfg, block_r in gemm_pairs(x, adapter, precision):
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "y",
                              bias=True, dropout=True))
         jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "dX",
@@ -415,11 +430,11 @@ def tn_jobs(x, precision):
             jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", "fp32", True,
                                False, ["fp32 adapters", "transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
-    # one config: the direct store (rows not split), every flag off, generic strides
+    # one config: the direct store (rows not split), every flag off, unaligned sizes
     cfg = tn_configs[-1]
     jobs += [tn_job(cfg, precision, x, x, x, x, True, True, split=False),
              tn_job(cfg, precision, x, x, x, x, False, False, split=False),
-             tn_job(cfg, precision, x, x, x, x, True, True, unit_strides=None)]
+             tn_job(cfg, precision, x, x, x, x, True, True, aligned=False)]
     return jobs
 
 
@@ -429,7 +444,7 @@ def precision_jobs(x, precision):
     jobs = []
     for adapter in adapters:
         jobs += rank_and_gemm_jobs(x, adapter, precision)
-    # one config per kernel: flags off, the generic specialization, and (16-bit x)
+    # one config per kernel: flags off, the unaligned specialization, and (16-bit x)
     # the fp32-adapter products under TF32
     cfg, block_r = rank_pairs(x, x)[-1]
     jobs += [rank_job(cfg, block_r, x, x, precision, "h", dropout=False),
@@ -438,8 +453,12 @@ def precision_jobs(x, precision):
     jobs += [gemm_job(cfg, block_r, x, x, precision, precision, "y", False, False),
              gemm_job(cfg, block_r, x, x, precision, precision, "dX", True, True, unit=False)]
     cfg, block_r = grad_output_pairs(x, x)[-1]
-    jobs += [grad_output_job(cfg, block_r, x, x, precision, False, False, False),
-             grad_output_job(cfg, block_r, x, x, precision, unit=False)]
+    jobs.append(grad_output_job(cfg, block_r, x, x, precision, False, False, False))
+    # an unaligned dY has tiles of its own, at every rank block
+    from lorakern.kernels.grad_output import grad_output_candidates
+    jobs += [grad_output_job(cfg, block_r, x, x, precision, unit=False)
+             for cfg, block_r in grad_output_candidates(ELEMENT_BYTES[x], ELEMENT_BYTES[x],
+                                                        aligned=False)]
     if x != "fp32":
         cfg, block_r = rank_pairs(x, "fp32")[-1]
         jobs.append(rank_job(cfg, block_r, x, "fp32", "tf32", "h"))

@@ -337,12 +337,28 @@ def tensors(x_shape=(100, 64), out_features=32, rank=3, x_dtype=torch.float32,
             torch.empty(out_features, rank, dtype=b_dtype))
 
 
+def test_fp32_keys_say_whether_the_products_run_in_tf32():
+    """TF32 or IEEE changes every candidate's speed and the GEMM's tiles: two keys."""
+    args = tensors()
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        ieee = autotune.tuning_key("forward", *args, 0.0)
+        matmul.allow_tf32 = True
+        tf32 = autotune.tuning_key("forward", *args, 0.0)
+    finally:
+        matmul.allow_tf32 = previous
+    assert (ieee["tf32"], tf32["tf32"]) == (False, True)
+    assert autotune.canonical_key(ieee) != autotune.canonical_key(tf32)
+
+
 def test_tuning_key_for_cpu_tensors():
     key = autotune.tuning_key("forward", *tensors(x_dtype=torch.bfloat16), 0.0)
     assert key == {"direction": "forward", "device": "cpu", "torch": torch.__version__,
                    "triton": key["triton"], "x_dtype": "torch.bfloat16",
                    "adapter_dtype": "torch.float32", "m_bucket": 128, "n": 32, "k": 64,
-                   "rank_block": 16, "dropout": False, "tma": False}
+                   "rank_block": 16, "dropout": False, "tma": False, "tf32": False}
     assert isinstance(key["triton"], str) and key["triton"]
     json.dumps(key)  # every value is JSON
 

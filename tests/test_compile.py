@@ -27,6 +27,7 @@ import compile_kernels
 from compile_kernels import PRECISION_GROUPS, SHARED_MEMORY_PER_BLOCK
 
 SCRIPT = Path(compile_kernels.__file__)
+ROOT = SCRIPT.parents[1]
 ARCHS = (80, 90)
 PTX_TARGET = {80: "sm_80", 90: "sm_90a"}
 MAX_WORKERS = 2  # CI has two cores
@@ -53,14 +54,14 @@ def compile_plans():
             for group in GROUPS}
 
 
-def launcher_configs(x_dtype, adapter_dtype):
+def launcher_configs(x_dtype, adapter_dtype, precision="tf32"):
     """Per kernel, the launch configs its launcher can pick on a GPU for these
     dtypes (each tile config at its largest rank block, and the smallest rank
     block once, unless LORAKERN_COMPILE_ALL=1; see compile_kernels)."""
     rank = {(c.block_m, c.block_k, r, c.num_warps, c.num_stages)
             for c, r in compile_kernels.rank_pairs(x_dtype, adapter_dtype)}
     gemm = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
-            for c, r in compile_kernels.gemm_pairs(x_dtype, adapter_dtype)}
+            for c, r in compile_kernels.gemm_pairs(x_dtype, adapter_dtype, precision)}
     gemm_tma = {(c.block_m, c.block_n, c.block_k, r, c.group_m, c.num_warps, c.num_stages)
                 for c, r in compile_kernels.gemm_tma_pairs(x_dtype, adapter_dtype)}
     tn = {_tn_tuple(c) for c in compile_kernels.tn_configs_compiled(
@@ -149,7 +150,7 @@ def test_compile_plan_holds_every_launcher_config_for_every_dtype_with_flags_on(
             continue
         adapters = [x_dtype] if x_dtype == "fp32" else [x_dtype, "fp32"]
         for adapter in adapters:
-            for kernel, configs in launcher_configs(x_dtype, adapter).items():
+            for kernel, configs in launcher_configs(x_dtype, adapter, precision).items():
                 if kernel == TN and adapter != x_dtype:  # dW never meets an adapter
                     configs = configs - {_tn_tuple(tn_config_gpu(None, 4))}
                 pointers = _adapter_pointers(kernel, x_dtype, adapter)
@@ -321,20 +322,41 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory(
     assert run["returncode"] == 0, run["stderr"][-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "builds that keep spilled registers in the stack frame (cuobjdump STACK, 8 to 840 bytes "
-    "per thread), all with HAS_DROPOUT on, IEEE fp32 products or generic strides: the rank "
-    "pass at rank block 256 (generic strides, or fp32 operands), the LoRA GEMM with fp32 "
-    "operands (128x128x32, 8 warps) and its 64x64 dX build at rank block 64 (generic "
-    "strides), tn_matmul with fp32 operands and its 64x64x256 generic build, the one pass "
-    "over dY in its generic build (a transposed or expanded dY; 304 bytes on sm_90 and 840 "
-    "on sm_80 at 256x64 tiles, every aligned build uses none). Local memory (LOCAL) is "
-    "checked, and clean, above"))
-def test_no_kernel_config_keeps_registers_in_the_stack_frame(compile_runs):
-    stacked = []
+# Spilled registers can also land in the stack frame (cuobjdump STACK), which the
+# compile test above does not fail on. No aligned build may keep any there. With
+# triton 3.7.1 a few unaligned builds (unit strides, nothing divisible by 16: odd
+# feature sizes, offset views) still keep 8 to 48 bytes a thread, all with
+# HAS_DROPOUT on and on sm_80 or with IEEE fp32 products: the rank pass at rank
+# block 256 (sm_80) and 128 (fp32, sm_90), the LoRA GEMM's 64x64 dX build (rank
+# block 64 on sm_80, 32 with fp32 on sm_90), the one pass over dY and tn_matmul
+# with fp32 operands. This bounds them, for the pinned triton: triton 3.6.0 keeps
+# more (aligned fp32 and fp32-adapter builds, up to 656 bytes in the 64x64 fp32 dX
+# build and 2464 in a generic embedding build), and its run checks the compiles
+# and LOCAL spills above.
+UNALIGNED_STACK_BYTES = 48
+PINNED_TRITON = next(line.split("==")[1].split(";")[0].strip()
+                     for line in (ROOT / "requirements.txt").read_text().splitlines()
+                     if line.startswith("triton=="))
+
+
+def _stack_problem(record, arch):
+    stack = record.get("stack_bytes") or 0
+    name = f"sm_{arch} {record['kernel']} [{record['label']}]: {stack} bytes of stack"
+    unaligned = record["label"].endswith(("unaligned", "generic strides"))
+    limit = UNALIGNED_STACK_BYTES if unaligned else 0
+    return name if stack > limit else None
+
+
+def test_aligned_builds_keep_no_registers_in_the_stack_frame_unaligned_ones_little(
+        compile_runs):
+    import triton
+    if triton.__version__ != PINNED_TRITON:
+        pytest.skip(f"the stack-frame bound holds for the pinned triton {PINNED_TRITON}; "
+                    f"this is {triton.__version__}")
+    problems = []
     for arch, group in ARCH_GROUPS:
         run = compile_runs.result(arch, group)
-        stacked += [f"sm_{arch} {record['kernel']} [{record['label']}]: "
-                    f"{record['stack_bytes']} bytes"
-                    for record in run["records"] if record.get("stack_bytes")]
-    assert not stacked, f"{len(stacked)} builds use the stack frame:\n" + "\n".join(stacked)
+        problems += [p for p in (_stack_problem(r, arch) for r in run["records"]) if p]
+    assert not problems, (f"{len(problems)} builds keep registers in the stack frame "
+                          f"(aligned: none allowed; unaligned: at most "
+                          f"{UNALIGNED_STACK_BYTES} bytes):\n" + "\n".join(problems))

@@ -3,6 +3,8 @@
 On a machine without CUDA these run in Triton's interpreter (see conftest), so
 shapes stay small; every case checks the output and every gradient asked for.
 """
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -361,6 +363,42 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(dtype, device, m
     y_ref, _ = oracle(cast["x"], cast["weight"], cast["lora_A"], cast["lora_B"], 1.0,
                       cast["bias"])
     assert_matches_oracle(y.cpu(), y_ref, dtype, "y under autocast")
+
+
+def test_the_kernels_get_rows_of_unit_stride_and_a_copy_is_said_once(device, monkeypatch,
+                                                                     caplog):
+    """A transposed x and the expanded dY of ``y.sum()`` are copied to contiguous
+    rows before any kernel reads them (the layouts the kernels are compiled and
+    checked for); the log says so once per tensor role, and the result is the
+    oracle's."""
+    seen = []
+    real_forward, real_grad_output = kernels.lora_forward, kernels.lora_grad_output
+
+    def forward(x, *args, **kwargs):
+        seen.append(("x", x.stride()))
+        return real_forward(x, *args, **kwargs)
+
+    def grad_output(dy, *args, **kwargs):
+        seen.append(("dY", dy.stride()))
+        return real_grad_output(dy, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lora_forward", forward)
+    monkeypatch.setattr(kernels, "lora_grad_output", grad_output)
+    monkeypatch.setattr(lorakern.function, "_copied", set())
+    layer = make_layer((7,), 19, 23, 3, torch.float32, device, x_layout="transposed")
+    assert layer["x"].stride(-1) != 1
+    with caplog.at_level(logging.INFO, logger="lorakern"):
+        for _ in range(2):
+            for t in layer.values():
+                if t is not None:
+                    t.grad = None
+            run_and_check(layer, 1.0, 0.5, "expanded", torch.float32, monkeypatch)
+    assert {name for name, _ in seen} == {"x", "dY"}
+    assert all(stride[-1] == 1 for _, stride in seen), seen
+    copies = [r.getMessage() for r in caplog.records
+              if "copied to contiguous rows" in r.getMessage()]
+    assert len(copies) == 2 and copies[0].startswith("lorakern: x ") and \
+        copies[1].startswith("lorakern: dY "), copies
 
 
 def test_cpu_calls_go_through_the_kernels_under_the_interpreter(device, monkeypatch):

@@ -68,7 +68,8 @@ def _check(dy, lora_b, h, bias, need_g=True):
     g, grad_b, grad_bias, launched = _run(dy, lora_b, h, bias, need_g)
     m, n = dy.shape
     one_pass = grad_output_module.one_pass_fits(m, n, lora_b.shape[1], dy.element_size(),
-                                                h.element_size())
+                                                h.element_size(),
+                                                grad_output_module.dy_aligned(dy))
     if one_pass and m and n:
         assert launched == {"grad_output": 1, "rank_product": 0, "tn_matmul": 0}, launched
     elif not one_pass:
@@ -118,6 +119,22 @@ def test_g_db_and_db_match_the_oracle(m, n, r, bias, layout, dtype, device):
 def test_fp32_adapters_on_a_half_base_give_fp32_g_and_db(m, n, r, dtype, device):
     """PEFT's default: G and h fp32, the products in fp32, dB in B's fp32, db in dY's dtype."""
     _check(*_inputs(m, n, r, dtype, torch.float32, "contiguous", device), True)
+
+
+def test_an_unaligned_dy_takes_narrower_tiles_and_the_one_pass_while_they_fit():
+    """A dY read element by element (odd column count, offset view) gets 128 x 32
+    tiles, whose partials the budget reckons: the one pass at rank block 16 on
+    4096 columns, two passes at 32, where the aligned tiles still fit."""
+    aligned = grad_output_module.grad_output_config_gpu(32, 2, 2)
+    unaligned = grad_output_module.grad_output_config_gpu(32, 2, 2, aligned=False)
+    assert (aligned.block_m, aligned.block_n) == (256, 64)
+    assert (unaligned.block_m, unaligned.block_n) == (128, 32)
+    fits = grad_output_module.one_pass_fits
+    assert fits(8192, 4096, 16, 2, 2, aligned=False) and fits(8192, 4096, 32, 2, 2)
+    assert not fits(8192, 4096, 32, 2, 2, aligned=False)
+    dy = torch.empty(8, 50257, dtype=torch.bfloat16)
+    assert not grad_output_module.dy_aligned(dy)
+    assert grad_output_module.dy_aligned(torch.empty(8, 4096, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -191,7 +208,7 @@ def test_one_backward_reads_dy_once(strategy, device, monkeypatch):
 @pytest.mark.parametrize("strategy", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,k,n,r,grad_layout", [
-    ((300,), 19, 130, 20, "contiguous"), ((3, 11), 70, 23, 3, "transposed"),
+    ((300,), 19, 128, 20, "contiguous"), ((3, 11), 70, 23, 3, "transposed"),
     ((300,), 40, 64, 16, "expanded"), ((1,), 19, 130, 1, "contiguous")])
 def test_the_layer_with_the_one_pass_matches_the_oracle(lead, k, n, r, grad_layout, dtype,
                                                          strategy, device, monkeypatch):

@@ -66,16 +66,18 @@ def test_aligned_layers_run_y_and_dx_through_tma_and_match_the_float64_oracle(
 
 @pytest.mark.parametrize("k,x_layout,grad_layout,tma_launches", [
     (19, "contiguous", "contiguous", 0),   # 38-byte rows of x and W: no descriptor
-    (40, "sliced", "contiguous", 1),       # x with column stride 2: the forward; dX by TMA
-    (40, "contiguous", "transposed", 1),   # dY transposed: dX; the forward by TMA
+    (40, "offset", "contiguous", 1),       # x 2 bytes past a 16-byte boundary: the forward
+    (40, "sliced", "transposed", 2),       # copied to contiguous rows first: TMA reads both
 ])
 def test_operands_tma_cannot_describe_take_the_pointer_gemm(
         k, x_layout, grad_layout, tma_launches, device, monkeypatch, tma_gpu):
     dtype = torch.bfloat16
     layer = make_layer((21,), k, 24, 6, dtype, device)
-    if x_layout == "sliced":  # every other column of a wider bf16 tensor, as given
-        layer["x"] = torch.randn(21, 2 * k, dtype=dtype, device=device)[:, ::2]
-        layer["x"].requires_grad_()
+    wide = torch.randn(21, 2 * k, dtype=dtype, device=device)
+    if x_layout == "sliced":  # every other column of a wider bf16 tensor
+        layer["x"] = wide[:, ::2].requires_grad_()
+    elif x_layout == "offset":  # unit stride, but the rows start one element in
+        layer["x"] = wide[:, 1:k + 1].requires_grad_()
     tma, gemms = _tma_launches(
         lambda: run_and_check(layer, 1.5, 0.2, grad_layout, dtype, monkeypatch))
     assert (tma, gemms) == (tma_launches, 2)
