@@ -25,6 +25,13 @@ once per output element (dX), one Philox call per 8 elements. Accumulation is
 fp32 and out is rounded once, on store. The epilogue's term is
 ``lora_term_tile`` (lora_term.py), which the ``cublas`` strategy writes alone.
 
+On sm_90 and later, with 16-bit L and Rt that TMA descriptors can describe
+(``tma_operands``), the table takes the TMA build (``_lora_gemm_tma_kernel``):
+the same tile, main loop and epilogue, its L and Rt tiles fetched by the
+Tensor Memory Accelerator (Rt read as stored: W for dX, W^T's storage W,
+transposed in shared memory, for the forward). The pointer build stays a
+tuner candidate, and runs everywhere else.
+
 Decode (M <= 16): the forward's rank pass would be a launch of its own for a
 few rows, as long as the GEMM streaming W. There the GEMM makes h itself
 (RANK_IN_KERNEL): after the main loop each program computes
