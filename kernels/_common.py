@@ -166,8 +166,11 @@ def tma_supported(device):
 
 def tma_ready(t):
     """Whether a 2-D tensor can back a TMA descriptor as laid out: unit stride
-    along its last dim, the other stride and the base 16-byte aligned, no empty dim."""
+    along its last dim, the other stride and the base 16-byte aligned, no empty
+    dim, rows that do not overlap (a descriptor's row stride is at least a row:
+    an expanded tensor's stride 0 is not)."""
     return (t.dim() == 2 and t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1
+            and t.stride(0) >= t.shape[1]
             and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 

@@ -92,6 +92,15 @@ def test_fp32_layers_and_decode_keep_the_pointer_gemm(device, monkeypatch, tma_g
                                                monkeypatch)) == (0, 2)
 
 
+def test_rows_that_overlap_are_not_described_by_tma(device):
+    """A descriptor's row stride must cover a row: an x expanded over its rows
+    (stride 0) goes to the pointer build."""
+    lhs = torch.randn(1, 64, dtype=torch.bfloat16, device=device).expand(32, 64)
+    w = torch.randn(48, 64, dtype=torch.bfloat16, device=device)
+    assert gemm_module.tma_operands(lhs, w.t()) is None
+    assert gemm_module.tma_operands(lhs.contiguous(), w.t())[1] is True
+
+
 def test_a_tma_config_on_operands_it_cannot_describe_is_refused_before_any_launch(device):
     lhs = torch.randn(20, 19, dtype=torch.float16, device=device)
     rhs_t = torch.randn(19, 24, dtype=torch.float16, device=device)
