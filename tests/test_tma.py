@@ -31,6 +31,7 @@ def tma_gpu(device, monkeypatch):
     else:
         monkeypatch.setattr(_common, "tma_supported", lambda device: True)
     monkeypatch.setenv("LORAKERN_STRATEGY", "fused")
+    monkeypatch.setenv("LORAKERN_AUTOTUNE", "0")  # the table's choice, not the tuner's
 
 
 def _tma_launches(step):
@@ -41,14 +42,15 @@ def _tma_launches(step):
 
 
 # (leading dims, in, out, rank, bias, dropout, dtype, adapter dtype, W trained): in and
-# out multiples of 8 (16-byte rows in a 16-bit dtype); M past decode and not a multiple
-# of the tile; ranks below 16 and not powers of two, and past one epilogue chunk
+# out multiples of 8 (16-byte rows in a 16-bit dtype); M past 128 (where a GPU's table
+# takes the large tile) and not a multiple of any tile; ranks below 16 and not powers
+# of two, and past one epilogue chunk
 ALIGNED = [
-    ((33,), 40, 24, 5, True, 0.0, torch.bfloat16, None, False),
-    ((3, 11), 64, 48, 16, True, 0.3, torch.float16, None, False),
-    ((70,), 24, 40, 100, False, 0.1, torch.bfloat16, None, False),
-    ((17,), 32, 16, 3, True, 0.2, torch.float16, torch.float32, False),
-    ((20,), 48, 32, 8, True, 0.1, torch.bfloat16, None, True),
+    ((150,), 40, 24, 5, True, 0.0, torch.bfloat16, None, False),
+    ((3, 50), 64, 48, 16, True, 0.3, torch.float16, None, False),
+    ((200,), 24, 40, 100, False, 0.1, torch.bfloat16, None, False),
+    ((137,), 32, 16, 3, True, 0.2, torch.float16, torch.float32, False),
+    ((129,), 48, 32, 8, True, 0.1, torch.bfloat16, None, True),
 ]
 
 
@@ -72,8 +74,8 @@ def test_aligned_layers_run_y_and_dx_through_tma_and_match_the_float64_oracle(
 def test_operands_tma_cannot_describe_take_the_pointer_gemm(
         k, x_layout, grad_layout, tma_launches, device, monkeypatch, tma_gpu):
     dtype = torch.bfloat16
-    layer = make_layer((21,), k, 24, 6, dtype, device)
-    wide = torch.randn(21, 2 * k, dtype=dtype, device=device)
+    layer = make_layer((140,), k, 24, 6, dtype, device)
+    wide = torch.randn(140, 2 * k, dtype=dtype, device=device)
     if x_layout == "sliced":  # every other column of a wider bf16 tensor
         layer["x"] = wide[:, ::2].requires_grad_()
     elif x_layout == "offset":  # unit stride, but the rows start one element in
@@ -84,7 +86,7 @@ def test_operands_tma_cannot_describe_take_the_pointer_gemm(
 
 
 def test_fp32_layers_and_decode_keep_the_pointer_gemm(device, monkeypatch, tma_gpu):
-    fp32 = make_layer((40,), 32, 24, 4, torch.float32, device)
+    fp32 = make_layer((140,), 32, 24, 4, torch.float32, device)
     assert _tma_launches(lambda: run_and_check(fp32, 1.0, 0.1, "contiguous", torch.float32,
                                                monkeypatch)) == (0, 2)
     decode = make_layer((gemm_module.DECODE_M,), 32, 24, 4, torch.float16, device)
