@@ -43,13 +43,7 @@ def promote_pair(a, b):
 def grouped_tile(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, walking GROUP_M row blocks per column
     block so that neighbouring programs share weight tiles in L2."""
-    return grouped_tile_of(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-
-
-@triton.jit
-def grouped_tile_of(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of tile ``pid`` in ``grouped_tile``'s order (a persistent
-    program walks several)."""
+    pid = tl.program_id(0)
     pids_per_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_per_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)

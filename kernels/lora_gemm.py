@@ -52,7 +52,7 @@ from ._common import (INTERPRET, TensorDescriptor, dot_precision, empty, fit_sta
                       to_storage)
 from .dropout import dropout_threshold
 from .lora_term import (RANK_BLOCKS, epilogue_rank_block, lora_term_tile,
-                        scaled_and_masked, widest_rank_block)
+                        scaled_and_masked, store_with_bias, widest_rank_block)
 from .rank_product import rank_tile
 
 
@@ -107,21 +107,8 @@ def _lora_gemm_kernel(
                               offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N, lora_scale,
                               threshold, seed, BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT,
                               UPCAST_DOT, RANK_DOT_PRECISION)
-    _store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
-                     in_m, in_n, HAS_BIAS, UPCAST_DOT)
-
-
-@triton.jit
-def _store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
-                     in_m, in_n, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """out = acc + bias, rounded once to out's dtype."""
-    cols = offs_n.to(tl.int64)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
-             to_storage(acc, out_ptr.dtype.element_ty, UPCAST_DOT),
-             mask=in_m[:, None] & in_n[None, :])
+    store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
+                    in_m, in_n, HAS_BIAS, UPCAST_DOT)
 
 
 @triton.jit
@@ -165,8 +152,8 @@ def _lora_gemm_tma_kernel(
     acc += lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
                           offs_m, offs_n, in_m, in_n, col0, lora_scale, threshold, seed,
                           BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT, UPCAST_DOT, RANK_DOT_PRECISION)
-    _store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
-                     in_m, in_n, HAS_BIAS, UPCAST_DOT)
+    store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
+                    in_m, in_n, HAS_BIAS, UPCAST_DOT)
 
 
 @triton.jit

@@ -98,12 +98,21 @@ def _lora_term_kernel(
                          offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N, lora_scale, threshold,
                          seed, BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT, UPCAST_DOT,
                          RANK_DOT_PRECISION)
+    store_with_bias(out, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
+                    in_m, in_n, HAS_BIAS, UPCAST_DOT)
+
+
+@triton.jit
+def store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
+                    in_m, in_n, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """out = acc + bias for an fp32 output tile, rounded once to out's dtype (the
+    LoRA term's store here, the fused GEMM's after its epilogue)."""
     cols = offs_n.to(tl.int64)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
-        out = out + bias[None, :]
+        acc = acc + bias[None, :]
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
-             to_storage(out, out_ptr.dtype.element_ty, UPCAST_DOT),
+             to_storage(acc, out_ptr.dtype.element_ty, UPCAST_DOT),
              mask=in_m[:, None] & in_n[None, :])
 
 

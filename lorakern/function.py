@@ -51,6 +51,10 @@ def _unit_rows(t, name):
     return t.contiguous()
 
 
+def _unit_row_params(weight, lora_A, lora_B):
+    return _unit_rows(weight, "W"), _unit_rows(lora_A, "lora_A"), _unit_rows(lora_B, "lora_B")
+
+
 def draw_seed():
     """A dropout seed from torch's CPU generator: follows torch.manual_seed and
     the RNG state that torch.utils.checkpoint restores, and never syncs a GPU."""
@@ -61,8 +65,7 @@ def fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
     """Returns (y [..., out], h [M, r]); h is fp32 with fp32 adapters, else x's dtype."""
     kernels = load_kernels(x.device)
     x2 = _unit_rows(_flatten(x), "x")
-    weight, lora_A, lora_B = (_unit_rows(t, name) for t, name in
-                              ((weight, "W"), (lora_A, "lora_A"), (lora_B, "lora_B")))
+    weight, lora_A, lora_B = _unit_row_params(weight, lora_A, lora_B)
 
     def run(plan):
         return kernels.lora_forward(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed,
@@ -84,8 +87,7 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     dy = _unit_rows(_flatten(grad_y), "dY")
     # once: a non-viewable x (a permuted 3-D input) is copied by the reshape
     x2 = _unit_rows(_flatten(x), "x") if need_a or need_w else None
-    weight, lora_A, lora_B = (_unit_rows(t, name) for t, name in
-                              ((weight, "W"), (lora_A, "lora_A"), (lora_B, "lora_B")))
+    weight, lora_A, lora_B = _unit_row_params(weight, lora_A, lora_B)
     device = dy.device
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
     if need_bias:
