@@ -8,11 +8,13 @@ setup(
     description="Fused Triton kernels for LoRA linear layers",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=["lorakern", "lorakern.kernels"],
+    # every package under lorakern/ (tests/test_layout.py checks the list against the tree)
+    packages=["lorakern", "lorakern.functional", "lorakern.layers", "lorakern.models",
+              "lorakern.peft", "lorakern.kernels"],
     package_dir={"lorakern": "lorakern", "lorakern.kernels": "kernels"},
     python_requires=">=3.10",
     # torch 2.4 is the first with torch.library.custom_op and its register_fake /
-    # register_autograd (lorakern/ops.py); on Linux it requires triton 3.0, whose
+    # register_autograd (lorakern/functional/ops.py); on Linux it requires triton 3.0, whose
     # tl.dot takes input_precision, the newest language feature the kernels use.
     # triton has no macOS or Windows wheels: there lorakern runs its PyTorch
     # reference, as it does on any machine without triton.

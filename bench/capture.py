@@ -1,6 +1,6 @@
 """Record every launch lorakern's forward and backward make, without running one.
 
-``lorakern.function.fused_forward`` / ``fused_backward`` hold the launch
+``lorakern.functional.fused_linear.fused_forward`` / ``fused_backward`` hold the launch
 sequence; here they run on *meta* tensors of the real shapes (no memory, no
 arithmetic) while ``JITFunction.run`` is replaced by a recorder. The recorder
 binds the arguments with Triton's own binder for the target GPU, so each
@@ -210,14 +210,14 @@ SEED = 1234
 def capture_case(case, arch, strategy=None):
     """{'fwd': [...], 'bwd': [...]}: the launches and torch ops of one case, in
     ``strategy`` ('fused' or 'cublas'; None: the dispatch point's choice)."""
-    from lorakern._backend import strategy_forced
+    from lorakern.functional.dispatch import strategy_forced
 
     with strategy_forced(strategy):
         return _capture_case(case, arch)
 
 
 def _capture_case(case, arch):
-    from lorakern.function import fused_backward, fused_forward
+    from lorakern.functional.fused_linear import fused_backward, fused_forward
 
     t = layer_tensors(case)
     seed = SEED if case.dropout > 0 else 0

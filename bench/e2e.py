@@ -81,13 +81,13 @@ def build_peft(cfg, device):
 
 
 def build_patched(cfg, device):
-    from lorakern.peft_interop import patch_peft
+    from lorakern.peft import patch_peft
     return patch_peft(build_peft(cfg, device))
 
 
 def build_injected(cfg, device):
     """lorakern's own LoRALinear modules, adapters in the dtype PEFT would use."""
-    from lorakern.inject import inject_lora
+    from lorakern.models import inject_lora
     model = build_base(cfg, device)
     torch.manual_seed(1)
     base = DTYPES[cfg.dtype]
@@ -104,9 +104,9 @@ def build_compiled(cfg, device):
 PROVIDERS = {
     "peft": (build_peft, ("transformers", "peft"), None),
     "peft-compile": (build_compiled, ("transformers", "peft"), None),
-    "lorakern": (build_patched, ("transformers", "peft", "lorakern.peft_interop"),
+    "lorakern": (build_patched, ("transformers", "peft", "lorakern.peft"),
                  "patch_peft"),
-    "lorakern-inject": (build_injected, ("transformers", "lorakern.inject"), "inject_lora"),
+    "lorakern-inject": (build_injected, ("transformers", "lorakern.models"), "inject_lora"),
 }
 
 
@@ -127,19 +127,19 @@ def _config_fields(cfg):
 def _lorakern_calls(call, batch):
     """Calls that reach lorakern.lora_linear's dispatch point in one forward:
     one per LoRA linear if the fused path is really in use."""
-    from lorakern import api
-    original, count = api.select_backend, [0]
+    from lorakern.functional import linear
+    original, count = linear.select_backend, [0]
 
     def counting(*args, **kwargs):
         count[0] += 1
         return original(*args, **kwargs)
 
-    api.select_backend = counting
+    linear.select_backend = counting
     try:
         with torch.no_grad():
             call(input_ids=batch)
     finally:
-        api.select_backend = original
+        linear.select_backend = original
     return count[0]
 
 

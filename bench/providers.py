@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lorakern
-from lorakern import _backend
+from lorakern.functional import dispatch
 
 from .cases import ALPHA_OVER_R, MODES
 from .composition import addmm_lora
@@ -44,7 +44,7 @@ class Provider:
     strategy: Optional[str] = None  # lorakern's, forced while built and timed
 
     def environment(self):
-        return _backend.strategy_forced(self.strategy)
+        return dispatch.strategy_forced(self.strategy)
 
     def unavailable(self):
         """Why this provider cannot run here, or None."""
@@ -137,7 +137,7 @@ def lorakern_path(device, dtype):
     """What computes lorakern.lora_linear here, as its dispatch point decides:
     'triton' (compiled kernels), 'triton-interpreter' or 'reference'."""
     x = torch.empty(1, 1, device=device, dtype=dtype)
-    backend = _backend.select_backend(x, x, x, x)
+    backend = dispatch.select_backend(x, x, x, x)
     return "triton-interpreter" if backend == "triton" and x.device.type != "cuda" else backend
 
 

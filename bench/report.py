@@ -180,8 +180,8 @@ def markdown(doc):
                 f"{', '.join(r['targets'])}; adapters {r['adapter_dtype_requested']}. "
                 "Random weights from a transformers config. `peft`: get_peft_model; "
                 "`peft-compile`: torch.compile of it; `lorakern`: the same PEFT model "
-                "after lorakern.peft_interop.patch_peft; `lorakern-inject`: "
-                "lorakern.inject.inject_lora on the base model (lorakern's modules and "
+                "after lorakern.patch_peft; `lorakern-inject`: "
+                "lorakern.inject_lora on the base model (lorakern's modules and "
                 "adapter initialisation, hence another first loss). Peak memory: all "
                 "allocated memory, weights and optimizer state included.", "",
                 e2e_table(doc["e2e"]), ""]

@@ -20,7 +20,7 @@ order of the sum is fixed, no float atomics) and inside the one launch: no
 torch ops sum the partials afterwards. dA is written through transposed
 strides, so A's (R, K) layout is filled directly.
 
-In the layer's backward (lorakern/function.py) it makes dA, and dW when W
+In the layer's backward (lorakern/functional/fused_linear.py) it makes dA, and dW when W
 trains; dB and db come from the one pass over dY (grad_output.py), which falls
 back to this kernel when its partials would not fit.
 

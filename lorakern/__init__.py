@@ -7,16 +7,28 @@ over the kernels; ``reference.lora_linear`` the same math in plain PyTorch;
 ``LoRALinear`` and ``inject_lora`` put it into models; ``save_adapter``,
 ``load_adapter`` and ``patch_peft`` speak PEFT. The kernels
 (``lorakern.kernels``) are imported on first use, never at import.
+
+The package is layered, each level importing only from the levels before it:
+``lorakern.kernels`` <- ``functional`` (the calls, their autograd Functions and
+custom ops, the reference, dispatch, the tuner) <- ``layers`` (the nn.Modules)
+<- ``models`` (inject, merge, report) <- ``peft`` (PEFT models and adapter files).
 """
-from . import reference
-from .api import lora_linear
-from .embedding import FusedLoRAEmbedding, LoRAEmbedding, lora_embedding
-from .function import FusedLoRALinear
-from .inject import (count_parameters, format_lora_report, inject_lora, lora_report, merge_lora,
-                     unmerge_lora)
-from .modules import LoRALinear
-from .peft_interop import (load_adapter, patch_peft, patch_summary, patched_modules, save_adapter,
-                           unpatch_peft)
+import sys as _sys
+
+from . import _module_aliases
+from .functional import reference
+from .functional.embedding import lora_embedding
+from .functional.fused_embedding import FusedLoRAEmbedding
+from .functional.fused_linear import FusedLoRALinear
+from .functional.linear import lora_linear
+from .layers.embedding import LoRAEmbedding
+from .layers.linear import LoRALinear
+from .models.inject import inject_lora
+from .models.merge import merge_lora, unmerge_lora
+from .models.report import count_parameters, format_lora_report, lora_report
+from .peft.load import load_adapter
+from .peft.patch import patch_peft, patch_summary, patched_modules, unpatch_peft
+from .peft.save import save_adapter
 
 __version__ = "0.1.0"
 
@@ -24,3 +36,5 @@ __all__ = ["FusedLoRAEmbedding", "FusedLoRALinear", "LoRAEmbedding", "LoRALinear
            "format_lora_report", "inject_lora", "load_adapter", "lora_embedding", "lora_linear",
            "lora_report", "merge_lora", "patch_peft", "patch_summary", "patched_modules",
            "reference", "save_adapter", "unmerge_lora", "unpatch_peft", "__version__"]
+
+_module_aliases.install(_sys.modules[__name__])

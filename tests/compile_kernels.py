@@ -42,7 +42,7 @@ unit strides folded to the constant 1, which is what lets Triton vectorize and
 pipeline the loads through shared memory (several times the shared memory of
 the unaligned build). So every entry is compiled in that "aligned"
 specialization. The layer hands its kernels rows of unit stride only
-(``lorakern/function.py`` copies a transposed x, an expanded dY and the like
+(``lorakern/functional/fused_linear.py`` copies a transposed x, an expanded dY and the like
 to contiguous rows), so the other launch is the "unaligned" one: unit strides
 folded, nothing known to divide by 16 (odd sizes, offset views; a strided
 bias as given), compiled once per kernel. The LoRA embedding's and the mask

@@ -21,9 +21,9 @@ from test_peft_interop import (assert_close, base_model, logits,  # noqa: E402
                                lorakern_model, read_config)
 
 import lorakern  # noqa: E402
-from lorakern.modules import LoRALinear  # noqa: E402
-from lorakern.peft_interop import (CONFIG_NAME, WEIGHTS_NAME, load_adapter,  # noqa: E402
-                                   save_adapter)
+from lorakern.layers import LoRALinear  # noqa: E402
+from lorakern.peft.adapter_format import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from lorakern.peft import load_adapter, save_adapter  # noqa: E402
 
 HEAD = "base_model.model.lm_head.weight"
 Q_PROJ_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakern import autotune
+from lorakern.functional import autotune
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = {"direction": "forward", "device": "cpu", "torch": "2.13.0", "triton": "3.7.1",
@@ -286,7 +286,7 @@ def test_concurrent_writers_keep_every_entry(cache_dir):
     processes, keys_per_process = 4, 6
     script = textwrap.dedent("""
         import sys
-        from lorakern import autotune
+        from lorakern.functional import autotune
         worker, keys, cache_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
         def slow():
             pass

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lorakern
-from lorakern import _backend, kernels, reference
+from lorakern import kernels, reference
+from lorakern.functional import dispatch
 
 ENTRY_POINTS = {"fused": lorakern.lora_linear, "reference": reference.lora_linear}
 
@@ -66,7 +67,7 @@ def test_float64_takes_the_reference_and_says_so_once(device, monkeypatch):
     """float64 reaches the kernels' device (CUDA, or CPU under the interpreter),
     which the kernels do not serve: the reference runs, with one warning."""
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
-    monkeypatch.setattr(_backend, "_said", set())
+    monkeypatch.setattr(dispatch, "_said", set())
     args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good(device).items()}
     before = sum(kernels.launch_counts.values())
     with warnings.catch_warnings(record=True) as caught:

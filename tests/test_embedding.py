@@ -7,7 +7,7 @@ import torch
 
 import lorakern
 from lorakern import kernels
-from lorakern.embedding import reference_lora_embedding
+from lorakern.reference import lora_embedding as reference_lora_embedding
 from oracle import assert_matches_oracle
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakern
-import lorakern.function
+import lorakern.functional.fused_linear
 from lorakern import kernels
 from oracle import assert_matches_oracle, oracle
 
@@ -62,7 +62,7 @@ def strategy(request, monkeypatch):
 
 def run_and_check(layer, scale, dropout_p, grad_layout, dtype, monkeypatch):
     """Forward + backward through the kernels; compare all against the oracle."""
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
     launches_before = sum(kernels.launch_counts.values())
     y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
                              scale, layer["bias"], dropout_p)
@@ -230,7 +230,7 @@ def test_the_forward_runs_the_rank_pass_once_and_the_gemm_once(device, monkeypat
     block); the backward adds one pass over dY (G, dB and db: no rank pass) and
     one GEMM (dX)."""
     monkeypatch.setenv("LORAKERN_STRATEGY", "fused")
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
     layer = make_layer((40,), 48, 70, 8, torch.float32, device)
     names = ("rank_product", "lora_gemm", "grad_output")
     before = dict(kernels.launch_counts)
@@ -258,7 +258,7 @@ def test_a_decode_forward_is_one_launch_that_makes_h_for_the_backward(
     torch.manual_seed(16)
     layer = make_layer(tokens, 40, 70, rank, torch.float16, device)
     before = dict(kernels.launch_counts)
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
     lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"], 0.5,
                          layer["bias"], 0.3)
     ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in forward_launches}
@@ -351,7 +351,7 @@ def test_saved_for_backward_is_x_xAt_and_the_weights_only(device):
 def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(dtype, device, monkeypatch):
     torch.manual_seed(8)
     layer = make_layer((10,), 24, 20, 4, torch.float32, device)
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
     with torch.autocast(device.type, dtype=dtype):
         y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
                                  1.0, layer["bias"], 0.0)
@@ -384,7 +384,7 @@ def test_the_kernels_get_rows_of_unit_stride_and_a_copy_is_said_once(device, mon
 
     monkeypatch.setattr(kernels, "lora_forward", forward)
     monkeypatch.setattr(kernels, "lora_grad_output", grad_output)
-    monkeypatch.setattr(lorakern.function, "_copied", set())
+    monkeypatch.setattr(lorakern.functional.fused_linear, "_copied", set())
     layer = make_layer((7,), 19, 23, 3, torch.float32, device, x_layout="transposed")
     assert layer["x"].stride(-1) != 1
     with caplog.at_level(logging.INFO, logger="lorakern"):
@@ -463,7 +463,7 @@ def test_a_strided_bias_is_read_through_its_strides(layout, dtype, device, monke
     layer = make_layer((9,), 20, 18, 4, dtype, device, bias=False)
     bias, leaf, view = _strided_bias(layout, 18, dtype, device)
     assert not bias.is_contiguous()
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
     y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
                              0.5, bias, 0.0)
     grad_y = torch.randn_like(y)
@@ -498,7 +498,7 @@ def test_a_layer_without_inputs_or_outputs_behaves_like_nn_linear(k, n, dtype, d
 def test_the_custom_ops_fake_h_has_the_kernels_dtype(adapter_dtype, device):
     """torch.compile builds its graph from the fake implementation: h is fp32
     with fp32 adapters, as the rank pass writes it, and x's dtype otherwise."""
-    from lorakern.ops import lora_linear_op
+    from lorakern.functional.ops import lora_linear_op
 
     torch.manual_seed(15)
     layer = make_layer((6,), 16, 12, 4, torch.float16, device, adapter_dtype=adapter_dtype)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lorakern
-import lorakern.function
+import lorakern.functional.fused_linear
 from lorakern import kernels
 from lorakern.kernels import lora_grad_weights
 from oracle import assert_matches_oracle
@@ -193,7 +193,7 @@ def test_one_backward_reads_dy_once(strategy, device, monkeypatch):
     """dX, dA, dB and db: the pass over dY runs once and the rank pass does not
     (the forward's h is its only launch); tn_matmul runs for dA only."""
     monkeypatch.setenv("LORAKERN_STRATEGY", strategy)
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: 5)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: 5)
     layer = make_layer((300,), 48, 130, 16, torch.float32, device)
     y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
                              0.5, layer["bias"], 0.25)

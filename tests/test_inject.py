@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from lorakern.inject import (count_parameters, format_lora_report, inject_lora, lora_report,
+from lorakern.models import (count_parameters, format_lora_report, inject_lora, lora_report,
                              merge_lora, unmerge_lora)
-from lorakern.modules import LoRALinear
+from lorakern.layers import LoRALinear
 from oracle import assert_matches_oracle
 
 D = 16

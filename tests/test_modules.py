@@ -14,10 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lorakern
-import lorakern.function
-import lorakern.modules
+import lorakern.functional.fused_linear
+import lorakern.layers.adapter
 from lorakern import kernels, reference
-from lorakern.modules import LoRALinear
+from lorakern.layers import LoRALinear
 from oracle import assert_matches_oracle, oracle
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -122,7 +122,7 @@ def test_dropout_applies_in_training_only(device, monkeypatch):
     p = 0.4
     layer = with_random_adapter(LoRALinear(20, 18, r=4, alpha=8, dropout=p, device=device))
     x = torch.randn(2, 9, 20, device=device)
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: SEED)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
 
     y_train = layer(x)  # a new module trains, like nn.Linear
     keep = kernels.dropout_keep_mask(18, 20, p, SEED, x.device).reshape(x.shape)
@@ -364,7 +364,7 @@ def test_merging_twice_or_unmerging_an_unmerged_layer_raises(device):
 def test_a_merge_that_would_be_non_finite_raises_and_leaves_weight_bit_identical(
         layout, dtype, device, monkeypatch):
     """The bad row is in the last chunk: every chunk is checked before any is written."""
-    monkeypatch.setattr(lorakern.modules, "MERGE_CHUNK_ROWS", 4)
+    monkeypatch.setattr(lorakern.layers.adapter, "MERGE_CHUNK_ROWS", 4)
     torch.manual_seed(14)
     layer = with_random_adapter(LAYOUTS[layout](dtype, device))
     with torch.no_grad():
@@ -484,7 +484,7 @@ class AllocationLog(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_merge_works_in_chunks_and_never_allocates_an_out_by_in_tensor(
         layout, rows, cols, dtype, device, monkeypatch):
-    monkeypatch.setattr(lorakern.modules, "MERGE_CHUNK_ROWS", 8)
+    monkeypatch.setattr(lorakern.layers.adapter, "MERGE_CHUNK_ROWS", 8)
     torch.manual_seed(19)
     if layout == "linear":
         layer = LoRALinear(cols, rows, r=3, dtype=dtype, device=device)
@@ -507,7 +507,7 @@ def test_merge_works_in_chunks_and_never_allocates_an_out_by_in_tensor(
 
 
 def test_merge_with_the_default_chunk_size_spans_several_chunks(device):
-    rows = 2 * lorakern.modules.MERGE_CHUNK_ROWS + 5
+    rows = 2 * lorakern.layers.adapter.MERGE_CHUNK_ROWS + 5
     torch.manual_seed(20)
     layer = with_random_adapter(LoRALinear(3, rows, r=2, device=device))
     expected = layer.weight.double() + layer.scale * (layer.lora_B.double()
@@ -515,8 +515,8 @@ def test_merge_with_the_default_chunk_size_spans_several_chunks(device):
     log = AllocationLog([layer.weight, layer.bias, layer.lora_A, layer.lora_B])
     with log:
         layer.merge()
-    assert max(log.new_bytes) <= lorakern.modules.MERGE_CHUNK_ROWS * 3 * 4
-    assert sorted(set(s[0] for s in log.mm_shapes)) == [5, lorakern.modules.MERGE_CHUNK_ROWS]
+    assert max(log.new_bytes) <= lorakern.layers.adapter.MERGE_CHUNK_ROWS * 3 * 4
+    assert sorted(set(s[0] for s in log.mm_shapes)) == [5, lorakern.layers.adapter.MERGE_CHUNK_ROWS]
     assert_matches_oracle(layer.weight.detach(), expected, torch.float32, "merged weight")
 
 

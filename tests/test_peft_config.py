@@ -21,8 +21,8 @@ pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 
-from lorakern.inject import inject_lora  # noqa: E402
-from lorakern.modules import LoRALinear  # noqa: E402
+from lorakern.models import inject_lora  # noqa: E402
+from lorakern.layers import LoRALinear  # noqa: E402
 from oracle import assert_matches_oracle  # noqa: E402
 from test_peft_interop import base_model, randomize_adapters, token_ids  # noqa: E402
 
@@ -222,8 +222,8 @@ def test_both_names_of_one_setting_are_refused():
 
 def test_every_lora_config_field_is_read_or_refused():
     """A PEFT release that adds a LoraConfig field: set, it is refused unless read."""
-    from lorakern import inject
-    known = set(inject._CONFIG_ARGUMENTS) | set(inject._CONFIG_BOOKKEEPING)
+    from lorakern.models import config
+    known = set(config.CONFIG_ARGUMENTS) | set(config.CONFIG_BOOKKEEPING)
     defaults = LoraConfig()
     for field in dataclasses.fields(defaults):
         if field.name not in known:

@@ -37,9 +37,9 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E40
 import lorakern  # noqa: E402
 from conftest import DEVICE  # noqa: E402
 from lorakern import kernels  # noqa: E402
-from lorakern.inject import inject_lora  # noqa: E402
-from lorakern.modules import LoRALinear  # noqa: E402
-from lorakern.peft_interop import (load_adapter, patch_peft, patched_modules,  # noqa: E402
+from lorakern.models import inject_lora  # noqa: E402
+from lorakern.layers import LoRALinear  # noqa: E402
+from lorakern.peft import (load_adapter, patch_peft, patched_modules,  # noqa: E402
                                    save_adapter, unpatch_peft)
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -158,7 +158,7 @@ def read_weights(path):
 
 
 def test_importing_lorakern_imports_no_optional_package():
-    code = ("import sys, lorakern, lorakern.peft_interop; "
+    code = ("import sys, lorakern, lorakern.peft.patch, lorakern.peft.save, lorakern.peft.load; "
             "print(sorted({'peft', 'transformers', 'safetensors'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

@@ -154,7 +154,7 @@ INTERPRETED_SCRIPT = textwrap.dedent("""
     import torch
     from bench.capture import TRAINING_NEEDS, SEED, layer_tensors
     from bench.cases import Case
-    from lorakern.function import fused_backward, fused_forward
+    from lorakern.functional.fused_linear import fused_backward, fused_forward
     from lorakern.kernels import launch_counts
     case = Case(*json.loads(sys.argv[1]))
     t = {k: v.normal_() for k, v in layer_tensors(case, "cpu").items()}

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import lorakern
-import lorakern.function
-from lorakern import _backend, autotune, kernels
+import lorakern.functional.fused_linear
+from lorakern import kernels
+from lorakern.functional import autotune, dispatch
 from oracle import assert_matches_oracle, oracle
 
 SEED = 4242
@@ -36,7 +37,7 @@ def _step(layer, dropout_p, monkeypatch, seed=SEED):
     x, weight, lora_A, lora_B, bias = layer
     for t in (x, lora_A, lora_B, bias):
         t.grad = None
-    monkeypatch.setattr(lorakern.function, "draw_seed", lambda: seed)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: seed)
     y = lorakern.lora_linear(x, weight, lora_A, lora_B, 0.5, bias, dropout_p)
     y.backward(torch.ones_like(y))
     return [y.detach().clone()] + [t.grad.clone() for t in (x, lora_A, lora_B, bias)]
@@ -121,7 +122,7 @@ def tuning(tmp_path, monkeypatch):
     makes ``cublas`` fastest; yields the list of timed candidates' names."""
     monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("LORAKERN_AUTOTUNE", raising=False)
-    monkeypatch.setattr(_backend, "tunes_on", lambda device: True)
+    monkeypatch.setattr(dispatch, "tunes_on", lambda device: True)
     autotune.reset()
     timed = []
 

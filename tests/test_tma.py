@@ -13,7 +13,8 @@ import importlib
 import pytest
 import torch
 
-from lorakern import _backend, autotune, kernels
+from lorakern import kernels
+from lorakern.functional import autotune, dispatch
 from lorakern.kernels import _common
 from test_fused_kernels import make_layer, run_and_check
 
@@ -141,7 +142,7 @@ def test_aligned_and_unaligned_calls_keep_separate_tuning_choices(device, monkey
     choice of a TMA plan is never looked up for operands TMA cannot read."""
     monkeypatch.setattr(_common, "tma_supported", lambda device: True)
     keys = []
-    monkeypatch.setattr(_backend, "tunes_on", lambda device: True)
+    monkeypatch.setattr(dispatch, "tunes_on", lambda device: True)
     monkeypatch.setattr(autotune, "choose",
                         lambda key, candidates, heuristic: keys.append(key) or heuristic)
     monkeypatch.delenv("LORAKERN_STRATEGY", raising=False)
@@ -151,7 +152,7 @@ def test_aligned_and_unaligned_calls_keep_separate_tuning_choices(device, monkey
     aligned = torch.empty(300, 40, dtype=torch.float16, device=device)
     sliced = torch.empty(300, 80, dtype=torch.float16, device=device)[:, ::2]
     for x in (aligned, sliced):
-        _backend.choose_plan("forward", kernels, x, weight, *adapters, 0.0, run=None)
+        dispatch.choose_plan("forward", kernels, x, weight, *adapters, 0.0, run=None)
     assert [key["tma"] for key in keys] == [True, False]
     assert {k: v for k, v in keys[0].items() if k != "tma"} == {
         k: v for k, v in keys[1].items() if k != "tma"}

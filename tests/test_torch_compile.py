@@ -5,7 +5,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import lorakern
-from lorakern.ops import lora_linear_backward_op, lora_linear_op
+from lorakern.functional.ops import lora_linear_backward_op, lora_linear_op
 from oracle import assert_matches_oracle
 
 
@@ -183,7 +183,7 @@ def test_fullgraph_compile_of_a_model_with_a_lora_embedding(device):
 
 
 def test_the_embedding_custom_ops_pass_torch_library_opcheck(device):
-    from lorakern.ops import lora_embedding_backward_op, lora_embedding_op
+    from lorakern.functional.ops import lora_embedding_backward_op, lora_embedding_op
     torch.manual_seed(7)
     ids = torch.randint(0, 9, (3, 4), device=device)
     weight = torch.randn(9, 6, device=device)

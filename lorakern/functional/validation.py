@@ -1,4 +1,6 @@
-"""Argument checks shared by every backend: they run before any kernel does."""
+"""Argument checks of the functional calls (``lora_linear``, ``lora_embedding``), shared
+by every backend: they run before any kernel does, and name the offending shapes,
+dtypes or devices."""
 import math
 import numbers
 
@@ -95,3 +97,50 @@ def check_scalars(scale, dropout_p):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(scale), float(dropout_p)
+
+
+# ------------------------------------------------------------------ the LoRA embedding
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def check_embedding_tensors(ids, weight, lora_A, lora_B):
+    named = {"ids": ids, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    check_tensors_on_one_device(named, float_names=("weight", "lora_A", "lora_B"))
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"ids has dtype {ids.dtype}; token ids must be torch.int32 or "
+                        f"torch.int64")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got shape "
+                         f"{tuple(weight.shape)}")
+    num_embeddings, dim = weight.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != num_embeddings or lora_A.shape[0] == 0:
+        raise ValueError(f"lora_A must be (r >= 1, num_embeddings={num_embeddings}), got shape "
+                         f"{tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (dim, lora_A.shape[0]):
+        raise ValueError(f"lora_B must be (embedding_dim={dim}, r={lora_A.shape[0]}) to match "
+                         f"weight {tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}, got "
+                         f"shape {tuple(lora_B.shape)}")
+
+
+def check_padding_idx(padding_idx, num_embeddings):
+    """padding_idx as a non-negative int (or None), as nn.Embedding normalises it."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx={padding_idx} is outside [-{num_embeddings}, "
+                         f"{num_embeddings}) for num_embeddings={num_embeddings}")
+    return padding_idx % num_embeddings
+
+
+def check_ids_in_range(ids, num_embeddings):
+    """Every id in [0, num_embeddings): checked before any kernel (one device sync)."""
+    if ids.numel() == 0 or ids.device.type == "meta":
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= num_embeddings:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is out of range for an embedding of "
+                         f"num_embeddings={num_embeddings} (ids must be in [0, "
+                         f"{num_embeddings - 1}])")

@@ -15,7 +15,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .function import fused_backward, fused_forward
+from .fused_embedding import fused_embedding_backward, fused_embedding_forward
+from .fused_linear import fused_backward, fused_forward
+from .validation import check_ids_in_range
 
 
 @torch.library.custom_op("lorakern::lora_linear", mutates_args=())
@@ -87,7 +89,6 @@ def lora_linear_compiled(x, weight, lora_A, lora_B, bias, scale, dropout_p):
 @torch.library.custom_op("lorakern::lora_embedding", mutates_args=())
 def lora_embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                       scale: float, padding_idx: Optional[int]) -> Tensor:
-    from .embedding import check_ids_in_range, fused_embedding_forward
     # the ids' range depends on their values: checked here, where they are known
     check_ids_in_range(ids, weight.shape[0])
     return fused_embedding_forward(ids, weight, lora_A, lora_B, scale)
@@ -102,7 +103,6 @@ def _lora_embedding_fake(ids, weight, lora_A, lora_B, scale, padding_idx):
 def lora_embedding_backward_op(grad_y: Tensor, ids: Tensor, weight: Tensor, lora_A: Tensor,
                                lora_B: Tensor, scale: float, padding_idx: Optional[int],
                                needs: List[bool]) -> List[Tensor]:
-    from .embedding import fused_embedding_backward
     grads = fused_embedding_backward(grad_y, ids, weight, lora_A, lora_B, scale, padding_idx,
                                      needs)
     # an op returns tensors only: an empty one stands for "not computed"

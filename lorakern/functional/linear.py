@@ -1,11 +1,13 @@
-"""``lora_linear``: validation, autocast, then the backend chosen by _backend."""
+"""``lora_linear``: validation, autocast, then the backend chosen by the dispatch point
+(``dispatch.py``): the reference, the autograd Function over the kernels
+(``fused_linear.py``), or its custom op under torch.compile (``ops.py``)."""
 import torch
 
 from . import reference
-from ._backend import select_backend
-from ._validation import check_base_dtypes, check_scalars, check_tensors
-from .function import FusedLoRALinear
+from .dispatch import select_backend
+from .fused_linear import FusedLoRALinear
 from .ops import lora_linear_compiled
+from .validation import check_base_dtypes, check_scalars, check_tensors
 
 
 def _autocast_dtype(device_type):
@@ -41,7 +43,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
         ``[..., out_features]`` in x's dtype (the autocast dtype under autocast).
 
     CUDA tensors run the Triton kernels; CPU tensors the PyTorch reference
-    (see ``lorakern._backend`` for the overrides).
+    (see ``lorakern.functional.dispatch`` for the overrides).
     """
     check_tensors(x, weight, lora_A, lora_B, bias)
     scale, dropout_p = check_scalars(scale, dropout_p)

@@ -18,14 +18,15 @@ one pass's partial budget (ranks over 32, over 16 with fp32 adapters on a
 W trains. Only the gradients autograd asks for are computed.
 
 ``fused_forward`` and ``fused_backward`` hold the launch sequence; the
-autograd Function here and the torch.library op in ``ops.py`` both call them.
+autograd Function here and the torch.library op in ``ops.py`` both call them;
+``linear.py`` (``lora_linear``) picks between them and the reference.
 They hand the kernels x, dY, W, A and B with unit stride along the last dim
 (``_unit_rows``), copying any other layout.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import choose_plan, load_kernels, log
+from .dispatch import choose_plan, load_kernels, log
 
 _copied = set()
 

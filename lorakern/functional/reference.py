@@ -1,15 +1,16 @@
-"""The pure-PyTorch LoRA linear: the CPU backend and the oracle of the tests.
+"""The pure-PyTorch LoRA linear and embedding: the CPU backend and the oracle of the tests.
 
     y = x W^T + b + s * (drop(x) A^T) B^T,    drop(x) = x * m / (1 - p)
 
 The rank product runs in the promoted dtype of x, A and B (fp32 adapters on a
 bf16 base compute their branch in fp32, as PEFT does); y has x's dtype.
-Gradients come from autograd.
+Gradients come from autograd. ``lora_embedding`` is PEFT's embedding adapter,
+``E[ids] + s * (A[:, ids])^T B^T``, in the same way.
 """
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_base_dtypes, check_scalars, check_tensors
+from .validation import check_base_dtypes, check_scalars, check_tensors
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
@@ -49,3 +50,13 @@ def lora_linear_masked(x, weight, lora_A, lora_B, scale, bias, keep_mask, dropou
         lora_in = torch.where(keep_mask, lora_in, 0.0) / (1.0 - dropout_p)
     lora = F.linear(F.linear(lora_in, lora_A.to(lora_dtype)), lora_B.to(lora_dtype))
     return base + (scale * lora).to(x.dtype)
+
+
+def lora_embedding(ids, weight, lora_A, lora_B, scale, padding_idx=None):
+    """The LoRA embedding in plain PyTorch, inputs already checked: PEFT's math, the rank product in the promoted dtype of A and B, y in weight's dtype."""
+    base = F.embedding(ids, weight, padding_idx)
+    lora_dtype = torch.promote_types(lora_A.dtype, lora_B.dtype)
+    after_a = F.embedding(ids, lora_A.to(lora_dtype).t(), padding_idx)
+    lora = F.linear(after_a, lora_B.to(lora_dtype)) * scale
+    total = torch.promote_types(weight.dtype, lora_dtype)
+    return (base.to(total) + lora.to(total)).to(weight.dtype)

@@ -1,0 +1,31 @@
+"""PEFT's adapter files: their names and the state-dict keys of a LoRA adapter.
+
+An adapter directory holds ``adapter_config.json`` (the ``LoraConfig`` fields)
+and ``adapter_model.safetensors`` (or an older ``adapter_model.bin``); the keys
+are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` for a linear
+layer and ``base_model.model.<module>.lora_embedding_A`` / ``_B`` for an
+embedding, the adapter name stripped. ``save.py`` writes them, ``load.py``
+reads them.
+"""
+from ..layers.embedding import LoRAEmbedding
+
+
+CONFIG_NAME = "adapter_config.json"
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# PEFT's key prefix for a LoRA model (PeftModel.base_model is the LoraModel,
+# whose .model is the wrapped transformers model); the adapter name is stripped
+PREFIX = "base_model.model."
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+# an embedding's adapter: PEFT keeps A and B as Parameters, not as nn.Linear modules
+EMBEDDING_A_SUFFIX, EMBEDDING_B_SUFFIX = ".lora_embedding_A", ".lora_embedding_B"
+
+
+def adapter_keys(name, layer):
+    """The state-dict keys PEFT gives this layer's A and B."""
+    if isinstance(layer, LoRAEmbedding):
+        return PREFIX + name + EMBEDDING_A_SUFFIX, PREFIX + name + EMBEDDING_B_SUFFIX
+    return PREFIX + name + A_SUFFIX, PREFIX + name + B_SUFFIX

@@ -1,0 +1,326 @@
+"""``patch_peft`` / ``unpatch_peft``: PEFT models switched to the fused kernels in place.
+
+Every PEFT LoRA ``Linear`` (and ``Embedding``) module computes
+``base(x) + s * B(A(drop(x)))`` with one call of ``lorakern.lora_linear``
+(``lora_embedding``) instead of PEFT's three modules; PEFT keeps owning the
+parameters, the state dict, saving, merging and adapter switching.
+``patch_summary`` / ``patched_modules`` say what runs fused and why the rest
+does not.
+
+peft and transformers are optional: each is imported inside the function that
+needs it, never by ``import lorakern``.
+"""
+import functools
+import logging
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..functional.embedding import lora_embedding
+from ..functional.linear import lora_linear
+from ..layers.linear import conv1d_class
+
+log = logging.getLogger("lorakern")
+
+
+_SHOWN = 8  # refused modules listed in one error message
+
+
+def _peft_lora_classes():
+    """(the PEFT LoRA layer classes lorakern fuses, PEFT's LoraLayer base class)."""
+    try:
+        from peft.tuners.lora.layer import Embedding, Linear, LoraLayer
+    except ImportError as exc:
+        raise ImportError("lorakern.patch_peft needs the peft package (pip install peft)") from exc
+    return (Linear, Embedding), LoraLayer
+
+
+def _is_peft_embedding(module):
+    return type(module).__name__ == "Embedding" and hasattr(module, "lora_embedding_A")
+
+
+def _embedding_base_reason(base):
+    """Why a PEFT LoRA Embedding's base layer cannot run fused, or None."""
+    if not isinstance(base, nn.Embedding) or type(base).forward is not nn.Embedding.forward:
+        return (f"its base layer is a {type(base).__module__}.{type(base).__qualname__}, not an "
+                f"nn.Embedding with its own forward (scaled embeddings are not fused)")
+    if "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
+        return ("its base layer has forward hooks or a replaced forward (e.g. accelerate "
+                "offloading), which the fused call would bypass")
+    if type(base.weight.data) is not torch.Tensor or not base.weight.dtype.is_floating_point:
+        return (f"its base weight is a {type(base.weight.data).__name__} of dtype "
+                f"{base.weight.dtype}, not a plain floating-point tensor")
+    for flag in ("max_norm", "scale_grad_by_freq", "sparse"):
+        if getattr(base, flag):
+            return f"its base embedding sets {flag}={getattr(base, flag)}"
+    return None
+
+
+def _base_weight_and_bias(base):
+    """(weight as (out, in), bias) of a plain nn.Linear or Conv1D base layer, or a reason why not.
+
+    The fused call replaces ``base(x)`` by ``x W^T + b``: only right when the base's
+    forward is exactly that, with no hooks around it and a plain float weight.
+    """
+    conv1d = conv1d_class()
+    if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
+        weight = base.weight
+    elif conv1d is not None and isinstance(base, conv1d) and type(base).forward is conv1d.forward:
+        weight = base.weight.t()  # Conv1D stores (in, out): fan_in_fan_out
+    else:
+        return None, (f"its base layer is a {type(base).__module__}.{type(base).__qualname__}, "
+                      f"not an nn.Linear or transformers Conv1D with their own forward "
+                      f"(quantized and parallel layers are not fused)")
+    if "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
+        return None, ("its base layer has forward hooks or a replaced forward (e.g. accelerate "
+                      "offloading), which the fused call would bypass")
+    for label, t in (("weight", base.weight), ("bias", base.bias)):
+        if t is None:
+            continue
+        if type(t.data) is not torch.Tensor or not t.dtype.is_floating_point:
+            return None, (f"its base {label} is a {type(t.data).__name__} of dtype {t.dtype} "
+                          f"(quantized or sharded), not a plain floating-point tensor")
+    return (weight, base.bias), None
+
+
+def _adapter_reason(module, adapter):
+    """Why the adapter ``adapter`` of a PEFT LoRA Linear cannot run fused, or None."""
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if getattr(module, "use_dora", {}).get(adapter, False):
+        return f"adapter '{adapter}' uses DoRA (use_dora=True)"
+    if variant is not None:
+        return f"adapter '{adapter}' is a LoRA variant ({type(variant).__name__})"
+    if _is_peft_embedding(module):
+        return None  # PEFT applies no dropout and no bias to embedding adapters
+    if getattr(module, "lora_bias", {}).get(adapter, False):
+        return f"adapter '{adapter}' has lora_bias=True (a bias on lora_B)"
+    if module.lora_B[adapter].bias is not None:
+        return f"adapter '{adapter}' has a bias on lora_B"
+    dropout = module.lora_dropout[adapter]
+    if type(dropout) not in (nn.Identity, nn.Dropout):
+        return (f"adapter '{adapter}' has a {type(dropout).__name__} as its LoRA dropout, not "
+                f"nn.Dropout or nn.Identity")
+    return None
+
+
+def _adapters_of(module):
+    return module.lora_embedding_A if _is_peft_embedding(module) else module.lora_A
+
+
+def _active_here(module):
+    """The active adapters that this module holds (PEFT skips the others)."""
+    return [a for a in module.active_adapters if a in _adapters_of(module)]
+
+
+def _state_reason(module):
+    """Why the module's present state cannot be patched, or None (checked at patch time)."""
+    if module.disable_adapters:
+        return "its adapters are disabled (disable_adapter() / enable_adapters(False))"
+    if module.merged:
+        return (f"adapter(s) {list(module.merged_adapters)} are merged into its base weight "
+                f"(unmerge_adapter() first)")
+    active = _active_here(module)
+    if len(active) > 1:
+        return (f"several adapters are active at once ({active}); lorakern fuses one adapter "
+                f"per layer")
+    if active:
+        return _adapter_reason(module, active[0])
+    return None
+
+
+def _unservable(module, fused_classes):
+    """The reason a module (a PEFT LoRA layer) cannot be patched, or None."""
+    if type(module) not in fused_classes:
+        cls = type(module)
+        return (f"it is a PEFT {cls.__module__}.{cls.__qualname__} layer, not "
+                f"peft.tuners.lora.layer.Linear or Embedding: lorakern fuses LoRA on nn.Linear, "
+                f"Conv1D and nn.Embedding only (not convolutions, attention, quantized or "
+                f"parallel layers)")
+    if _is_peft_embedding(module):
+        reason = _embedding_base_reason(module.get_base_layer())
+    else:
+        _, reason = _base_weight_and_bias(module.get_base_layer())
+    return reason or _state_reason(module)
+
+
+def _peft_forward(module, x, *args, **kwargs):
+    """PEFT's own forward of the module's class."""
+    return type(module).forward(module, x, *args, **kwargs)
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """PEFT's ``Linear.forward`` for one plain LoRA adapter, as one ``lora_linear`` call.
+
+    States without a LoRA term (adapters disabled, merged, or none active on this
+    layer) run PEFT's own forward, which is the base layer alone. States the fused
+    path cannot reproduce raise ValueError naming the module.
+    """
+    name = self._lorakern_name
+    if kwargs.get("adapter_names") is not None:
+        raise ValueError(f"lorakern-patched PEFT module '{name}': mixed-adapter batches "
+                         f"(adapter_names=...) are not fused; unpatch_peft() the model first")
+    if any(kwargs.get(k) is not None for k in ("alora_offsets",)):
+        raise ValueError(f"lorakern-patched PEFT module '{name}': aLoRA offsets are not fused")
+    kwargs.pop("adapter_names", None)
+    kwargs.pop("alora_offsets", None)
+    if args or kwargs:
+        raise ValueError(f"lorakern-patched PEFT module '{name}': extra forward arguments "
+                         f"{len(args)} positional, {sorted(kwargs)} keyword are not supported")
+    active = _active_here(self)
+    if self.disable_adapters or self.merged or not active:
+        return _peft_forward(self, x)
+    if _is_peft_embedding(self):
+        return _fused_embedding(self, x, active)
+    weight_bias, reason = _base_weight_and_bias(self.get_base_layer())
+    reason = reason or _state_reason(self)
+    if reason:
+        raise ValueError(f"lorakern-patched PEFT module '{name}' cannot run fused: {reason}; "
+                         f"unpatch_peft() the model to use PEFT's forward")
+    weight, bias = weight_bias
+    adapter = active[0]
+    dropout = self.lora_dropout[adapter]
+    dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    # PEFT casts x to the adapter dtype for the LoRA term only; lora_linear takes x in
+    # the base dtype and computes the rank product in the promoted dtype of x, A, B
+    return lora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                       scale=self.scaling[adapter], bias=bias, dropout_p=dropout_p)
+
+
+def _fused_embedding(self, ids, active):
+    """PEFT's ``Embedding.forward`` for one plain LoRA adapter, as one ``lora_embedding``."""
+    base = self.get_base_layer()
+    reason = _embedding_base_reason(base) or _state_reason(self)
+    if reason:
+        raise ValueError(f"lorakern-patched PEFT module '{self._lorakern_name}' cannot run "
+                         f"fused: {reason}; unpatch_peft() the model to use PEFT's forward")
+    adapter = active[0]
+    return lora_embedding(ids, base.weight, self.lora_embedding_A[adapter],
+                          self.lora_embedding_B[adapter], self.scaling[adapter],
+                          base.padding_idx)
+
+
+def _is_patched(module):
+    fwd = vars(module).get("forward")
+    return isinstance(fwd, functools.partial) and fwd.func is _fused_forward
+
+
+def patch_peft(peft_model, strict=True):
+    """Switch every PEFT LoRA ``Linear`` and ``Embedding`` module of ``peft_model`` to the
+    fused kernels, in place.
+
+    Each ``peft.tuners.lora.layer.Linear`` (on an ``nn.Linear`` or a transformers
+    ``Conv1D`` base, i.e. ``fan_in_fan_out`` too) gets a forward that calls
+    ``lorakern.lora_linear(x, W, A, B, scaling, bias, p)`` with the base layer's
+    weight and bias and the active adapter's ``lora_A``/``lora_B`` weights,
+    scaling and dropout probability (dropout only while the dropout module is in
+    training mode, as nn.Dropout). Each ``peft.tuners.lora.layer.Embedding`` on an
+    ``nn.Embedding`` calls ``lorakern.lora_embedding(ids, E, lora_embedding_A,
+    lora_embedding_B, scaling, padding_idx)`` (PEFT applies no dropout there). Parameters, state dict, saving, merging and
+    adapter switching stay PEFT's; PEFT's forward runs whenever there is no LoRA
+    term (adapters disabled or merged, or no active adapter on the layer).
+
+    Args:
+        peft_model: a ``peft.PeftModel``, ``LoraModel``, or any module holding PEFT
+            LoRA layers.
+        strict: if True (default), any PEFT LoRA layer that cannot run fused raises
+            ValueError naming it and why: DoRA or another LoRA variant,
+            ``lora_bias``, several active adapters, merged or disabled adapters,
+            LoRA on convolutions/attention, scaled or max_norm embeddings,
+            quantized or hooked base layers. If False, such layers keep PEFT's forward and a warning lists
+            them.
+    Returns:
+        ``peft_model``, so that ``model = patch_peft(get_peft_model(...))`` chains.
+        What was fused and what was left to PEFT (with the reason) is logged as
+        one INFO line (logger "lorakern") and returned by
+        ``patch_summary(peft_model)``; ``patched_modules(peft_model)`` lists the
+        fused modules.
+    """
+    fused_classes, lora_layer_cls = _peft_lora_classes()
+    layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, lora_layer_cls)]
+    if not layers:
+        raise ValueError(f"patch_peft: no PEFT LoRA layers in this {type(peft_model).__name__}")
+    refused = []
+    to_patch = []
+    for name, module in layers:
+        if _is_patched(module):
+            continue
+        reason = _unservable(module, fused_classes)
+        if reason:
+            refused.append(f"'{name}': {reason}")
+        else:
+            to_patch.append((name, module))
+    if refused:
+        listed = "; ".join(refused[:_SHOWN])
+        if len(refused) > _SHOWN:
+            listed += f"; ... ({len(refused)} modules in all)"
+        if strict:
+            raise ValueError(f"patch_peft: these PEFT LoRA modules cannot run on lorakern's fused "
+                             f"kernels (nothing was patched): {listed}. For a model that mixes "
+                             f"them with fusable layers, patch_peft(model, strict=False) patches "
+                             f"the rest and leaves these on PEFT's forward")
+        warnings.warn(f"patch_peft: these PEFT LoRA modules keep PEFT's forward: {listed}",
+                      RuntimeWarning, stacklevel=2)
+    for name, module in to_patch:
+        module._lorakern_name = name
+        # a partial of a module-level function pickles by reference (torch.save of the
+        # whole model); a bound method would pickle as getattr(module, "_fused_forward")
+        module.forward = functools.partial(_fused_forward, module)
+    log.info("lorakern: patch_peft: %s", patch_summary(peft_model))
+    return peft_model
+
+
+def patched_modules(model):
+    """Names of the modules of ``model`` that ``patch_peft`` switched to the fused kernels."""
+    return [name for name, m in model.named_modules() if _is_patched(m)]
+
+
+class PatchSummary(NamedTuple):
+    """Which PEFT LoRA modules of a model run fused, and why the others do not.
+
+    ``fused``: names of the modules on lorakern's kernels (``patched_modules``).
+    ``left_to_peft``: {name: reason} for every other PEFT LoRA layer.
+    ``str()`` gives one line: the counts, then the modules left to PEFT.
+    """
+    fused: list
+    left_to_peft: dict
+
+    def __str__(self):
+        line = (f"{len(self.fused)} PEFT LoRA module(s) on the fused kernels, "
+                f"{len(self.left_to_peft)} left on PEFT's forward")
+        if self.left_to_peft:
+            shown = list(self.left_to_peft.items())[:_SHOWN]
+            line += ": " + "; ".join(f"'{name}' ({reason})" for name, reason in shown)
+            if len(self.left_to_peft) > _SHOWN:
+                line += f"; ... ({len(self.left_to_peft)} in all)"
+        return line
+
+
+def patch_summary(model):
+    """The ``PatchSummary`` of ``model`` as it is now (after ``patch_peft``,
+    ``unpatch_peft`` or adapter changes): computed from the modules, never stored."""
+    fused_classes, lora_layer_cls = _peft_lora_classes()
+    fused, left = [], {}
+    for name, module in model.named_modules():
+        if _is_patched(module):
+            fused.append(name)
+        elif isinstance(module, lora_layer_cls):
+            left[name] = (_unservable(module, fused_classes)
+                          or "fusable, not patched (patch_peft patches it)")
+    return PatchSummary(fused, left)
+
+
+def unpatch_peft(peft_model):
+    """Undo ``patch_peft``: every patched module gets PEFT's forward back.
+
+    Returns:
+        The number of modules restored.
+    """
+    restored = 0
+    for _, module in peft_model.named_modules():
+        if _is_patched(module):
+            del module.forward
+            del module._lorakern_name
+            restored += 1
+    return restored

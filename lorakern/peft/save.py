@@ -1,0 +1,205 @@
+"""``save_adapter``: a model injected with lorakern written as a PEFT LoRA adapter.
+
+The adapter (``adapter_format.py``) holds every LoRA layer's A and B, the
+modules trained whole (``modules_to_save``), and a config from which PEFT
+rebuilds the same layers: the most common (r, alpha), the others as
+``rank_pattern`` / ``alpha_pattern``, target modules by suffix where that
+selects exactly the injected layers. Both files are replaced together
+(``atomic_files.py``).
+"""
+import math
+import os
+import re
+
+from ..layers.adapter import LoRALayer
+from ..layers.embedding import LoRAEmbedding
+from ..models.targets import exact_regex
+from .adapter_format import PREFIX, adapter_keys
+from .atomic_files import write_adapter_files
+
+
+def _lora_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _base_module_names(model, lora_names):
+    """Module names as PEFT sees them on a fresh base model: the lorakern model's,
+    minus anything inside a LoRA layer."""
+    inside = tuple(n + "." for n in lora_names)
+    return [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+
+
+def _suffix_targets(names, lora_names):
+    """PEFT's list form of target_modules (exact name or '.'-suffix) if the last name
+    components of the injected layers select exactly them, else None."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in lora_names})
+    selected = {n for n in names
+                if n in suffixes or any(n.endswith("." + s) for s in suffixes)}
+    return suffixes if selected == set(lora_names) else None
+
+
+def _uniform(layers, attribute, what):
+    values = {getattr(m, attribute) for _, m in layers}
+    if len(values) > 1:
+        by_value = {}
+        for name, m in layers:
+            by_value.setdefault(getattr(m, attribute), name)
+        listed = ", ".join(f"{v!r} (e.g. '{n}')" for v, n in by_value.items())
+        raise ValueError(f"save_adapter: a PEFT LoRA adapter has one {what} for all layers, "
+                         f"this model has several: {listed}")
+    return values.pop()
+
+
+def _modules_to_save(model, lora_layers, names, requested):
+    """{module path: module} to save whole, as PEFT's modules_to_save does, and the
+    config's modules_to_save list.
+
+    By default, every module that directly owns a trainable parameter outside the
+    LoRA layers' lora_A/lora_B: whatever was trained must be in the adapter for
+    PeftModel.from_pretrained to give the same outputs.
+    """
+    lora_names = [n for n, _ in lora_layers]
+    lora_prefixes = tuple(n + "." for n in lora_names)
+    if requested is not None:
+        entries = [requested] if isinstance(requested, str) else list(requested)
+        # PEFT's matching for modules_to_save: a plain suffix test on the module name
+        paths = [n for n in names if any(n.endswith(e) for e in entries)]
+        missing = [e for e in entries if not any(n.endswith(e) for n in names)]
+        if missing:
+            raise ValueError(f"save_adapter: modules_to_save {missing} match no module")
+    else:
+        paths = []
+        for pname, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            owner, _, leaf = pname.rpartition(".")
+            if owner in lora_names:
+                if leaf in ("lora_A", "lora_B"):
+                    continue
+                raise ValueError(
+                    f"save_adapter: the base {leaf} of LoRA layer '{owner}' is trainable; a PEFT "
+                    f"LoRA adapter with bias='none' holds only lora_A and lora_B (freeze it, or "
+                    f"it will not be saved)")
+            if owner not in paths:
+                paths.append(owner)
+        entries = paths
+        for path in paths:
+            clash = [n for n in names if n != path and n.endswith(path)]
+            if not path or clash:
+                raise ValueError(
+                    f"save_adapter: module '{path}' has trainable parameters but cannot be named "
+                    f"for PEFT's modules_to_save (suffix matching would also select {clash} "
+                    f"or the whole model); pass modules_to_save=... explicitly")
+    for path in paths:
+        inner = [n for n in lora_names if n == path or n.startswith(path + ".")]
+        if inner or path.startswith(lora_prefixes):
+            raise ValueError(f"save_adapter: module '{path}' is both saved whole "
+                             f"(modules_to_save) and holds LoRA layers {inner or [path]}")
+    return {p: model.get_submodule(p) for p in paths}, (entries or None)
+
+
+def save_adapter(model, path, modules_to_save=None, task_type=None,
+                 base_model_name_or_path=None):
+    """Write a lorakern-injected model as a PEFT LoRA adapter.
+
+    ``path`` gets ``adapter_config.json`` and ``adapter_model.safetensors``, keys
+    ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (PEFT's
+    layout, adapter name stripped), so that
+    ``peft.PeftModel.from_pretrained(fresh_base_model, path)`` gives this model's
+    outputs.
+
+    Args:
+        model: a model whose layers were replaced by ``LoRALinear``
+            (``inject_lora``).
+        path: output directory (created if missing).
+        modules_to_save: module names (PEFT's suffix semantics) saved whole; by
+            default every module directly owning a trainable parameter besides
+            the adapters (what ``inject_lora(modules_to_save=...)`` unfroze).
+        task_type: PEFT task type (e.g. "CAUSAL_LM") or None.
+        base_model_name_or_path: recorded in the config; by default the model's
+            ``name_or_path`` when it has a non-empty one.
+
+    Ranks and alphas that differ between layers go into PEFT's ``rank_pattern``
+    / ``alpha_pattern``; ``use_rslora`` and the dropout probability must be the
+    same for all layers (ValueError otherwise). Merged layers save the same
+    adapter as unmerged ones: A and B, never the base weight, so the adapter
+    applies to the original base model either way.
+
+    Both files are written beside their final names and then renamed over the
+    old ones: a save that fails (disk full, ...) leaves an adapter already in
+    ``path`` as it was, and no temporary files.
+    """
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError(f"save_adapter: this {type(model).__name__} has no LoRA layers "
+                         f"(inject_lora first)")
+    use_rslora = _uniform(layers, "use_rslora", "use_rslora")
+    # PEFT applies lora_dropout to linear layers only: embeddings do not count here
+    linear_layers = [(n, m) for n, m in layers if not isinstance(m, LoRAEmbedding)]
+    dropout = _uniform(linear_layers, "dropout", "lora_dropout") if linear_layers else 0.0
+    for name, m in layers:
+        expected = m.alpha / (math.sqrt(m.r) if m.use_rslora else m.r)
+        if not math.isclose(m.scale, expected, rel_tol=1e-12):
+            raise ValueError(f"save_adapter: layer '{name}' has scale {m.scale}, not alpha/"
+                             f"{'sqrt(r)' if m.use_rslora else 'r'} = {expected} (r={m.r}, "
+                             f"alpha={m.alpha}): PEFT would rebuild the latter")
+        if m.weight.requires_grad:
+            raise ValueError(f"save_adapter: the base weight of LoRA layer '{name}' is trainable; "
+                             f"a PEFT LoRA adapter holds only lora_A and lora_B")
+
+    # the most common (r, alpha) is the config's; the others are patterns keyed by
+    # the anchored module name (PEFT matches them with re.match(r"(.*\.)?(KEY)$"))
+    counts = {}
+    for _, m in layers:
+        counts[(m.r, m.alpha)] = counts.get((m.r, m.alpha), 0) + 1
+    r, alpha = max(counts, key=counts.get)
+    rank_pattern = {"^" + re.escape(n): m.r for n, m in layers if m.r != r}
+    alpha_pattern = {"^" + re.escape(n): m.alpha for n, m in layers if m.alpha != alpha}
+
+    lora_names = [n for n, _ in layers]
+    names = _base_module_names(model, lora_names)
+    target_modules = _suffix_targets(names, lora_names) or exact_regex(lora_names)
+    saved_whole, modules_to_save = _modules_to_save(model, layers, names, modules_to_save)
+
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    # fields every PEFT >= 0.9 knows (newer ones, e.g. lora_bias or exclude_modules,
+    # would make older versions warn); PEFT fills in the defaults of the rest
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in linear_layers),
+        "modules_to_save": modules_to_save,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+    }
+
+    def cpu(t):
+        # own storage: safetensors refuses shared or strided tensors
+        return t.detach().to("cpu", copy=True).contiguous()
+
+    tensors = {}
+    for name, m in layers:
+        key_a, key_b = adapter_keys(name, m)
+        tensors[key_a] = cpu(m.lora_A)
+        tensors[key_b] = cpu(m.lora_B)
+    for module_path, module in saved_whole.items():
+        for key, t in module.state_dict().items():
+            tensors[f"{PREFIX}{module_path}.{key}"] = cpu(t)
+
+    os.makedirs(path, exist_ok=True)
+    write_adapter_files(path, config, tensors)
+    return path
