@@ -17,7 +17,7 @@ import torch
 
 from . import metrics
 from .cases import DTYPES
-from .layers import CPU_NOTE
+from .linear import CPU_NOTE
 from .providers import installed, lorakern_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from . import e2e, embedding, layers, metrics, report
+from . import e2e, embedding, linear, metrics, report
 from .cases import MODES, PRESETS, make_cases
 from .providers import PROVIDERS, lorakern_path
 
@@ -127,7 +127,7 @@ def plan(args):
         cases=cases,
         providers=[PROVIDERS[n] for n in _check(providers, list(PROVIDERS), "provider")],
         modes=_check(args.modes or list(MODES), list(MODES), "mode"),
-        timing=layers.Timing(warmup_ms=args.warmup_ms or (25.0 if cuda else 5.0),
+        timing=linear.Timing(warmup_ms=args.warmup_ms or (25.0 if cuda else 5.0),
                              rep_ms=args.rep_ms or (100.0 if cuda else 30.0),
                              max_sets=32 if cuda else 2),
         layers=not (args.no_layers or args.e2e_only),
@@ -153,7 +153,7 @@ def measure(todo, env):
     if todo["layers"]:
         for i, case in enumerate(todo["cases"], 1):
             print(f"[{i}/{len(todo['cases'])}] {case}", flush=True)
-            layer_records += layers.run_case(case, todo["providers"], todo["modes"], device,
+            layer_records += linear.run_case(case, todo["providers"], todo["modes"], device,
                                              todo["timing"], env)
     if todo["e2e"] is not None:
         print(f"[e2e] {todo['e2e']}", flush=True)

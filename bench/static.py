@@ -13,6 +13,10 @@ constants are printed with the table (``bench.roofline``). nn.Linear (cuBLAS)
 and eager PEFT are priced op by op with the same constants. Every time is a
 *prediction*; ``python -m bench.run`` measures on a GPU.
 
+This is the driver: each layer type's predictions are in its own module
+(``static_linear.py``, ``static_embedding.py``), as its timed path is
+(``linear.py``, ``embedding.py``) under ``bench.run``.
+
 Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
 import argparse
@@ -26,8 +30,6 @@ from .cases import PRESETS, make_cases
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 PROVIDERS = ("lorakern", "lorakern:fused", "lorakern:cublas", "nn.Linear", "peft")
-STRATEGIES = ("fused", "cublas")
-PHASES = ("fwd", "bwd")
 
 
 def _list(kind=str):
@@ -71,64 +73,6 @@ def git_commit():
         return None
 
 
-def predict_lorakern(case, arch, machine, kernel_reports, launch_log=None, strategy=None):
-    """{'fwd': (seconds, bound), 'bwd': ...} from the captured launches of
-    ``strategy``; each launch's terms are appended to ``launch_log`` when given."""
-    from . import capture, roofline, sass
-
-    result = {}
-    for phase, items in capture.capture_case(case, arch, strategy).items():
-        total, slowest = 0.0, (0.0, "none")
-        for item in items:
-            if isinstance(item, capture.KernelLaunch):
-                report = sass.compile_launch(item, arch)
-                kernel_reports.setdefault(item.compile_key(), report)
-                all_trips = sass.loop_trips(report.ttir, item.ints)
-                trips = all_trips[0] if all_trips else None
-                work = roofline.kernel_work(report, item, trips, all_trips[1:])
-                seconds, bound, details = roofline.predict_kernel(machine, work)
-                details.update(grid=item.grid, trips=trips, later_trips=all_trips[1:],
-                               report=report)
-            else:
-                seconds, bound = roofline.torch_op(machine, item.name, item.shapes,
-                                                   item.read_bytes, item.write_bytes)
-                details = {"bytes": item.read_bytes + item.write_bytes}
-            if launch_log is not None:
-                launch_log.append((case, strategy, phase, item, seconds, bound, details))
-            total += seconds
-            slowest = max(slowest, (seconds, bound))
-        result[phase] = (total, slowest[1])
-    return result
-
-
-def predict_ops(ops, machine):
-    from . import roofline
-
-    result = {}
-    for phase, phase_ops in ops.items():
-        timed = [roofline.predict_op(machine, kind, args) for _, kind, args in phase_ops]
-        result[phase] = (sum(t for t, _ in timed), max(timed)[1])
-    return result
-
-
-def fastest(*strategies):
-    """Per phase, the faster strategy's prediction: what the tuner picks (it
-    times the forward and the grad-input separately)."""
-    return {phase: min(s[phase] for s in strategies) for phase in PHASES}
-
-
-def records_for(case, provider, phases):
-    rows = []
-    modes = dict(phases)
-    fwd, bwd = phases["fwd"], phases["bwd"]
-    modes["fwd+bwd"] = (fwd[0] + bwd[0], fwd[1] if fwd[0] >= bwd[0] else bwd[1])
-    for mode, (seconds, bound) in modes.items():
-        rows.append({"M": case.tokens, "K": case.d_in, "N": case.d_out, "r": case.rank,
-                     "dtype": case.dtype, "dropout": case.dropout, "provider": provider,
-                     "mode": mode, "predicted_ms": round(seconds * 1e3, 4), "bound": bound})
-    return rows
-
-
 def assumptions(arch, machine):
     import triton
     return {"figures": "predicted (roofline from compiled code; nothing was run on a GPU)",
@@ -140,22 +84,13 @@ def assumptions(arch, machine):
 
 
 def run(args):
-    from . import roofline
+    from . import roofline, static_embedding, static_linear
 
     arch = ARCHS[args.arch]
     machine = roofline.MACHINES[arch]
-    kernel_reports, records, launch_log = {}, [], []
-    for case in selected_cases(args):
-        by_strategy = {strategy: predict_lorakern(case, arch, machine, kernel_reports,
-                                                  launch_log, strategy)
-                       for strategy in STRATEGIES}
-        records += records_for(case, "lorakern", fastest(*by_strategy.values()))
-        for strategy, phases in by_strategy.items():
-            records += records_for(case, f"lorakern:{strategy}", phases)
-        records += records_for(case, "nn.Linear", predict_ops(roofline.linear_ops(case), machine))
-        records += records_for(case, "peft", predict_ops(roofline.peft_ops(case), machine))
+    kernel_reports, launch_log = {}, []
+    records = static_linear.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
     if not getattr(args, "no_embedding", False):
-        from . import static_embedding
         records += static_embedding.run(arch, machine, kernel_reports)
     result = {"assumptions": assumptions(arch, machine),
               "kernels": [r.as_json() for r in kernel_reports.values()],

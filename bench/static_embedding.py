@@ -9,6 +9,7 @@ rows; its compiled facts (registers, spills, shared memory, SASS mix) are
 reported as for every other kernel. The torch ops the launchers run (the sort
 of the ids, the gathered A^T rows) are priced by the bytes they touch.
 """
+from . import predicted
 from .embedding import CUDA_CASE
 
 FP32, ID_BYTES = 4, 8
@@ -125,13 +126,9 @@ def predict_ops(ops, machine):
 
 
 def records(case, provider, phases):
-    fwd, bwd = phases["fwd"], phases["bwd"]
-    modes = {"fwd": fwd, "bwd": bwd,
-             "fwd+bwd": (fwd[0] + bwd[0], fwd[1] if fwd[0] >= bwd[0] else bwd[1])}
-    return [{"M": case.tokens, "K": case.vocab, "N": case.dim,
-             "r": case.rank, "dtype": case.dtype, "dropout": 0.0, "provider": PROVIDERS[provider],
-             "mode": mode, "predicted_ms": round(seconds * 1e3, 4), "bound": bound}
-            for mode, (seconds, bound) in modes.items()]
+    fields = {"M": case.tokens, "K": case.vocab, "N": case.dim, "r": case.rank,
+              "dtype": case.dtype, "dropout": 0.0}
+    return predicted.records(fields, PROVIDERS[provider], phases)
 
 
 def run(arch, machine, kernel_reports, case=CUDA_CASE):

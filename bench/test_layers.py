@@ -13,7 +13,7 @@ import torch
 
 from . import metrics
 from .cases import make_inputs
-from .layers import CPU_NOTE, mode_calls
+from .linear import CPU_NOTE, mode_calls
 from .providers import compute_path
 
 ROUNDS = {"cuda": (5, 50), "cpu": (2, 10)}  # (warm-up rounds, timed rounds)

@@ -12,7 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo root holds bench/
 
-from bench import e2e, layers, metrics, run  # noqa: E402
+from bench import e2e, linear, metrics, run  # noqa: E402
 from bench.cases import Case, make_inputs  # noqa: E402
 from bench.composition import AddmmLoRA, keep_mask  # noqa: E402
 from bench.providers import PROVIDERS, installed  # noqa: E402
@@ -128,9 +128,9 @@ def test_saved_bytes_sees_the_dropped_copy_of_x_that_peft_keeps():
 
 
 def test_every_record_names_device_versions_and_commit():
-    timing = layers.Timing(warmup_ms=0, rep_ms=0, min_reps=2, max_reps=2, max_sets=2)
+    timing = linear.Timing(warmup_ms=0, rep_ms=0, min_reps=2, max_reps=2, max_sets=2)
     providers = [PROVIDERS["linear"], PROVIDERS["addmm"], PROVIDERS["merged"]]
-    records = layers.run_case(TINY, providers, ["forward", "fwd+bwd"], CPU, timing,
+    records = linear.run_case(TINY, providers, ["forward", "fwd+bwd"], CPU, timing,
                               metrics.environment(CPU))
     assert {(r["provider"], r["mode"]) for r in records} == {
         ("linear", "forward"), ("linear", "fwd+bwd"), ("addmm", "forward"),

@@ -11,6 +11,7 @@ import torch
 
 import lorakern
 import lorakern.functional.fused_linear
+import lorakern.functional.layouts
 from lorakern import kernels
 from oracle import assert_matches_oracle, oracle
 
@@ -384,7 +385,7 @@ def test_the_kernels_get_rows_of_unit_stride_and_a_copy_is_said_once(device, mon
 
     monkeypatch.setattr(kernels, "lora_forward", forward)
     monkeypatch.setattr(kernels, "lora_grad_output", grad_output)
-    monkeypatch.setattr(lorakern.functional.fused_linear, "_copied", set())
+    monkeypatch.setattr(lorakern.functional.layouts, "_copied", set())
     layer = make_layer((7,), 19, 23, 3, torch.float32, device, x_layout="transposed")
     assert layer["x"].stride(-1) != 1
     with caplog.at_level(logging.INFO, logger="lorakern"):

@@ -6,7 +6,9 @@ reference, the dispatch point and the tuner. Imports only ``lorakern.kernels``
   ``fused_linear.py``: its launch sequence and ``FusedLoRALinear``.
 - ``embedding.py``: ``lora_embedding``; ``fused_embedding.py``: its launch
   sequence and ``FusedLoRAEmbedding``.
-- ``base_weight.py``: what the linear path needs from a base weight.
+- ``base_weight.py``: what the linear path reads from its base weight
+  (``BaseWeight``; ``DenseWeight`` for a float tensor); ``layouts.py``: the
+  unit-stride rows every kernel build is compiled for.
 - ``ops.py``: both layers as torch.library custom ops (torch.compile).
 - ``reference.py``: both layers in plain PyTorch (CPU backend, test oracle).
 - ``dispatch.py``: triton or reference, and the strategy; ``autotune.py``: the

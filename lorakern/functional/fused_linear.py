@@ -21,39 +21,18 @@ W trains. Only the gradients autograd asks for are computed.
 autograd Function here and the torch.library op in ``ops.py`` both call them;
 ``linear.py`` (``lora_linear``) picks between them and the reference.
 They hand the kernels x, dY, W, A and B with unit stride along the last dim
-(``_unit_rows``), copying any other layout.
+(``layouts.unit_rows``), copying any other layout; W is read through its
+``BaseWeight`` (``base_weight.py``).
 """
 import torch
 from torch.autograd.function import once_differentiable
 
-from .dispatch import choose_plan, load_kernels, log
+from .base_weight import DenseWeight
+from .dispatch import choose_plan, load_kernels
+from .layouts import flatten, unit_rows
 
-_copied = set()
-
-
-def _flatten(t):
-    # reshape(-1, 0) is ambiguous: a layer with no inputs or no outputs has a zero last dim
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
-
-
-def _unit_rows(t, name):
-    """``t`` with unit stride along its last dim, the layout every kernel build is
-    compiled and checked for (tests/compile_kernels.py). Another layout (a
-    transposed or sliced x, the expanded dY of ``y.sum().backward()``) is copied
-    to contiguous rows, one read and one write of it, and a log line says so once
-    per tensor role."""
-    if t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    if name not in _copied:
-        _copied.add(name)
-        log.info("lorakern: %s of shape %s has stride %s along its last dim; it is copied "
-                 "to contiguous rows for the kernels (said once)", name, tuple(t.shape),
-                 t.stride(-1))
-    return t.contiguous()
-
-
-def _unit_row_params(weight, lora_A, lora_B):
-    return _unit_rows(weight, "W"), _unit_rows(lora_A, "lora_A"), _unit_rows(lora_B, "lora_B")
+def _unit_row_adapters(lora_A, lora_B):
+    return unit_rows(lora_A, "lora_A"), unit_rows(lora_B, "lora_B")
 
 
 def draw_seed():
@@ -65,15 +44,16 @@ def draw_seed():
 def fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
     """Returns (y [..., out], h [M, r]); h is fp32 with fp32 adapters, else x's dtype."""
     kernels = load_kernels(x.device)
-    x2 = _unit_rows(_flatten(x), "x")
-    weight, lora_A, lora_B = _unit_row_params(weight, lora_A, lora_B)
+    x2 = unit_rows(flatten(x), "x")
+    base = DenseWeight(weight)
+    w = base.kernel_operand()
+    lora_A, lora_B = _unit_row_adapters(lora_A, lora_B)
 
     def run(plan):
-        return kernels.lora_forward(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed,
-                                    plan)
+        return kernels.lora_forward(x2, w, lora_A, lora_B, bias, scale, dropout_p, seed, plan)
 
-    y, h = run(choose_plan("forward", kernels, x2, weight, lora_A, lora_B, dropout_p, run))
-    return y.reshape(*x.shape[:-1], weight.shape[0]), h
+    y, h = run(choose_plan("forward", kernels, x2, w, lora_A, lora_B, dropout_p, run))
+    return y.reshape(*x.shape[:-1], base.shape[0]), h
 
 
 def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed, needs):
@@ -83,16 +63,18 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     x's dtype).
     """
     need_x, need_w, need_a, need_b, need_bias = needs
+    base = DenseWeight(weight)
     kernels = load_kernels(grad_y.device)
     rank_block = kernels.rank_block(lora_A.shape[0])
-    dy = _unit_rows(_flatten(grad_y), "dY")
+    dy = unit_rows(flatten(grad_y), "dY")
     # once: a non-viewable x (a permuted 3-D input) is copied by the reshape
-    x2 = _unit_rows(_flatten(x), "x") if need_a or need_w else None
-    weight, lora_A, lora_B = _unit_row_params(weight, lora_A, lora_B)
+    x2 = unit_rows(flatten(x), "x") if need_a or need_w else None
+    w = base.kernel_operand()
+    lora_A, lora_B = _unit_row_adapters(lora_A, lora_B)
     device = dy.device
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
     if need_bias:
-        grad_bias = kernels.empty(weight.shape[0], grad_y.dtype, device)
+        grad_bias = kernels.empty(base.shape[0], grad_y.dtype, device)
     if need_b:
         grad_b = kernels.empty(lora_B.shape, lora_B.dtype, device)
 
@@ -105,18 +87,18 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
                                      grad_bias if need_b else None, need_g)
     if need_x:
         def run(plan):
-            return kernels.lora_grad_input(dy, weight, lora_A, lora_B, g, scale, dropout_p,
-                                           seed, plan)
+            return kernels.lora_grad_input(dy, w, lora_A, lora_B, g, scale, dropout_p, seed,
+                                           plan)
 
-        dx = run(choose_plan("grad_input", kernels, dy, weight, lora_A, lora_B, dropout_p, run))
-        grad_x = dx.reshape(grad_y.shape[:-1] + (weight.shape[1],))
+        dx = run(choose_plan("grad_input", kernels, dy, w, lora_A, lora_B, dropout_p, run))
+        grad_x = dx.reshape(grad_y.shape[:-1] + (base.shape[1],))
     if need_a:
         grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
         # dA^T (K, r) is written straight into dA's (r, K) storage
         kernels.tn_matmul(x2, g, grad_a.t(), scale * kernels.keep_scale(dropout_p),
                           rank_block=rank_block, dropout_p=dropout_p, seed=seed)
     if need_w:
-        grad_w = kernels.empty(weight.shape, weight.dtype, device)
+        grad_w = base.grad_buffer(kernels.empty)
         kernels.tn_matmul(dy, x2, grad_w, 1.0,
                           colsum=grad_bias if not need_b else None)
     if need_bias and not (need_b or need_w):
