@@ -1,9 +1,9 @@
 """The flat module paths of lorakern 0.1's first layout, kept importable.
 
-``lorakern.api``, ``lorakern.function``, ``lorakern.ops``, ``lorakern.reference``
-and ``lorakern.autotune`` are the modules that now live in
-``lorakern.functional`` (the same module objects, so a monkeypatch through the
-old path still takes effect); ``lorakern.embedding``, ``lorakern.modules``,
+``lorakern.api``, ``lorakern.function``, ``lorakern.ops``, ``lorakern.reference``,
+``lorakern.autotune`` (and the private ``_backend`` and ``_validation``) are the
+modules that now live in ``lorakern.functional`` (the same module objects, so a
+monkeypatch through the old path still takes effect); ``lorakern.embedding``, ``lorakern.modules``,
 ``lorakern.inject`` and ``lorakern.peft_interop`` were split by job, and each
 old path is a module holding the public names it had, taken from their new
 homes. Nothing inside lorakern imports these paths.
@@ -19,6 +19,8 @@ SAME_MODULE = {
     "ops": "functional.ops",
     "reference": "functional.reference",
     "autotune": "functional.autotune",
+    "_backend": "functional.dispatch",
+    "_validation": "functional.validation",
 }
 
 # old path -> {public name it had: the module that holds it now}

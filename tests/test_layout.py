@@ -34,6 +34,8 @@ FLAT_NAMES = {
                  "default_cache_dir", "default_timer", "default_tuner", "log",
                  "read_cache_file", "reset", "set_timer", "tuning_enabled", "tuning_key",
                  "wall_clock_timer"],
+    "_backend": ["choose_plan", "load_kernels", "select_backend", "strategy_forced"],
+    "_validation": ["check_base_dtypes", "check_scalars", "check_tensors"],
     "embedding": ["FusedLoRAEmbedding", "ID_DTYPES", "LoRAEmbedding", "check_ids_in_range",
                   "embedding_layout", "fused_embedding_backward", "fused_embedding_forward",
                   "lora_embedding", "reference_lora_embedding"],
