@@ -176,9 +176,12 @@ def _rank_term_in_kernel(
     p = to_storage(p * rank_scale, p_ptr.dtype.element_ty, UPCAST_DOT)
     offs_r = tl.arange(0, BLOCK_R)
     in_r = offs_r < R
-    rows = offs_m.to(tl.int64)
-    tl.store(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr, p,
-             mask=in_m[:, None] & in_r[None, :] & (col_start == 0))
+    if col_start == 0:
+        # a branch, not a scalar in the mask: interpreters from triton 3.9 refuse a
+        # mask that mixes a block with a scalar condition
+        rows = offs_m.to(tl.int64)
+        tl.store(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr, p,
+                 mask=in_m[:, None] & in_r[None, :])
     q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n.to(tl.int64)[None, :] * stride_qn,
                 mask=in_r[:, None] & in_n[None, :], other=0.0)
     p, q = promote_pair(p, q)
