@@ -6,6 +6,10 @@ are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` for a linea
 layer and ``base_model.model.<module>.lora_embedding_A`` / ``_B`` for an
 embedding, the adapter name stripped. ``save.py`` writes them, ``load.py``
 reads them.
+
+PEFT's Embedding looks up ``lora_embedding_A`` with the base embedding's
+``max_norm``, renormalising A's columns in place; LoRAEmbedding does not
+(``max_norm_problem``), so such adapters are neither saved nor loaded.
 """
 from ..layers.embedding import LoRAEmbedding
 
@@ -29,3 +33,14 @@ def adapter_keys(name, layer):
     if isinstance(layer, LoRAEmbedding):
         return PREFIX + name + EMBEDDING_A_SUFFIX, PREFIX + name + EMBEDDING_B_SUFFIX
     return PREFIX + name + A_SUFFIX, PREFIX + name + B_SUFFIX
+
+
+def max_norm_problem(embedding):
+    """Why PEFT would compute something else than LoRAEmbedding on this embedding
+    (text after the module's name), or None."""
+    max_norm = getattr(embedding, "max_norm", None)
+    if max_norm is None:
+        return None
+    return (f"its base embedding sets max_norm={max_norm}: PEFT's Embedding looks up "
+            f"lora_embedding_A with it too, renormalising A's columns in place, which "
+            f"LoRAEmbedding does not (patch_peft refuses such layers too)")

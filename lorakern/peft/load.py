@@ -20,7 +20,7 @@ from ..models.config import pattern_value
 from ..models.inject import inject_lora
 from ..models.targets import exact_regex
 from .adapter_format import (A_SUFFIX, B_SUFFIX, CONFIG_NAME, EMBEDDING_A_SUFFIX,
-                             EMBEDDING_B_SUFFIX, PREFIX, WEIGHTS_NAME)
+                             EMBEDDING_B_SUFFIX, PREFIX, WEIGHTS_NAME, max_norm_problem)
 
 
 def _is_linear_like(module):
@@ -226,6 +226,9 @@ def _layer_problem(model, name, pair):
             embedding_layout(module)
         except TypeError as err:
             return f": {err}"
+        problem = max_norm_problem(module)
+        if problem:
+            return f": {problem}"
         in_features, out_features = module.weight.shape
     else:
         if not _is_linear_like(module) or isinstance(module, LoRALayer):
@@ -318,7 +321,9 @@ def load_adapter(model, path, adapter_dtype=None):
     than Linear, Conv1D and Embedding; invalid config values (``r``, ``lora_alpha``,
     ``lora_dropout``, patterns, ``modules_to_save``); tensors that do not fit
     the model; a config file that is not a JSON object, or a weights file that
-    cannot be read (both named by path).
+    cannot be read (both named by path); an embedding whose base sets
+    ``max_norm`` (PEFT renormalises ``lora_embedding_A`` with it, LoRAEmbedding
+    does not).
 
     Returns:
         ``model``, in place.

@@ -6,6 +6,10 @@ rebuilds the same layers: the most common (r, alpha), the others as
 ``rank_pattern`` / ``alpha_pattern``, target modules by suffix where that
 selects exactly the injected layers. Both files are replaced together
 (``atomic_files.py``).
+
+Refused before anything is written: models PEFT would not reproduce (settings
+that differ between layers where PEFT has one, LoRA embeddings with
+``max_norm``, ...).
 """
 import math
 import os
@@ -14,12 +18,20 @@ import re
 from ..layers.adapter import LoRALayer
 from ..layers.embedding import LoRAEmbedding
 from ..models.targets import exact_regex
-from .adapter_format import PREFIX, adapter_keys
+from .adapter_format import PREFIX, adapter_keys, max_norm_problem
 from .atomic_files import write_adapter_files
 
 
 def _lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _refuse_max_norm_embeddings(layers):
+    for name, m in layers:
+        problem = max_norm_problem(m) if isinstance(m, LoRAEmbedding) else None
+        if problem:
+            raise ValueError(f"save_adapter: LoRA embedding '{name}': {problem}; PEFT would not "
+                             f"give this model's outputs from the adapter")
 
 
 def _base_module_names(model, lora_names):
@@ -125,6 +137,10 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
     adapter as unmerged ones: A and B, never the base weight, so the adapter
     applies to the original base model either way.
 
+    Also refused (ValueError, nothing written): a LoRA embedding whose base sets
+    ``max_norm`` (PEFT renormalises ``lora_embedding_A`` with it, lorakern does
+    not; ``patch_peft`` refuses it too).
+
     Both files are written beside their final names and then renamed over the
     old ones: a save that fails (disk full, ...) leaves an adapter already in
     ``path`` as it was, and no temporary files.
@@ -137,6 +153,7 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
     # PEFT applies lora_dropout to linear layers only: embeddings do not count here
     linear_layers = [(n, m) for n, m in layers if not isinstance(m, LoRAEmbedding)]
     dropout = _uniform(linear_layers, "dropout", "lora_dropout") if linear_layers else 0.0
+    _refuse_max_norm_embeddings(layers)
     for name, m in layers:
         expected = m.alpha / (math.sqrt(m.r) if m.use_rslora else m.r)
         if not math.isclose(m.scale, expected, rel_tol=1e-12):
