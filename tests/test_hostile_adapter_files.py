@@ -111,3 +111,22 @@ def test_embeddings_without_max_norm_still_round_trip(tmp_path):
     ids = torch.tensor([[0, 3, 5, 7]], device=DEVICE)
     with torch.no_grad():
         assert_close(ours(ids), theirs(ids), "lorakern loading PEFT's embedding adapter")
+
+
+# ------------------------------------------------------------------------------------------------
+# a PEFT model given to save_adapter
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_save_adapter_of_a_peft_model_points_to_save_pretrained(patched, tmp_path):
+    model = peft_model("llama", target_modules=["q_proj"])
+    if patched:
+        patch_peft(model)
+    with pytest.raises(ValueError, match=r"PEFT LoRA layers.*q_proj.*save_pretrained"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_save_adapter_of_a_model_without_any_lora_layers_still_says_inject_lora(tmp_path):
+    with pytest.raises(ValueError, match=r"no LoRA layers \(inject_lora first\)"):
+        save_adapter(base_model("llama"), tmp_path)

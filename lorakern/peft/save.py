@@ -9,11 +9,12 @@ selects exactly the injected layers. Both files are replaced together
 
 Refused before anything is written: models PEFT would not reproduce (settings
 that differ between layers where PEFT has one, LoRA embeddings with
-``max_norm``, ...).
+``max_norm``, ...), and PEFT models (their ``save_pretrained`` saves them).
 """
 import math
 import os
 import re
+import sys
 
 from ..layers.adapter import LoRALayer
 from ..layers.embedding import LoRAEmbedding
@@ -24,6 +25,28 @@ from .atomic_files import write_adapter_files
 
 def _lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _peft_lora_layer_names(model):
+    """Names of the PEFT LoRA layers in ``model``; none unless peft was imported, as a
+    model cannot hold them otherwise (and saving must not import peft)."""
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.lora.layer import LoraLayer
+    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _refuse_peft_layers(model):
+    """save_adapter writes lorakern's layers: PEFT's own are PEFT's to save."""
+    peft_layers = _peft_lora_layer_names(model)
+    if peft_layers:
+        shown = ", ".join(f"'{n}'" for n in peft_layers[:3])
+        more = f", ... ({len(peft_layers)} in all)" if len(peft_layers) > 3 else ""
+        raise ValueError(f"save_adapter: this {type(model).__name__} holds PEFT LoRA layers "
+                         f"({shown}{more}), which save_adapter does not write: save it with "
+                         f"PEFT's save_pretrained (model.save_pretrained(path)), patched by "
+                         f"patch_peft or not. save_adapter saves the LoRALinear/LoRAEmbedding "
+                         f"layers of inject_lora")
 
 
 def _refuse_max_norm_embeddings(layers):
@@ -139,12 +162,14 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
 
     Also refused (ValueError, nothing written): a LoRA embedding whose base sets
     ``max_norm`` (PEFT renormalises ``lora_embedding_A`` with it, lorakern does
-    not; ``patch_peft`` refuses it too).
+    not; ``patch_peft`` refuses it too), and a model holding PEFT LoRA layers (a
+    ``PeftModel``, patched or not: PEFT's ``save_pretrained`` saves it).
 
     Both files are written beside their final names and then renamed over the
     old ones: a save that fails (disk full, ...) leaves an adapter already in
     ``path`` as it was, and no temporary files.
     """
+    _refuse_peft_layers(model)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: this {type(model).__name__} has no LoRA layers "
