@@ -114,6 +114,55 @@ def test_embeddings_without_max_norm_still_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# models on the meta device
+# ------------------------------------------------------------------------------------------------
+
+def meta_llama():
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        return _llama().eval()
+
+
+def structure(model):
+    return ({name: type(m) for name, m in model.named_modules()},
+            {name: (p.device.type, p.requires_grad) for name, p in model.named_parameters()})
+
+
+def test_load_adapter_into_a_meta_model_is_refused_before_anything_changes(tmp_path):
+    saved_adapter(tmp_path)
+    model = meta_llama()
+    before = structure(model)
+    with pytest.raises(ValueError, match=r"meta device.*q_proj\.weight.*to_empty"):
+        load_adapter(model, tmp_path)
+    assert structure(model) == before
+
+
+def test_load_adapter_refuses_a_meta_tensor_it_would_copy_a_saved_module_into(tmp_path):
+    """Only the output layer (saved whole in the adapter) left on meta."""
+    saved_adapter(tmp_path)
+    model = base_model("llama")
+    model.lm_head.to_empty(device="meta")
+    before = structure(model)
+    with pytest.raises(ValueError, match=r"meta device.*'lm_head\.weight'"):
+        load_adapter(model, tmp_path)
+    assert structure(model) == before
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_a_materialised_model_loads_the_adapter(tmp_path):
+    """What the refusal says to do: materialise, load the base weights, then the adapter."""
+    _, expected = saved_adapter(tmp_path)
+    base = base_model("llama")
+    model = meta_llama().to_empty(device=DEVICE)
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():  # to_empty leaves the buffers no state dict holds (rotary) uninitialised
+        for name, buffer in base.named_buffers():
+            model.get_buffer(name).copy_(buffer)
+    loaded = load_adapter(model, tmp_path).eval()
+    assert_close(logits(loaded), expected, "logits of a materialised model")
+
+
+# ------------------------------------------------------------------------------------------------
 # a PEFT model given to save_adapter
 # ------------------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 The config is read and checked (malformed values, settings lorakern cannot
 reproduce), the tensors are split into adapters and whole modules and checked
-against the model's modules and shapes, all before the model changes; then
+against the model's modules, shapes and devices (no meta tensors), all before
+the model changes; then
 ``inject_lora`` builds the layers and the tensors are copied in.
 """
 import json
@@ -274,6 +275,34 @@ def _saved_module_names(model, config, settings, path):
     return saved
 
 
+_SHOWN = 8  # tensors listed in one error message
+
+
+def _check_not_on_meta(model, settings, others, path):
+    """ValueError naming the model's tensors on the meta device that loading would
+    write into (or, for an adapted layer's weight, put the new adapters beside):
+    a meta tensor has no storage, so copied values would be silently dropped.
+
+    Refused rather than served by assigning real tensors: the model would mix meta
+    base weights with real adapters, and the usual next step, ``to_empty()``,
+    replaces every tensor, the loaded adapters included, with uninitialised memory.
+    """
+    state = model.state_dict()
+    on_meta = [f"{name}.weight" for name in settings
+               if model.get_submodule(name).weight.is_meta]
+    on_meta += [name for name in others if name in state and state[name].is_meta]
+    if on_meta:
+        listed = ", ".join(f"'{n}'" for n in on_meta[:_SHOWN])
+        if len(on_meta) > _SHOWN:
+            listed += f", ... ({len(on_meta)} in all)"
+        raise ValueError(f"load_adapter: '{path}' would go into tensors of this "
+                         f"{type(model).__name__} on the meta device (shapes without storage: "
+                         f"the loaded values would be lost): {listed}. Materialise the model "
+                         f"first, e.g. model.to_empty(device=...) and load its base weights "
+                         f"(load_state_dict), or build it with from_pretrained; then "
+                         f"load_adapter")
+
+
 def _unwrap_base_layers(others, adapters):
     """PEFT saves the base table of an adapted embedding as '<module>.base_layer.<tensor>'
     (save_embedding_layers): in the base model it is '<module>.<tensor>'."""
@@ -323,7 +352,9 @@ def load_adapter(model, path, adapter_dtype=None):
     the model; a config file that is not a JSON object, or a weights file that
     cannot be read (both named by path); an embedding whose base sets
     ``max_norm`` (PEFT renormalises ``lora_embedding_A`` with it, LoRAEmbedding
-    does not).
+    does not); a model whose tensors
+    that the adapter goes into are on the meta device (materialise it first,
+    e.g. ``to_empty`` and its base weights, then load the adapter).
 
     Returns:
         ``model``, in place.
@@ -342,6 +373,7 @@ def load_adapter(model, path, adapter_dtype=None):
     settings = _layer_settings(model, adapters, config, path)
     _check_injection_args(settings, dropout, adapter_dtype, path)
     saved = _saved_module_names(model, config, settings, path)
+    _check_not_on_meta(model, settings, others, path)
     base_tensors = _base_tensors(model, others, path)
 
     # everything is checked: from here on the model changes. One inject_lora per
