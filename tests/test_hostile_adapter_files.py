@@ -114,6 +114,126 @@ def test_embeddings_without_max_norm_still_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# a save killed between its two renames
+# ------------------------------------------------------------------------------------------------
+
+KILLED_SAVE = textwrap.dedent("""
+    import os, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from test_adapter_files import a_different_model
+    from lorakern.peft import save_adapter
+
+    real_replace = os.replace
+
+    def replace_then_die(src, dst, **kwargs):
+        real_replace(src, dst, **kwargs)
+        os._exit(3)  # killed right after the first rename: no cleanup runs
+
+    os.replace = replace_then_die
+    save_adapter(a_different_model(), {path!r})
+""")
+
+
+def hidden_files(path):
+    return sorted(name for name in os.listdir(path) if name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def killed_save(tmp_path_factory):
+    """A directory where a save over saved_adapter's adapter was killed between the
+    renames of the weights and of the config."""
+    path = tmp_path_factory.mktemp("killed")
+    saved_adapter(path)
+    old_config = (path / CONFIG_NAME).read_bytes()
+    old_weights = (path / WEIGHTS_NAME).read_bytes()
+    script = KILLED_SAVE.format(root=str(TESTS.parent), tests=str(TESTS), path=str(path))
+    run = subprocess.run([sys.executable, "-c", script], cwd=TESTS.parent, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 3, run.stdout + run.stderr
+    # the simulated kill: new weights beside the old config, and the config's temporary
+    assert (path / CONFIG_NAME).read_bytes() == old_config
+    assert (path / WEIGHTS_NAME).read_bytes() != old_weights
+    assert hidden_files(path), "the killed save left no temporary files: nothing is tested"
+    return path
+
+
+def copy_of(directory, tmp_path):
+    return pathlib.Path(shutil.copytree(directory, tmp_path / "adapter"))
+
+
+def test_load_adapter_refuses_the_weights_of_a_killed_save_beside_the_old_config(
+        killed_save, tmp_path):
+    path = copy_of(killed_save, tmp_path)
+    model = base_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"different saves.*\br: 4 in .*, 2 in"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+def test_the_next_save_removes_the_temporaries_of_a_killed_save(killed_save, tmp_path):
+    path = copy_of(killed_save, tmp_path)
+    new_model = a_different_model()
+    save_adapter(new_model, path)
+    assert sorted(os.listdir(path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    loaded = load_adapter(base_model("llama"), path).eval()
+    assert_close(logits(loaded), logits(new_model), "logits of the adapter saved again")
+
+
+def test_a_save_keeps_the_temporaries_of_a_save_still_running(tmp_path):
+    """A temporary of a live process (here this one, as another thread saving into the
+    same directory would be) is not stale: removing it would break that save."""
+    from lorakern.peft import atomic_files
+    saved_adapter(tmp_path)
+    in_flight = pathlib.Path(atomic_files.temporary_name(tmp_path, WEIGHTS_NAME))
+    in_flight.write_bytes(b"being written")
+    save_adapter(a_different_model(), tmp_path)
+    assert in_flight.read_bytes() == b"being written"
+
+
+def test_a_config_whose_layer_settings_differ_from_the_saved_ones_is_refused(tmp_path):
+    """A config replaced after the save gives another scale: refused, naming the field."""
+    saved_adapter(tmp_path)
+    edit_config(tmp_path, lora_alpha=16)
+    model = base_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"lora_alpha: 16 in .*, 8 in"):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, before)
+
+
+def test_a_config_edited_in_a_descriptive_field_still_loads(tmp_path):
+    _, expected = saved_adapter(tmp_path)
+    edit_config(tmp_path, base_model_name_or_path="/models/moved", task_type="CAUSAL_LM")
+    loaded = load_adapter(base_model("llama"), tmp_path).eval()
+    assert_close(logits(loaded), expected, "logits after editing the config's description")
+
+
+def test_the_saved_files_stay_plain_peft_files(tmp_path):
+    """The record of the settings is in the safetensors metadata, which PEFT ignores: the
+    config holds LoraConfig fields only, and PEFT loads the adapter without a warning."""
+    _, expected = saved_adapter(tmp_path)
+    assert set(read_config(tmp_path)) <= set(LoraConfig.__dataclass_fields__)
+    with safe_open(tmp_path / WEIGHTS_NAME, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(base_model("llama"), tmp_path).eval()
+    assert not [w for w in caught if "adapter" in str(w.message).lower()
+                or "unexpected" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert_close(logits(loaded), expected, "PEFT logits of lorakern's adapter")
+
+
+def test_an_adapter_peft_saved_again_loads_without_the_record(tmp_path):
+    _, expected = saved_adapter(tmp_path / "ours")
+    PeftModel.from_pretrained(base_model("llama"), tmp_path / "ours").save_pretrained(
+        tmp_path / "theirs")
+    loaded = load_adapter(base_model("llama"), tmp_path / "theirs").eval()
+    assert_close(logits(loaded), expected, "logits of the adapter PEFT saved again")
+
+
+# ------------------------------------------------------------------------------------------------
 # models on the meta device
 # ------------------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ modules trained whole (``modules_to_save``), and a config from which PEFT
 rebuilds the same layers: the most common (r, alpha), the others as
 ``rank_pattern`` / ``alpha_pattern``, target modules by suffix where that
 selects exactly the injected layers. Both files are replaced together
-(``atomic_files.py``).
+(``atomic_files.py``), the weights recording the config's layer settings.
 
 Refused before anything is written: models PEFT would not reproduce (settings
 that differ between layers where PEFT has one, LoRA embeddings with
@@ -167,7 +167,13 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
 
     Both files are written beside their final names and then renamed over the
     old ones: a save that fails (disk full, ...) leaves an adapter already in
-    ``path`` as it was, and no temporary files.
+    ``path`` as it was, and no temporary files. A process killed between the two
+    renames leaves the new weights beside the old config: the weights record the
+    layer settings (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
+    ``use_rslora``, ``lora_dropout``) of the config saved with them, and
+    ``load_adapter`` refuses a config that disagrees (PEFT's ``from_pretrained``
+    does not check). The temporaries of killed saves are removed by the next
+    save into ``path``.
     """
     _refuse_peft_layers(model)
     layers = _lora_layers(model)
