@@ -1,8 +1,9 @@
 """``load_adapter``: a PEFT LoRA adapter injected into a base model as lorakern layers.
 
 The config is read and checked (malformed values, settings lorakern cannot
-reproduce), the tensors are split into adapters and whole modules and checked
-against the model's modules and shapes, all before the model changes; then
+reproduce, a config from another save than the weights'), the tensors are split
+into adapters and whole modules and checked against the model's modules, shapes
+and devices (no meta tensors), all before the model changes; then
 ``inject_lora`` builds the layers and the tensors are copied in.
 """
 import json
@@ -20,7 +21,9 @@ from ..models.config import pattern_value
 from ..models.inject import inject_lora
 from ..models.targets import exact_regex
 from .adapter_format import (A_SUFFIX, B_SUFFIX, CONFIG_NAME, EMBEDDING_A_SUFFIX,
-                             EMBEDDING_B_SUFFIX, PREFIX, WEIGHTS_NAME)
+                             EMBEDDING_B_SUFFIX, LAYER_SETTINGS, PREFIX,
+                             SETTINGS_METADATA_KEY, WEIGHTS_NAME, layer_settings,
+                             max_norm_problem)
 
 
 def _is_linear_like(module):
@@ -83,6 +86,52 @@ def _read_weights(path):
                                               for k, t in state.items()):
         raise ValueError(f"load_adapter: '{weights_file}' is not a mapping of names to tensors")
     return state
+
+
+def _recorded_settings(path):
+    """The layer settings recorded in the safetensors metadata by save_adapter, or None
+    for weights written without them (by PEFT, or as adapter_model.bin)."""
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_file):
+        return None
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(weights_file, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"load_adapter: '{weights_file}' is not a readable safetensors "
+                         f"file (corrupt or truncated?): {err}") from err
+    if SETTINGS_METADATA_KEY not in metadata:
+        return None
+    try:
+        recorded = json.loads(metadata[SETTINGS_METADATA_KEY])
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"load_adapter: '{weights_file}' has a malformed "
+                         f"{SETTINGS_METADATA_KEY!r} metadata entry: "
+                         f"{metadata[SETTINGS_METADATA_KEY]!r} (a JSON object of layer settings)")
+    return recorded
+
+
+def _check_same_save(config, path):
+    """ValueError if the weights were saved with other layer settings than the config
+    beside them holds: the two files come from different saves, and the config would
+    give the weights another scale or rank."""
+    recorded = _recorded_settings(path)
+    if recorded is None:
+        return
+    current = layer_settings(config)
+    differing = [f"{field}: {current[field]!r} in {CONFIG_NAME}, {recorded.get(field)!r} in "
+                 f"{WEIGHTS_NAME}" for field in LAYER_SETTINGS
+                 if current[field] != recorded.get(field)]
+    if differing:
+        raise ValueError(f"load_adapter: '{path}': {CONFIG_NAME} and {WEIGHTS_NAME} come from "
+                         f"different saves: the weights were saved with other layer settings "
+                         f"than the config holds ({'; '.join(differing)}). A save_adapter "
+                         f"killed between its two renames leaves such a pair (new weights, old "
+                         f"config), as does replacing or editing one of the files; save the "
+                         f"adapter again")
 
 
 def _is_integer(value):
@@ -226,6 +275,9 @@ def _layer_problem(model, name, pair):
             embedding_layout(module)
         except TypeError as err:
             return f": {err}"
+        problem = max_norm_problem(module)
+        if problem:
+            return f": {problem}"
         in_features, out_features = module.weight.shape
     else:
         if not _is_linear_like(module) or isinstance(module, LoRALayer):
@@ -269,6 +321,34 @@ def _saved_module_names(model, config, settings, path):
         raise ValueError(f"load_adapter: '{path}': modules_to_save {entries} select modules "
                          f"that are (or hold, or are inside) LoRA layers: {'; '.join(clashes)}")
     return saved
+
+
+_SHOWN = 8  # tensors listed in one error message
+
+
+def _check_not_on_meta(model, settings, others, path):
+    """ValueError naming the model's tensors on the meta device that loading would
+    write into (or, for an adapted layer's weight, put the new adapters beside):
+    a meta tensor has no storage, so copied values would be silently dropped.
+
+    Refused rather than served by assigning real tensors: the model would mix meta
+    base weights with real adapters, and the usual next step, ``to_empty()``,
+    replaces every tensor, the loaded adapters included, with uninitialised memory.
+    """
+    state = model.state_dict()
+    on_meta = [f"{name}.weight" for name in settings
+               if model.get_submodule(name).weight.is_meta]
+    on_meta += [name for name in others if name in state and state[name].is_meta]
+    if on_meta:
+        listed = ", ".join(f"'{n}'" for n in on_meta[:_SHOWN])
+        if len(on_meta) > _SHOWN:
+            listed += f", ... ({len(on_meta)} in all)"
+        raise ValueError(f"load_adapter: '{path}' would go into tensors of this "
+                         f"{type(model).__name__} on the meta device (shapes without storage: "
+                         f"the loaded values would be lost): {listed}. Materialise the model "
+                         f"first, e.g. model.to_empty(device=...) and load its base weights "
+                         f"(load_state_dict), or build it with from_pretrained; then "
+                         f"load_adapter")
 
 
 def _unwrap_base_layers(others, adapters):
@@ -318,13 +398,22 @@ def load_adapter(model, path, adapter_dtype=None):
     than Linear, Conv1D and Embedding; invalid config values (``r``, ``lora_alpha``,
     ``lora_dropout``, patterns, ``modules_to_save``); tensors that do not fit
     the model; a config file that is not a JSON object, or a weights file that
-    cannot be read (both named by path).
+    cannot be read (both named by path); an embedding whose base sets
+    ``max_norm`` (PEFT renormalises ``lora_embedding_A`` with it, LoRAEmbedding
+    does not); a config whose layer settings (``r``, ``lora_alpha``, the
+    patterns, ``use_rslora``, ``lora_dropout``) differ from those that
+    ``save_adapter`` recorded in the weights file (the files come from
+    different saves, e.g. a save killed between its two renames; weights
+    written by PEFT carry no record and are not compared); a model whose tensors
+    that the adapter goes into are on the meta device (materialise it first,
+    e.g. ``to_empty`` and its base weights, then load the adapter).
 
     Returns:
         ``model``, in place.
     """
     config, state = _read_adapter(path)
     _check_config(config, path)
+    _check_same_save(config, path)
     adapters, others = _split_state(state, path)
     if not adapters:
         raise ValueError(f"load_adapter: '{path}' holds no lora_A/lora_B weights")
@@ -337,6 +426,7 @@ def load_adapter(model, path, adapter_dtype=None):
     settings = _layer_settings(model, adapters, config, path)
     _check_injection_args(settings, dropout, adapter_dtype, path)
     saved = _saved_module_names(model, config, settings, path)
+    _check_not_on_meta(model, settings, others, path)
     base_tensors = _base_tensors(model, others, path)
 
     # everything is checked: from here on the model changes. One inject_lora per

@@ -5,21 +5,56 @@ modules trained whole (``modules_to_save``), and a config from which PEFT
 rebuilds the same layers: the most common (r, alpha), the others as
 ``rank_pattern`` / ``alpha_pattern``, target modules by suffix where that
 selects exactly the injected layers. Both files are replaced together
-(``atomic_files.py``).
+(``atomic_files.py``), the weights recording the config's layer settings.
+
+Refused before anything is written: models PEFT would not reproduce (settings
+that differ between layers where PEFT has one, LoRA embeddings with
+``max_norm``, ...), and PEFT models (their ``save_pretrained`` saves them).
 """
 import math
 import os
 import re
+import sys
 
 from ..layers.adapter import LoRALayer
 from ..layers.embedding import LoRAEmbedding
 from ..models.targets import exact_regex
-from .adapter_format import PREFIX, adapter_keys
+from .adapter_format import PREFIX, adapter_keys, max_norm_problem
 from .atomic_files import write_adapter_files
 
 
 def _lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _peft_lora_layer_names(model):
+    """Names of the PEFT LoRA layers in ``model``; none unless peft was imported, as a
+    model cannot hold them otherwise (and saving must not import peft)."""
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.lora.layer import LoraLayer
+    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _refuse_peft_layers(model):
+    """save_adapter writes lorakern's layers: PEFT's own are PEFT's to save."""
+    peft_layers = _peft_lora_layer_names(model)
+    if peft_layers:
+        shown = ", ".join(f"'{n}'" for n in peft_layers[:3])
+        more = f", ... ({len(peft_layers)} in all)" if len(peft_layers) > 3 else ""
+        raise ValueError(f"save_adapter: this {type(model).__name__} holds PEFT LoRA layers "
+                         f"({shown}{more}), which save_adapter does not write: save it with "
+                         f"PEFT's save_pretrained (model.save_pretrained(path)), patched by "
+                         f"patch_peft or not. save_adapter saves the LoRALinear/LoRAEmbedding "
+                         f"layers of inject_lora")
+
+
+def _refuse_max_norm_embeddings(layers):
+    for name, m in layers:
+        problem = max_norm_problem(m) if isinstance(m, LoRAEmbedding) else None
+        if problem:
+            raise ValueError(f"save_adapter: LoRA embedding '{name}': {problem}; PEFT would not "
+                             f"give this model's outputs from the adapter")
 
 
 def _base_module_names(model, lora_names):
@@ -125,10 +160,22 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
     adapter as unmerged ones: A and B, never the base weight, so the adapter
     applies to the original base model either way.
 
+    Also refused (ValueError, nothing written): a LoRA embedding whose base sets
+    ``max_norm`` (PEFT renormalises ``lora_embedding_A`` with it, lorakern does
+    not; ``patch_peft`` refuses it too), and a model holding PEFT LoRA layers (a
+    ``PeftModel``, patched or not: PEFT's ``save_pretrained`` saves it).
+
     Both files are written beside their final names and then renamed over the
     old ones: a save that fails (disk full, ...) leaves an adapter already in
-    ``path`` as it was, and no temporary files.
+    ``path`` as it was, and no temporary files. A process killed between the two
+    renames leaves the new weights beside the old config: the weights record the
+    layer settings (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
+    ``use_rslora``, ``lora_dropout``) of the config saved with them, and
+    ``load_adapter`` refuses a config that disagrees (PEFT's ``from_pretrained``
+    does not check). The temporaries of killed saves are removed by the next
+    save into ``path``.
     """
+    _refuse_peft_layers(model)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: this {type(model).__name__} has no LoRA layers "
@@ -137,6 +184,7 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
     # PEFT applies lora_dropout to linear layers only: embeddings do not count here
     linear_layers = [(n, m) for n, m in layers if not isinstance(m, LoRAEmbedding)]
     dropout = _uniform(linear_layers, "dropout", "lora_dropout") if linear_layers else 0.0
+    _refuse_max_norm_embeddings(layers)
     for name, m in layers:
         expected = m.alpha / (math.sqrt(m.r) if m.use_rslora else m.r)
         if not math.isclose(m.scale, expected, rel_tol=1e-12):
