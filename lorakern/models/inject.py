@@ -60,8 +60,9 @@ def inject_lora(model, target_modules=None, r=_Default(8), alpha=_Default(16),
             ``adapter_config.json``), read as ``get_peft_model`` reads it.
             Fields with no ``LoRALinear`` equivalent (``use_dora``,
             ``lora_bias``, ``layers_to_transform``, ``target_parameters``, ...)
-            are refused when set. An argument given both in the config and as
-            a keyword is refused.
+            are refused at every value PEFT acts on, falsy ones included
+            (``layers_to_transform=0``, ``velora_config={}``). An argument
+            given both in the config and as a keyword is refused.
         lora_alpha, lora_dropout, init_lora_weights: PEFT's names for
             ``alpha``, ``dropout`` and ``init`` (``True`` is ``"kaiming"``,
             ``"gaussian"`` is ``"gaussian"``; ``False`` and the data-driven

@@ -16,7 +16,7 @@ from torch import nn
 from ..layers.adapter import LoRALayer, check_lora_args
 from ..layers.embedding import embedding_layout
 from ..layers.linear import LoRALinear, base_layout, conv1d_class
-from ..models.config import pattern_value
+from ..models.config import pattern_value, peft_acts_on
 from ..models.inject import inject_lora
 from ..models.targets import exact_regex
 from .adapter_format import (A_SUFFIX, B_SUFFIX, CONFIG_NAME, EMBEDDING_A_SUFFIX,
@@ -148,7 +148,8 @@ def _check_config(config, path):
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (only 'none': trained base biases)")
     for field in _UNSUPPORTED_FIELDS:
-        if config.get(field):
+        # falsy is not off: PEFT turns velora_config={} into a VeloraConfig
+        if peft_acts_on(field, config.get(field)):
             problems.append(f"{field}={config[field]!r}")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
