@@ -378,6 +378,21 @@ def test_unload_on_a_gpt2_matches_peft_merge_and_unload(tmp_path):
     assert_close(logits(model), expected, "unload vs PEFT's merge_and_unload")
 
 
+def test_unload_of_a_tied_model_whose_saved_lm_head_trained_a_copy_unties_the_config():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft_model("gpt2", target_modules=["c_attn"], modules_to_save=["lm_head"])
+        reference.merge_and_unload()
+    assert reference.base_model.model.config.tie_word_embeddings is False
+
+    model = lorakern_model("gpt2", targets=["c_attn"], modules_to_save=["lm_head"])
+    with pytest.warns(UserWarning, match="tie_word_embeddings=False"):
+        models.unload(model)
+    assert model.config.tie_word_embeddings is False
+    still_tied = models.unload(lorakern_model("gpt2", targets=["c_attn"]))
+    assert still_tied.config.tie_word_embeddings is True
+
+
 def test_refused_unloads_change_nothing():
     with pytest.raises(ValueError, match="no LoRA layers"):
         models.unload(Mixed())
