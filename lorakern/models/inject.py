@@ -224,6 +224,7 @@ def _select_targets(model, named, target_modules, exclude_modules, saved, task_t
         if unmatched:
             raise ValueError(f"target_modules {sorted(unmatched)} matched no module of the "
                              f"model; its linear modules are {listing(linear_names)}")
+    excluded = []
     if exclude_modules is not None:
         excluded, unmatched = select(named, exclude_modules, "exclude_modules")
         if unmatched:
@@ -234,8 +235,7 @@ def _select_targets(model, named, target_modules, exclude_modules, saved, task_t
             raise ValueError(f"exclude_modules {exclude_modules!r} excludes every target of "
                              f"target_modules {target_modules!r}")
     if all_linear:
-        _check_heads_not_claimed_twice(model, named, task_type,
-                                       excluded if exclude_modules is not None else [])
+        _check_heads_not_claimed_twice(model, named, task_type, excluded)
     for name in targets:
         module = named[name]
         if isinstance(module, LoRALayer):
