@@ -26,6 +26,7 @@ from .layers.linear import LoRALinear
 from .models.inject import inject_lora
 from .models.merge import merge_lora, unmerge_lora
 from .models.report import count_parameters, format_lora_report, lora_report
+from .models.unload import unload
 from .peft.load import load_adapter
 from .peft.patch import patch_peft, patch_summary, patched_modules, unpatch_peft
 from .peft.save import save_adapter
@@ -35,6 +36,6 @@ __version__ = "0.1.0"
 __all__ = ["FusedLoRAEmbedding", "FusedLoRALinear", "LoRAEmbedding", "LoRALinear", "count_parameters",
            "format_lora_report", "inject_lora", "load_adapter", "lora_embedding", "lora_linear",
            "lora_report", "merge_lora", "patch_peft", "patch_summary", "patched_modules",
-           "reference", "save_adapter", "unmerge_lora", "unpatch_peft", "__version__"]
+           "reference", "save_adapter", "unload", "unmerge_lora", "unpatch_peft", "__version__"]
 
 _module_aliases.install(_sys.modules[__name__])

@@ -2,8 +2,10 @@
 
 The config's field names and their lorakern equivalents (``lora_alpha`` is
 ``alpha``, ``init_lora_weights`` is ``init``, ...), the fields that change
-nothing lorakern builds, the task types and the classification heads their
-PeftModel saves whole, and PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup.
+nothing lorakern builds, which values of the other fields PEFT acts on
+(``peft_acts_on``: ``layers_to_transform=0`` does, ``velora_config={}`` does),
+the task types and the classification heads their PeftModel saves whole (by
+plain name suffix), and PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup.
 Nothing here touches a model: ``inject.py`` and the adapter-file reader
 (``lorakern/peft/load.py``) apply what this module reads.
 """
@@ -36,6 +38,12 @@ TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 
 SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's order for the all-linear exclusion
 
+# LoraConfig fields that PEFT acts on whenever they are not None, falsy or not: a sub-config
+# given as {} becomes a config object and selects its LoRA variant, and PEFT tests the
+# token lists with `is not None` (trainable_token_indices=[] still wraps the embedding)
+ON_UNLESS_NONE = ("trainable_token_indices", "alora_invocation_tokens", "velora_config",
+                  "monteclora_config", "kasa_config", "arrow_config", "use_bdlora")
+
 PLAIN_TASKS = (None, "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 
 ALIASES = (("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("init", "init_lora_weights"))
@@ -49,6 +57,20 @@ def is_config(value):
 def _plain(value):
     """An enum member (PEFT's TaskType, PeftType) as its value."""
     return value.value if isinstance(value, enum.Enum) else value
+
+
+def peft_acts_on(name, value):
+    """Whether PEFT acts on the LoraConfig field ``name`` set to ``value``: None never is;
+    ``layers_to_transform`` is unless it is an empty list (0 selects layer 0, and an empty
+    tuple selects no layer at all); the ON_UNLESS_NONE fields always are; any other field
+    is when it is truthy, as PEFT tests it (``if config.use_dora:``)."""
+    if value is None:
+        return False
+    if name == "layers_to_transform":
+        return not (isinstance(value, list) and not value)
+    if name in ON_UNLESS_NONE:
+        return True
+    return bool(value)
 
 
 def init_from_peft(init_lora_weights):
@@ -77,7 +99,7 @@ def config_settings(config):
         if name in CONFIG_ARGUMENTS:
             if value is not None:
                 settings[CONFIG_ARGUMENTS[name]] = value
-        elif name not in CONFIG_BOOKKEEPING and value:
+        elif name not in CONFIG_BOOKKEEPING and peft_acts_on(name, value):
             refused.append(f"{name}={value!r}")
     if refused:
         raise ValueError(f"inject_lora: the config sets what lorakern's LoRALinear cannot "

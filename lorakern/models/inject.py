@@ -2,18 +2,27 @@
 
 The matching ``nn.Linear`` (and transformers ``Conv1D``) modules become
 ``LoRALinear``, the matching ``nn.Embedding`` modules ``LoRAEmbedding``;
-everything but the adapters and the ``modules_to_save`` is frozen. Settings
-come as keywords or as a ``peft.LoraConfig`` (read by ``config.py``); names
-match as in PEFT (``targets.py``). Every argument and target is checked
-before any module is touched.
+everything but the adapters and the ``modules_to_save`` is frozen. A saved
+module gets its own copy of any parameter it shares with a module outside it
+(an ``lm_head`` tied to the input embedding), as PEFT's ``ModulesToSaveWrapper``
+trains a copy. Settings come as keywords or as a ``peft.LoraConfig`` (read by
+``config.py``); names match as in PEFT (``targets.py``). Every argument and
+target is checked before any module is touched, and a failure while the model
+is changed (an allocation on the tenth layer) undoes what was done
+(``_Undo``): a refused call leaves the model as it was.
 """
+import copy
+import re
+
+from torch.nn.utils import parametrize
+
 from ..layers.adapter import LoRALayer, check_lora_args
 from ..layers.embedding import LoRAEmbedding, embedding_layout
 from ..layers.linear import LoRALinear, base_layout
 from .config import (ALIASES, ALL_LINEAR, CONFIG_ARGUMENTS, SEQ_CLS_HEADS, TASK_HEADS,
                      check_pattern, check_peft_settings, config_settings, init_from_peft,
                      is_config, pattern_key_matches, pattern_value)
-from .targets import inside, is_embedding, is_linear, is_target_kind, listing, matches, select
+from .targets import inside, is_embedding, is_linear, is_target_kind, listing, select
 
 
 class _Default:
@@ -55,13 +64,17 @@ def inject_lora(model, target_modules=None, r=_Default(8), alpha=_Default(16),
             May also be a ``peft.LoraConfig`` or its dict (``config``).
         r, alpha, dropout, use_rslora, init, adapter_dtype: as ``LoRALinear``.
         modules_to_save: names/suffixes (or a regex) of modules trained in
-            full (a classifier head); their parameters are unfrozen in place.
+            full (a classifier head); their parameters are unfrozen in place,
+            except one shared with a module outside (a tied ``lm_head``): the
+            saved module gets its own trainable copy of it and the other
+            module keeps the original, frozen, as PEFT does.
         config: a ``peft.LoraConfig``, or its dict (the contents of an
             ``adapter_config.json``), read as ``get_peft_model`` reads it.
             Fields with no ``LoRALinear`` equivalent (``use_dora``,
             ``lora_bias``, ``layers_to_transform``, ``target_parameters``, ...)
-            are refused when set. An argument given both in the config and as
-            a keyword is refused.
+            are refused at every value PEFT acts on, falsy ones included
+            (``layers_to_transform=0``, ``velora_config={}``). An argument
+            given both in the config and as a keyword is refused.
         lora_alpha, lora_dropout, init_lora_weights: PEFT's names for
             ``alpha``, ``dropout`` and ``init`` (``True`` is ``"kaiming"``,
             ``"gaussian"`` is ``"gaussian"``; ``False`` and the data-driven
@@ -168,10 +181,23 @@ def _select_saved(named, modules_to_save, task_type, from_config):
                              f"its modules with parameters are {listing(owners)}")
         if from_config and not isinstance(modules_to_save, str):
             _check_peft_suffixes(named, modules_to_save, saved)
+    # PEFT's task models match their heads by plain suffix: "classifier" saves
+    # DistilBERT's "pre_classifier" too
     heads = TASK_HEADS.get(task_type, ())
     saved += [name for name in named
-              if name not in saved and any(matches(name, head) for head in heads)]
+              if name not in saved and any(name.endswith(head) for head in heads)]
     return saved
+
+
+def _heads_peft_would_adapt(named, task_type, output, excluded):
+    """The linear modules that "all-linear" and a task model's heads both claim in PEFT:
+    saved whole for ending with a head's name ("pre_classifier"), yet adapted, since
+    PEFT keeps out of the targets only the modules with the head as a whole component."""
+    heads = TASK_HEADS.get(task_type, ())
+    return [name for name, module in named.items()
+            if is_linear(module) and name != output and name not in excluded
+            and any(name.endswith(head) for head in heads)
+            and not any(re.match(rf"(^|.*\.){head}($|\..*)", name) for head in heads)]
 
 
 def _check_peft_suffixes(named, entries, saved):
@@ -190,13 +216,15 @@ def _select_targets(model, named, target_modules, exclude_modules, saved, task_t
         raise ValueError("target_modules is required: module names, suffixes, a regex or "
                          "'all-linear'")
     linear_names = [name for name, module in named.items() if is_linear(module)]
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    if all_linear:
         targets = _all_linear(model, named, saved, task_type)
     else:
         targets, unmatched = select(named, target_modules, "target_modules")
         if unmatched:
             raise ValueError(f"target_modules {sorted(unmatched)} matched no module of the "
                              f"model; its linear modules are {listing(linear_names)}")
+    excluded = []
     if exclude_modules is not None:
         excluded, unmatched = select(named, exclude_modules, "exclude_modules")
         if unmatched:
@@ -206,6 +234,8 @@ def _select_targets(model, named, target_modules, exclude_modules, saved, task_t
         if not targets:
             raise ValueError(f"exclude_modules {exclude_modules!r} excludes every target of "
                              f"target_modules {target_modules!r}")
+    if all_linear:
+        _check_heads_not_claimed_twice(model, named, task_type, excluded)
     for name in targets:
         module = named[name]
         if isinstance(module, LoRALayer):
@@ -220,6 +250,35 @@ def _select_targets(model, named, target_modules, exclude_modules, saved, task_t
                 raise ValueError(f"module {target!r} is both a LoRA target and (in) "
                                  f"modules_to_save {save!r}; choose one")
     return targets
+
+
+def _check_heads_not_claimed_twice(model, named, task_type, excluded):
+    claimed = _heads_peft_would_adapt(named, task_type, _output_layer_name(model, task_type),
+                                      excluded)
+    if claimed:
+        raise ValueError(
+            f"task_type={task_type!r} saves {claimed} whole (PEFT's task model matches the heads "
+            f"{list(TASK_HEADS[task_type])} by plain suffix) and target_modules='all-linear' "
+            f"also selects them: PEFT would put a LoRA layer inside the saved module (and then "
+            f"refuses it), which lorakern does not build; add exclude_modules={claimed} to "
+            f"train them whole, as PEFT and lorakern then both do")
+
+
+def _check_replaceable(named, targets):
+    """TypeError naming the first target that a LoRA layer cannot wrap as it is."""
+    for name in targets:
+        module = named[name]
+        if parametrize.is_parametrized(module):
+            # the weight is recomputed from other tensors on every access: a LoRA layer
+            # would hold one computed value, frozen, and its parametrization would be lost
+            raise TypeError(f"target module {name!r} is parametrized (torch.nn.utils."
+                            f"parametrize: {', '.join(module.parametrizations)}); LoRA layers "
+                            f"wrap a plain weight Parameter: remove the parametrization first "
+                            f"(torch.nn.utils.parametrize.remove_parametrizations)")
+        try:
+            (embedding_layout if is_embedding(module) else base_layout)(module)
+        except TypeError as err:
+            raise TypeError(f"target module {name!r}: {err}") from None
 
 
 def _ranks_and_alphas(targets, r, alpha, rank_pattern, alpha_pattern):
@@ -254,22 +313,78 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
     settings = _ranks_and_alphas(targets, r, alpha, rank_pattern, alpha_pattern)
 
     # every argument and target is checked before any module is touched
-    for name in targets:
-        try:
-            (embedding_layout if is_embedding(named[name]) else base_layout)(named[name])
-        except TypeError as err:
-            raise TypeError(f"target module {name!r}: {err}") from None
-    new_layers = {name: _lora_layer(named[name], settings[name], dropout, use_rslora, init,
-                                    adapter_dtype)
-                  for name in targets}
-    for name, layer in new_layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+    _check_replaceable(named, targets)
+    undo = _Undo(model)
+    try:
+        new_layers = {name: _lora_layer(named[name], settings[name], dropout, use_rslora, init,
+                                        adapter_dtype)
+                      for name in targets}
+        for name, layer in new_layers.items():
+            parent_name, _, child = name.rpartition(".")
+            undo.set_module(model.get_submodule(parent_name) if parent_name else model, child,
+                            layer)
+        for name in saved:
+            _untie_saved_module(model, name, undo)
+        _set_trainable(model, new_layers.values(), saved, inference_mode)
+    except BaseException:
+        undo.restore()
+        raise
+    return model
 
+
+class _Undo:
+    """What inject_lora changes in a model, recorded as it goes: the requires_grad flag
+    of every parameter (LoRA layers freeze their base on construction), and each module
+    and parameter replaced. ``restore`` puts all of it back."""
+
+    def __init__(self, model):
+        self._flags = [(param, param.requires_grad) for param in model.parameters()]
+        self._replaced = []
+
+    def set_module(self, parent, name, module):
+        self._replaced.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, module)
+
+    def set_parameter(self, module, name, param):
+        self._replaced.append((module, name, module._parameters[name]))
+        setattr(module, name, param)
+
+    def restore(self):
+        for owner, name, old in reversed(self._replaced):
+            setattr(owner, name, old)
+        for param, requires_grad in self._flags:
+            param.requires_grad_(requires_grad)
+
+
+def _own_copy(param):
+    """A new Parameter with the values, class and flags of ``param``."""
+    return copy.deepcopy(param)
+
+
+def _untie_saved_module(model, name, undo):
+    """Give the saved module ``name`` its own copy of every parameter that a module outside
+    it shares (PEFT trains a deepcopy of a saved module: the other module keeps the
+    original, frozen). Sharing inside the module is kept, as a deepcopy keeps it."""
+    owners = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(param_name.rpartition(".")[0])
+    saved = model.get_submodule(name)
+    for param in list(saved.parameters()):
+        if all(inside(owner, [name]) for owner in owners[id(param)]):
+            continue
+        own = _own_copy(param)
+        for module in saved.modules():
+            for attr, held in list(module._parameters.items()):
+                if held is param:
+                    undo.set_parameter(module, attr, own)
+
+
+def _set_trainable(model, new_layers, saved, inference_mode):
+    """Everything frozen but the adapters (the new ones only when not inference_mode) and,
+    unless inference_mode, the saved modules."""
     for param in model.parameters():
         param.requires_grad_(False)
-    frozen = {id(layer) for layer in new_layers.values()} if inference_mode else set()
+    frozen = {id(layer) for layer in new_layers} if inference_mode else set()
     for module in model.modules():
         if isinstance(module, LoRALayer) and id(module) not in frozen:
             module.lora_A.requires_grad_(True)
@@ -278,7 +393,6 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
         for name in saved:
             for param in model.get_submodule(name).parameters():
                 param.requires_grad_(True)
-    return model
 
 
 def _lora_layer(module, rank_and_alpha, dropout, use_rslora, init, adapter_dtype):

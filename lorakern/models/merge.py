@@ -2,30 +2,55 @@
 
 Each layer merges as ``LoRALayer.merge`` does (``s * B @ A`` added into the
 weight in float32, chunked); here every layer is checked (state, tied weights,
-finiteness of the result) before any weight is written.
+finiteness of the result) before any weight is written. ``lora_layers`` and
+``check_deltas`` serve ``unload.py`` too. A model holding PEFT's own LoRA layers
+(a PeftModel, patched by ``patch_peft`` or not) is pointed to PEFT's methods.
 """
+import sys
+
 from ..layers.adapter import LoRALayer
 
 
-def _lora_layers(model):
+def _peft_lora_layer_class():
+    """PEFT's LoraLayer, or None when peft was never imported: a model cannot hold
+    PEFT layers then, and peft stays unimported."""
+    return getattr(sys.modules.get("peft.tuners.lora.layer"), "LoraLayer", None)
+
+
+def lora_layers(model, peft_equivalent):
+    """[(name, layer)] of every lorakern LoRA layer; ValueError when there is none,
+    naming ``peft_equivalent`` (PEFT's method) when the model holds PEFT LoRA layers."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
-    if not layers:
-        raise ValueError(f"the model ({type(model).__name__}) has no LoRA layers "
-                         f"(LoRALinear, LoRAEmbedding); call inject_lora first")
-    return layers
+    if layers:
+        return layers
+    peft_layer = _peft_lora_layer_class()
+    if peft_layer is not None and any(isinstance(m, peft_layer) for m in model.modules()):
+        raise ValueError(f"the model ({type(model).__name__}) holds PEFT LoRA layers, not "
+                         f"lorakern's (LoRALinear, LoRAEmbedding): PEFT owns their weights "
+                         f"(patch_peft changes only their forward); use PEFT's "
+                         f"{peft_equivalent} instead")
+    raise ValueError(f"the model ({type(model).__name__}) has no LoRA layers "
+                     f"(LoRALinear, LoRAEmbedding); call inject_lora first")
+
+
+def check_deltas(model, layers, sign):
+    """ValueError, before any weight is written, if merging (sign +1) or unmerging (-1)
+    these layers would change another module (tied weights) or put non-finite values
+    into a weight."""
+    _check_untied(model, layers)
+    for _, layer in layers:
+        layer._check_delta(sign, layer._delta_scale(sign))
 
 
 def _merge_all(model, sign):
-    layers = _lora_layers(model)
+    layers = lora_layers(model, "merge_and_unload() (or merge_adapter())" if sign > 0
+                         else "unmerge_adapter()")
     wrong = [name or "<root>" for name, layer in layers if layer.merged == (sign > 0)]
     if wrong:
         state = "already merged" if sign > 0 else "not merged"
         raise RuntimeError(f"{len(wrong)} LoRA layers are {state}: {wrong}; "
                            f"nothing was changed")
-    _check_untied(model, layers)
-    # every layer is checked before any weight is written
-    for _, layer in layers:
-        layer._check_delta(sign, layer._delta_scale(sign))
+    check_deltas(model, layers, sign)
     for _, layer in layers:
         layer._apply_delta(sign, check=False)
     return model

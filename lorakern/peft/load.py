@@ -17,7 +17,7 @@ from torch import nn
 from ..layers.adapter import LoRALayer, check_lora_args
 from ..layers.embedding import embedding_layout
 from ..layers.linear import LoRALinear, base_layout, conv1d_class
-from ..models.config import pattern_value
+from ..models.config import pattern_value, peft_acts_on
 from ..models.inject import inject_lora
 from ..models.targets import exact_regex
 from .adapter_format import (A_SUFFIX, B_SUFFIX, CONFIG_NAME, EMBEDDING_A_SUFFIX,
@@ -197,7 +197,8 @@ def _check_config(config, path):
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (only 'none': trained base biases)")
     for field in _UNSUPPORTED_FIELDS:
-        if config.get(field):
+        # falsy is not off: PEFT turns velora_config={} into a VeloraConfig
+        if peft_acts_on(field, config.get(field)):
             problems.append(f"{field}={config[field]!r}")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
@@ -364,7 +365,8 @@ def _unwrap_base_layers(others, adapters):
 def _base_tensors(model, others, path):
     """{name: the model's tensor} for the tensors the adapter carries whole
     (modules_to_save, resized embeddings); ValueError for any the model lacks or
-    holds in another shape."""
+    holds in another shape. Called again after injection: a saved module may then
+    hold its own copy of a parameter it shared (a tied lm_head)."""
     targets = {n: t for n, t in model.state_dict().items()
                if isinstance(t, torch.Tensor) and not n.endswith("._extra_state")}
     unexpected = sorted(set(others) - set(targets))
@@ -427,7 +429,7 @@ def load_adapter(model, path, adapter_dtype=None):
     _check_injection_args(settings, dropout, adapter_dtype, path)
     saved = _saved_module_names(model, config, settings, path)
     _check_not_on_meta(model, settings, others, path)
-    base_tensors = _base_tensors(model, others, path)
+    _base_tensors(model, others, path)  # checked here, looked up after injection
 
     # everything is checked: from here on the model changes. One inject_lora per
     # (r, alpha): rank_pattern / alpha_pattern give several (inject_lora keeps the
@@ -444,8 +446,8 @@ def load_adapter(model, path, adapter_dtype=None):
             layer = model.get_submodule(name)
             layer.lora_A.copy_(pair["A"])
             layer.lora_B.copy_(pair["B"])
-        # the base tensors keep their objects (LoRALinear holds the base layer's own
-        # Parameters), so the references taken before injection are still the model's
-        for name, t in others.items():
-            base_tensors[name].copy_(t)
+        # looked up now: injection gives a saved module its own copy of a tied parameter
+        # (the tied module keeps the original), and the copy is what the adapter trained
+        for name, tensor in _base_tensors(model, others, path).items():
+            tensor.copy_(others[name])
     return model
