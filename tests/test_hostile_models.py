@@ -453,3 +453,23 @@ def test_the_peft_check_does_not_import_peft():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr
+
+
+def test_save_adapter_of_a_seq_cls_model_saves_both_heads_and_peft_loads_it(tmp_path):
+    """PEFT's plain suffix matching selects pre_classifier for "classifier": with both
+    saved, that is the set save_adapter must write, not a clash."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
+    model = inject_lora(distilbert(), config)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_()
+        for head in (model.pre_classifier, model.classifier):
+            head.weight.add_(0.5 * torch.randn(head.weight.shape, device=DEVICE))
+    save_adapter(model, tmp_path, task_type="SEQ_CLS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(distilbert(), tmp_path).eval()
+    ids = torch.randint(0, 97, (2, 7), device=DEVICE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits,
+                     "PEFT-loaded SEQ_CLS logits")

@@ -119,7 +119,9 @@ def _modules_to_save(model, lora_layers, names, requested):
                 paths.append(owner)
         entries = paths
         for path in paths:
-            clash = [n for n in names if n != path and n.endswith(path)]
+            # a name the suffix also selects is fine when it is saved too (a SEQ_CLS
+            # model's pre_classifier beside its classifier)
+            clash = [n for n in names if n != path and n.endswith(path) and n not in paths]
             if not path or clash:
                 raise ValueError(
                     f"save_adapter: module '{path}' has trainable parameters but cannot be named "
