@@ -189,6 +189,33 @@ def test_a_lora_layer_shared_by_two_parents_is_checked_under_both_names(device):
     assert_unchanged(shared, before)
 
 
+class RenamingModel(nn.Module):
+    """A model whose load_state_dict renames the keys, then loads through torch's."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        renamed = {"inner." + k.removeprefix("old."): v for k, v in state_dict.items()}
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
+
+
+def test_a_model_overriding_load_state_dict_still_loads_all_or_none(device):
+    source = two_layer_model(device, seed=1)
+    target = RenamingModel(two_layer_model(device, seed=2))
+    target.inner[2].merge()
+    before = snapshot(target)
+    partial = {"old." + k: v for k, v in adapters_only(source).items()}
+    with pytest.raises(RuntimeError, match=r"LoRALinear 'inner.2'"):
+        target.load_state_dict(partial, strict=False)
+    assert_unchanged(target, before)
+    # a submodule loaded on its own checks the layers below it
+    with pytest.raises(RuntimeError, match=r"LoRALinear '2'"):
+        target.inner.load_state_dict(adapters_only(source), strict=False)
+    assert_unchanged(target, before)
+
+
 def test_an_accepted_load_still_reports_strict_and_non_strict_keys_as_torch_does(device):
     source = two_layer_model(device, seed=1)
     target = two_layer_model(device, seed=2)
