@@ -3,13 +3,15 @@
     y = E[ids] + s * (A[:, ids])^T B^T,    E (V, D), A (R, V), B (D, R)
 
 Merging, unmerging and the state dict are ``LoRALayer``'s (``adapter.py``);
-``embedding_layout`` says which embeddings the layer can wrap.
+``embedding_layout`` says which embeddings the layer can wrap. A layer with
+``max_norm`` cannot be merged (see ``LoRAEmbedding``).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..functional.embedding import lora_embedding
+from ..functional.validation import check_embedding_tensors, check_ids_in_range
 from .adapter import LoRALayer, check_lora_args
 
 
@@ -34,6 +36,13 @@ class LoRAEmbedding(LoRALayer):
     row of E or that column of A) and ``max_norm`` (E's looked-up rows renormalised
     in place, as nn.Embedding does) are kept. No dropout: PEFT applies none to
     embedding adapters.
+
+    The ids are checked (dtype, range: TypeError, ValueError) before the table is
+    touched. With ``max_norm`` the layer cannot be merged: on a merged table the
+    renormalisation would act on ``E + s * (B A)^T`` instead of ``E``, so the merged
+    layer would compute something else and ``unmerge()`` would not give E back.
+    ``merge()``, ``merge_lora`` and loading a merged state dict raise ValueError
+    (RuntimeError from ``load_state_dict``), nothing changed.
     """
 
     def __init__(self, num_embeddings, embedding_dim, r=8, alpha=16, padding_idx=None,
@@ -74,7 +83,24 @@ class LoRAEmbedding(LoRALayer):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
+    def _merge_refusal(self):
+        if self.max_norm is None:
+            return None
+        return (f"a LoRAEmbedding with max_norm={self.max_norm} cannot be merged: "
+                f"nn.Embedding's max_norm renormalises the looked-up rows of the table in "
+                f"place, which on a merged table would be E + s * (B A)^T, not E; the merged "
+                f"layer would compute something else, and unmerge() would not restore E")
+
+    def _check_ids(self, ids):
+        """The checks lora_embedding makes, for the paths that touch the table before it
+        (max_norm's renormalisation) or without it (the merged lookup)."""
+        check_embedding_tensors(ids, self.weight, self.lora_A, self.lora_B)
+        if not torch.compiler.is_compiling():  # as lora_embedding: no data-dependent check
+            check_ids_in_range(ids, self.num_embeddings)
+
     def forward(self, ids):
+        if self.max_norm is not None or self._merged:
+            self._check_ids(ids)
         if self.max_norm is not None:
             with torch.no_grad():  # as F.embedding: the looked-up rows of E, in place
                 torch.embedding_renorm_(self.weight, ids, self.max_norm, self.norm_type)

@@ -83,6 +83,10 @@ class LoRALinear(LoRALayer):
     ``bias`` (out,) frozen or None, ``lora_A`` (r, in), ``lora_B`` (out, r),
     ``in_features``, ``out_features``, ``r``, ``alpha``, ``use_rslora``,
     ``scale``, ``dropout`` (the probability), ``fan_in_fan_out``, ``merged``.
+    ``r``, ``alpha``, ``scale`` and ``dropout`` are Python numbers (numpy scalars
+    are read out); ``scale`` may be set to a real number or a one-element tensor
+    without grad, stored as a float (anything else: TypeError/ValueError, the old
+    scale kept).
 
     State dict: ``weight``, ``bias``, ``lora_A``, ``lora_B`` and ``_extra_state``,
     a float64 tensor ``[merged, scale merged with]`` (``[0, 0]`` unmerged).
@@ -91,7 +95,10 @@ class LoRALinear(LoRALayer):
     A state dict without ``_extra_state`` (written before the flag existed)
     loads as unmerged, also with ``strict=True``. Loading ``lora_A``/``lora_B``
     without ``weight`` (``strict=False``) into a merged layer is refused: the
-    weight would keep the old adapter merged in.
+    weight would keep the old adapter merged in. A model's load is all or none
+    over its LoRA layers: if any refuses its entries (that, a malformed flag, a
+    shape that differs), none is written, and the error names each refusal.
+    Merging a layer on the meta device is refused (no values to merge).
     """
 
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
