@@ -300,11 +300,12 @@ def test_seq_cls_all_linear_refuses_a_head_that_peft_would_adapt_and_save_both()
 # ------------------------------------------------------------------------------------------------
 
 class Mixed(nn.Module):
-    """An embedding with padding_idx and max_norm, a linear without bias, a GPT-2 Conv1D."""
+    """An embedding with padding_idx (and max_norm, which cannot be merged), a linear
+    without bias, a GPT-2 Conv1D."""
 
-    def __init__(self):
+    def __init__(self, max_norm=None):
         super().__init__()
-        self.embed = nn.Embedding(11, 8, padding_idx=1, max_norm=50.0, norm_type=3.0)
+        self.embed = nn.Embedding(11, 8, padding_idx=1, max_norm=max_norm, norm_type=3.0)
         self.proj = nn.Linear(8, 6, bias=False)
         self.conv = Conv1D(5, 6)
         self.head = nn.Linear(5, 2)
@@ -313,9 +314,9 @@ class Mixed(nn.Module):
         return self.head(self.conv(self.proj(self.embed(ids))))
 
 
-def mixed_lora():
+def mixed_lora(max_norm=None):
     torch.manual_seed(0)
-    model = Mixed().to(DEVICE)
+    model = Mixed(max_norm).to(DEVICE)
     base = copy.deepcopy(model)
     inject_lora(model, ["embed", "proj", "conv"], r=2, alpha=4, modules_to_save=["head"])
     with torch.no_grad():
@@ -336,7 +337,9 @@ def run(model):
 def assert_plain(model, base):
     assert type(model.embed) is nn.Embedding and type(model.proj) is nn.Linear
     assert type(model.conv) is Conv1D and model.conv.nf == 5 and model.conv.nx == 6
-    assert (model.embed.padding_idx, model.embed.max_norm, model.embed.norm_type) == (1, 50.0, 3.0)
+    embed, base_embed = model.embed, base.embed
+    assert ((embed.padding_idx, embed.max_norm, embed.norm_type)
+            == (base_embed.padding_idx, base_embed.max_norm, base_embed.norm_type))
     assert model.proj.bias is None
     assert model.state_dict().keys() == base.state_dict().keys()
 
@@ -358,7 +361,7 @@ def test_unload_merge_gives_the_merged_model_as_plain_modules(merged_before):
 
 
 def test_unload_without_merge_gives_the_base_model_back():
-    base, model = mixed_lora()
+    base, model = mixed_lora(max_norm=50.0)
     models.unload(model, merge=False)
     assert_plain(model, base)
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head"))
@@ -409,6 +412,12 @@ def test_refused_unloads_change_nothing():
         model.conv.lora_B.fill_(3e38)  # merging would overflow float32
     before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite"):
+        models.unload(model)
+    assert_unchanged(model, before)
+
+    base, model = mixed_lora(max_norm=50.0)  # a max_norm embedding cannot be merged
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="max_norm"):
         models.unload(model)
     assert_unchanged(model, before)
 
