@@ -7,7 +7,8 @@ from . import reference
 from .dispatch import select_backend
 from .fused_linear import FusedLoRALinear
 from .ops import lora_linear_compiled
-from .validation import check_base_dtypes, check_scalars, check_tensors
+from .validation import (check_base_dtypes, check_scalars, check_scale_fits, check_tensors,
+                         lora_compute_dtype)
 
 
 def _autocast_dtype(device_type):
@@ -42,6 +43,9 @@ def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
     Returns:
         ``[..., out_features]`` in x's dtype (the autocast dtype under autocast).
 
+    ``scale`` must be finite in the dtype the LoRA term is scaled in (float32, or
+    float64 when x, A or B is float64; ``validation.scaling_dtype``).
+
     CUDA tensors run the Triton kernels; CPU tensors the PyTorch reference
     (see ``lorakern.functional.dispatch`` for the overrides).
     """
@@ -53,6 +57,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
         x, weight, lora_A, lora_B = (t.to(autocast_dtype) for t in (x, weight, lora_A, lora_B))
         bias = None if bias is None else bias.to(autocast_dtype)
     check_base_dtypes(x, weight, bias)
+    check_scale_fits(scale, lora_compute_dtype(x, lora_A, lora_B), "x, lora_A and lora_B")
     if select_backend(x, weight, lora_A, lora_B, bias) == "reference":
         return reference.lora_linear_unchecked(x, weight, lora_A, lora_B, scale, bias,
                                                dropout_p)

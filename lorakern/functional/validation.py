@@ -99,6 +99,44 @@ def check_scalars(scale, dropout_p):
     return float(scale), float(dropout_p)
 
 
+def lora_compute_dtype(*tensors):
+    """The dtype the LoRA term is computed in: the promoted dtype of its operands (x, A
+    and B for the linear layer, A and B for the embedding)."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def scaling_dtype(compute_dtype):
+    """The dtype that holds s when the LoRA term, computed in ``compute_dtype``, is
+    scaled: float32 for float16, bfloat16 and float32 (the kernels multiply in fp32, and
+    torch scales a 16-bit tensor by a Python number in fp32 too), float64 for float64."""
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+def _overflow_threshold(dtype):
+    """The smallest magnitude that rounds to infinity in ``dtype``: halfway between its
+    largest finite value and the next power of two (the tie rounds to even: infinity)."""
+    largest = torch.finfo(dtype).max
+    if largest >= torch.finfo(torch.float64).max:
+        return math.inf  # every finite Python float is finite in float64
+    return (largest + 2.0 ** math.ceil(math.log2(largest))) / 2
+
+
+def check_scale_fits(scale, compute_dtype, operands):
+    """``scale`` (a Python float) stays finite in the dtype the LoRA term is scaled in:
+    a scale that rounds to infinity there would turn a zero term (B = 0) into NaN.
+    ``operands`` names the tensors whose promoted dtype ``compute_dtype`` is."""
+    bound_dtype = scaling_dtype(compute_dtype)
+    threshold = _overflow_threshold(bound_dtype)
+    if not abs(scale) < threshold:  # comparisons, not torch: torch.compile traces them
+        raise ValueError(f"scale={scale!r} is not finite in {bound_dtype}, the dtype the LoRA "
+                         f"term is scaled in when it is computed in {compute_dtype} (the "
+                         f"promoted dtype of {operands}): |scale| must be below "
+                         f"{threshold:.8g}")
+
+
 # ------------------------------------------------------------------ the LoRA embedding
 ID_DTYPES = (torch.int32, torch.int64)
 

@@ -1,0 +1,118 @@
+"""Edge cases of the functional calls: scales at the edge of the compute dtype, mixed
+adapter dtypes in the embedding kernels, tensor scalars under torch.compile, float64
+under autocast, the interpreter switch and the declared dependencies.
+
+On a machine without CUDA the kernels run in Triton's interpreter (see conftest).
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lorakern
+from lorakern import kernels, reference
+from oracle import assert_matches_oracle
+from test_packaging import requirements_txt, setup_install_requires
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+# the smallest magnitude that rounds to infinity in float32: halfway between its
+# largest finite value and 2^128 (the tie rounds to even, which is infinity)
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def _layer(dtype=torch.float32, adapter_dtype=None, zero_b=True):
+    adapter_dtype = adapter_dtype or dtype
+    torch.manual_seed(0)
+    lora_B = torch.zeros(6, 2) if zero_b else torch.randn(6, 2)
+    return dict(x=torch.randn(5, 8).to(dtype), weight=torch.randn(6, 8).to(dtype),
+                lora_A=torch.randn(2, 8).to(adapter_dtype), lora_B=lora_B.to(adapter_dtype),
+                bias=torch.randn(6).to(dtype))
+
+
+LINEAR_ENTRIES = {"lora_linear": lorakern.lora_linear, "reference": reference.lora_linear}
+
+
+# ------------------------------------------------------------ a scale the dtype cannot hold
+def test_the_overflow_threshold_of_these_tests_is_float32s():
+    assert torch.tensor(FLOAT32_OVERFLOW, dtype=torch.float64).float().isinf()
+    below = torch.nextafter(torch.tensor(FLOAT32_OVERFLOW, dtype=torch.float64),
+                            torch.tensor(0.0, dtype=torch.float64))
+    assert below.float().item() == FLOAT32_MAX
+
+
+@pytest.mark.parametrize("entry", LINEAR_ENTRIES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None),
+                                                 (torch.bfloat16, None),
+                                                 (torch.float16, None),
+                                                 (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("scale", [1e39, -1e39, FLOAT32_OVERFLOW])
+def test_a_scale_that_overflows_float32_is_refused_naming_scale_and_dtype(entry, dtype,
+                                                                           adapter_dtype, scale):
+    layer = _layer(dtype, adapter_dtype)
+    before = sum(kernels.launch_counts.values())
+    with pytest.raises(ValueError, match=r"scale=.*e\+38|scale=.*e\+39") as raised:
+        LINEAR_ENTRIES[entry](**layer, scale=scale)
+    assert "torch.float32" in str(raised.value)
+    assert sum(kernels.launch_counts.values()) == before
+
+
+@pytest.mark.parametrize("entry", LINEAR_ENTRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", [FLOAT32_MAX, -FLOAT32_MAX])
+def test_the_largest_float32_scale_with_zero_lora_B_gives_the_base_layer(entry, dtype, scale):
+    """The largest scale float32 holds is taken: with B = 0 the LoRA term is exactly
+    zero and the output is x W^T + b (nothing overflows, nothing turns NaN)."""
+    layer = _layer(dtype)
+    y = LINEAR_ENTRIES[entry](**layer, scale=scale)
+    expected = F.linear(*(layer[k].double() for k in ("x", "weight", "bias")))
+    assert y.dtype == dtype
+    assert_matches_oracle(y, expected, dtype, "y")
+
+
+@pytest.mark.parametrize("entry", LINEAR_ENTRIES)
+@pytest.mark.parametrize("base_dtype", [torch.float64, torch.float32], ids=str)
+def test_a_float64_computation_takes_a_scale_beyond_float32(entry, base_dtype):
+    """float64 adapters (or a float64 layer) compute the LoRA term in float64, which
+    holds 1e39: accepted, and with B = 0 the output is the base layer's."""
+    layer = _layer(base_dtype, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float64 takes the reference
+        y = LINEAR_ENTRIES[entry](**layer, scale=1e39)
+    expected = F.linear(layer["x"], layer["weight"], layer["bias"])
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def _embedding(adapter_dtype, zero_b=True):
+    torch.manual_seed(0)
+    lora_B = torch.zeros(6, 2) if zero_b else torch.randn(6, 2)
+    return dict(ids=torch.tensor([0, 3, 3, 1]), weight=torch.randn(5, 6),
+                lora_A=torch.randn(2, 5).to(adapter_dtype), lora_B=lora_B.to(adapter_dtype))
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_embedding_scale_that_overflows_float32_is_refused(adapter_dtype):
+    layer = _embedding(adapter_dtype)
+    before = sum(kernels.launch_counts.values())
+    with pytest.raises(ValueError, match=r"scale=1e\+39.*torch.float32"):
+        lorakern.lora_embedding(**layer, scale=1e39)
+    assert sum(kernels.launch_counts.values()) == before
+
+
+def test_the_largest_float32_scale_on_an_embedding_with_zero_lora_B_gives_the_table():
+    layer = _embedding(torch.float32)
+    y = lorakern.lora_embedding(**layer, scale=FLOAT32_MAX)
+    torch.testing.assert_close(y, layer["weight"][layer["ids"]], rtol=0, atol=0)
+
+
+def test_float64_embedding_adapters_take_a_scale_beyond_float32():
+    layer = _embedding(torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float64 takes the reference
+        y = lorakern.lora_embedding(**layer, scale=1e39)
+    torch.testing.assert_close(y, layer["weight"][layer["ids"]], rtol=0, atol=0)
+
+
