@@ -116,3 +116,38 @@ def test_float64_embedding_adapters_take_a_scale_beyond_float32():
     torch.testing.assert_close(y, layer["weight"][layer["ids"]], rtol=0, atol=0)
 
 
+# ------------------------------------------------- mixed adapter dtypes in the embedding
+@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float32),
+                                             (torch.float32, torch.bfloat16),
+                                             (torch.float16, torch.bfloat16)], ids=str)
+def test_embedding_kernels_compute_mixed_adapters_in_their_promoted_dtype(a_dtype, b_dtype,
+                                                                          device):
+    """As the reference (and the linear layer): the rank product in the promoted dtype
+    of A and B, so fp32 B is not rounded to A's 16 bits; each gradient comes back in
+    its parameter's dtype, rounded once from fp32."""
+    torch.manual_seed(3)
+    ids = torch.randint(0, 13, (4, 5), device=device)
+    weight = torch.randn(13, 20, device=device)
+    lora_A = torch.randn(4, 13, device=device).to(a_dtype).requires_grad_()
+    lora_B = torch.randn(20, 4, device=device).to(b_dtype).requires_grad_()
+    launches = kernels.launch_counts["lora_embedding_forward"]
+    y = lorakern.lora_embedding(ids, weight, lora_A, lora_B, 0.75)
+    assert kernels.launch_counts["lora_embedding_forward"] == launches + 1
+    grad_y = torch.randn(y.shape, device=device)
+    y.backward(grad_y)
+
+    leaves = {name: t.detach().cpu().double().requires_grad_()
+              for name, t in (("lora_A", lora_A), ("lora_B", lora_B))}
+    expected = reference.lora_embedding(ids.cpu(), weight.cpu().double(), leaves["lora_A"],
+                                        leaves["lora_B"], 0.75)
+    expected.backward(grad_y.cpu().double())
+    # A, B and dY hold exact values of their dtypes: everything is exact in fp32 but
+    # the rounding of each gradient to its parameter's dtype
+    assert y.dtype == torch.float32
+    assert_matches_oracle(y.detach().cpu(), expected.detach(), torch.float32, "y")
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        assert tensor.grad.dtype == tensor.dtype, name
+        assert_matches_oracle(tensor.grad.cpu(), leaves[name].grad, tensor.dtype, f"d{name}")
+
+
