@@ -151,3 +151,58 @@ def test_embedding_kernels_compute_mixed_adapters_in_their_promoted_dtype(a_dtyp
         assert_matches_oracle(tensor.grad.cpu(), leaves[name].grad, tensor.dtype, f"d{name}")
 
 
+# ------------------------------------------------ tensor scalars under torch.compile
+def _compile_error(function, *args):
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as raised:
+        torch.compile(function, fullgraph=True, backend="aot_eager")(*args)
+    return raised.value
+
+
+@pytest.mark.parametrize("name", ["scale", "dropout_p"])
+def test_a_tensor_scale_or_dropout_under_fullgraph_compile_is_refused_saying_what_to_pass(
+        name, device):
+    layer = {k: v.to(device) for k, v in _layer(zero_b=False).items()}
+    scalars = {"scale": 2.0, "dropout_p": 0.0}
+    scalars[name] = torch.tensor(0.5 if name == "scale" else 0.1, device=device)
+
+    def call(x, value):
+        return lorakern.lora_linear(x, layer["weight"], layer["lora_A"], layer["lora_B"],
+                                    bias=layer["bias"], **{**scalars, name: value})
+
+    message = str(_compile_error(call, layer["x"], scalars[name]))
+    # torch.compile reports the refusal as its own error, with lorakern's reason
+    assert f"{name} is a tensor inside torch.compile" in message, message
+    assert f"Pass {name} as a Python float" in message, message
+    assert "sympy" not in message and "data-dependent" not in message, message
+
+
+def test_a_tensor_scale_of_an_embedding_under_fullgraph_compile_is_refused(device):
+    layer = {k: v.to(device) for k, v in _embedding(torch.float32, zero_b=False).items()}
+
+    def call(ids, scale):
+        return lorakern.lora_embedding(ids, layer["weight"], layer["lora_A"], layer["lora_B"],
+                                       scale)
+
+    message = str(_compile_error(call, layer["ids"], torch.tensor(0.5, device=device)))
+    assert "scale is a tensor inside torch.compile" in message, message
+    assert "Pass scale as a Python float" in message, message
+
+
+def test_a_tensor_scale_without_fullgraph_runs_eagerly_and_gives_the_eager_result(device):
+    layer = {k: v.to(device) for k, v in _layer(zero_b=False).items()}
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, s: lorakern.lora_linear(
+        x, layer["weight"], layer["lora_A"], layer["lora_B"], s, layer["bias"]),
+        backend="aot_eager")
+    y = compiled(layer["x"], torch.tensor(0.5, device=device))
+    expected = lorakern.lora_linear(**layer, scale=0.5)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_a_tensor_scale_is_still_read_out_in_eager(device):
+    layer = {k: v.to(device) for k, v in _layer(zero_b=False).items()}
+    torch.testing.assert_close(lorakern.lora_linear(**layer, scale=torch.tensor(0.5)),
+                               lorakern.lora_linear(**layer, scale=0.5), rtol=0, atol=0)
+
+

@@ -1,6 +1,7 @@
 """Argument checks of the functional calls (``lora_linear``, ``lora_embedding``), shared
 by every backend: they run before any kernel does, and name the offending shapes,
 dtypes or devices."""
+import inspect
 import math
 import numbers
 
@@ -66,10 +67,33 @@ def check_base_dtypes(x, weight, bias):
                         f"{weight.dtype}{bias_part} (lora_A and lora_B may differ)")
 
 
+def _graph_breaking_reader(name):
+    """``tensor.item()`` run outside torch.compile's trace, where a tensor's value is
+    unknown (read there, it would make every check of the value a data-dependent
+    guard). Without fullgraph the call breaks the graph and tracing goes on with the
+    number; with fullgraph=True torch.compile refuses the call, giving this reason."""
+    reason = (f"{name} is a tensor inside torch.compile: lorakern takes {name} as a "
+              f"constant of the graph, and reading a tensor's value out needs a graph break, "
+              f"which fullgraph=True forbids. Pass {name} as a Python float (the number "
+              f"itself, or {name}.item() taken outside the compiled function)")
+
+    def read_out(tensor):
+        return tensor.item()
+
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return torch.compiler.disable(read_out, reason=reason)
+    return torch.compiler.disable(read_out)  # an older torch takes no reason
+
+
+_READ_OUT_WITH_A_GRAPH_BREAK = {name: _graph_breaking_reader(name)
+                                for name in ("scale", "dropout_p")}
+
+
 def _plain_number(value, name):
-    """A Python number for ``value``: a one-element tensor without grad is read out; a
-    symbolic number under torch.compile becomes a constant of the graph (a layer's scale
-    and dropout do not change from call to call)."""
+    """A Python number for ``value``: a one-element tensor without grad is read out (under
+    torch.compile with a graph break, so fullgraph=True refuses it); a symbolic number
+    under torch.compile becomes a constant of the graph (a layer's scale and dropout do
+    not change from call to call)."""
     if isinstance(value, torch.Tensor):
         if value.requires_grad:
             raise TypeError(f"{name} is a tensor that requires grad; lorakern treats {name} "
@@ -78,6 +102,8 @@ def _plain_number(value, name):
         if value.numel() != 1:
             raise TypeError(f"{name} must be a real number or a one-element tensor, got a "
                             f"tensor of shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling():
+            return _READ_OUT_WITH_A_GRAPH_BREAK[name](value)
         return value.item()
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return float(value)
