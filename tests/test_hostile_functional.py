@@ -206,3 +206,57 @@ def test_a_tensor_scale_is_still_read_out_in_eager(device):
                                lorakern.lora_linear(**layer, scale=0.5), rtol=0, atol=0)
 
 
+# ------------------------------------------------------------- autocast and float64
+AUTOCAST_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def test_a_float64_layer_under_cpu_autocast_stays_float64_as_nn_linear_does():
+    layer = _layer(torch.float64, zero_b=False)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = lorakern.lora_linear(**layer, scale=0.5)
+        base = torch.nn.functional.linear(layer["x"], layer["weight"], layer["bias"])
+    assert base.dtype == torch.float64
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, reference.lora_linear(**layer, scale=0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("x_dtype", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("weight_dtype", AUTOCAST_DTYPES, ids=str)
+def test_under_cpu_autocast_lora_linear_takes_the_dtypes_f_linear_takes(autocast_dtype,
+                                                                         x_dtype, weight_dtype):
+    """Autocast casts every floating operand of F.linear but float64 to its dtype: the
+    output dtype is F.linear's, and where F.linear refuses the mix, lorakern does too,
+    before running anything."""
+    layer = _layer(zero_b=False)
+    layer["x"] = layer["x"].to(x_dtype)
+    layer["weight"], layer["bias"] = layer["weight"].to(weight_dtype), None
+    with torch.autocast("cpu", autocast_dtype):
+        try:
+            expected_dtype = F.linear(layer["x"], layer["weight"]).dtype
+        except RuntimeError:
+            expected_dtype = None
+        if expected_dtype is None:
+            with pytest.raises(TypeError, match="x, weight and bias must share one dtype"):
+                lorakern.lora_linear(**layer, scale=0.5)
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # float64 takes the reference
+            y = lorakern.lora_linear(**layer, scale=0.5)
+    assert y.dtype == expected_dtype
+
+
+def test_float64_adapters_under_autocast_are_left_in_float64():
+    """Autocast leaves float64 alone, adapters too: the LoRA term is computed in
+    float64 (the promoted dtype) and the output has the autocast dtype of x."""
+    layer = _layer(torch.float32, torch.float64, zero_b=False)
+    with torch.autocast("cpu", torch.bfloat16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # float64 takes the reference
+            y = lorakern.lora_linear(**layer, scale=0.5)
+    cast = {k: (v.to(torch.bfloat16) if k in ("x", "weight", "bias") else v)
+            for k, v in layer.items()}
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, reference.lora_linear(**cast, scale=0.5), rtol=0, atol=0)
+
+
