@@ -260,3 +260,64 @@ def test_float64_adapters_under_autocast_are_left_in_float64():
     torch.testing.assert_close(y, reference.lora_linear(**cast, scale=0.5), rtol=0, atol=0)
 
 
+# ------------------------------------------------------ the interpreter's environment
+CHILD_SEES = ("import os, subprocess, sys\n"
+              "def child_sees():\n"
+              "    return subprocess.run([sys.executable, '-c', 'import os; "
+              "print(os.environ.get(\"TRITON_INTERPRET\"))'], capture_output=True, text=True,"
+              " env=os.environ.copy()).stdout.strip()\n")
+
+KERNELS_THEN_CHILD = CHILD_SEES + (
+    "import torch, lorakern\n"
+    "def run_layers():\n"
+    "    x, w = torch.randn(5, 8), torch.randn(6, 8)\n"
+    "    a, b = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)\n"
+    "    y = lorakern.lora_linear(x, w, a, b, 0.5, None, 0.25)\n"
+    "    y.sum().backward()\n"
+    "    y = lorakern.lora_linear(x, w, a, b, 0.5)\n"
+    "    assert torch.allclose(y, lorakern.reference.lora_linear(x, w, a, b, 0.5), rtol=1e-5,"
+    " atol=1e-5)\n"
+    "    ids = torch.tensor([0, 4, 4, 2])\n"
+    "    e, ea, eb = torch.randn(5, 6), torch.randn(2, 5), torch.randn(6, 2)\n"
+    "    assert torch.allclose(lorakern.lora_embedding(ids, e, ea, eb, 0.5),\n"
+    "                          lorakern.reference.lora_embedding(ids, e, ea, eb, 0.5),"
+    " rtol=1e-5, atol=1e-5)\n"
+    "run_layers()\n"
+    "from lorakern import kernels  # imported by the first call, in the interpreter\n"
+    "first = sum(kernels.launch_counts.values())\n"
+    "assert first > 0 and kernels._common.INTERPRET, kernels.launch_counts\n"
+    "print('parent', os.environ.get('TRITON_INTERPRET'))\n"
+    "print('child', child_sees())\n"
+    "for strategy in ('fused', 'cublas'):\n"
+    "    os.environ['LORAKERN_STRATEGY'] = strategy\n"
+    "    run_layers()\n"
+    "assert kernels.launch_counts['lora_term'] > 0, kernels.launch_counts\n"
+    "assert sum(kernels.launch_counts.values()) > first, kernels.launch_counts\n"
+    "print('ok')\n")
+
+
+def _run_fresh_process(script, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", **env_changes)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    return done.returncode, done.stdout.strip().splitlines(), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("imported_first", ["", "triton", "peft"])
+def test_backend_triton_leaves_the_environment_of_child_processes_alone(imported_first):
+    """LORAKERN_BACKEND=triton switches the interpreter on for the import of the kernels
+    only: the process's environment, and so a child's, has no TRITON_INTERPRET after
+    it, and the kernels keep running in the interpreter."""
+    script = (f"import {imported_first}\n" if imported_first else "") + KERNELS_THEN_CHILD
+    returncode, lines, stderr = _run_fresh_process(script, LORAKERN_BACKEND="triton")
+    assert returncode == 0, stderr
+    assert lines == ["parent None", "child None", "ok"], (lines, stderr)
+
+
+def test_a_triton_interpret_set_by_the_user_is_kept():
+    returncode, lines, stderr = _run_fresh_process(KERNELS_THEN_CHILD, TRITON_INTERPRET="1")
+    assert returncode == 0, stderr
+    assert lines == ["parent 1", "child 1", "ok"], (lines, stderr)
+
+
