@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import lorakern
 from lorakern import kernels, reference
 from oracle import assert_matches_oracle
-from test_packaging import requirements_txt, setup_install_requires
+from test_packaging import setup_install_requires
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 # the smallest magnitude that rounds to infinity in float32: halfway between its
@@ -321,3 +321,19 @@ def test_a_triton_interpret_set_by_the_user_is_kept():
     assert lines == ["parent 1", "child 1", "ok"], (lines, stderr)
 
 
+# ------------------------------------------------------------ declared dependencies
+def test_install_requires_names_numpy_which_triton_interpreter_and_torch_import():
+    """`pip install .` must bring numpy: Triton's interpreter (the kernels on CPU
+    tensors) imports it, and torch warns at import without it. requirements.txt's
+    numpy>=2 lies inside setup.py's range (tests/test_packaging.py checks that)."""
+    import numpy
+    import triton.runtime.interpreter as interpreter
+
+    with open(interpreter.__file__, encoding="utf-8") as source:
+        assert "import numpy" in source.read()
+    requires = setup_install_requires()
+    assert "numpy" in requires, f"setup.py install_requires {sorted(requires)} has no numpy"
+    bound = requires["numpy"]
+    assert bound.marker is None, f"numpy is needed on every platform, got `{bound}`"
+    assert [spec.operator for spec in bound.specifier] == [">="], bound
+    assert bound.specifier.contains(numpy.__version__.split("+")[0], prereleases=True)
