@@ -3,7 +3,9 @@
     y = x W^T + b + s * (drop(x) A^T) B^T,    drop(x) = x * m / (1 - p)
 
 The rank product runs in the promoted dtype of x, A and B (fp32 adapters on a
-bf16 base compute their branch in fp32, as PEFT does); y has x's dtype.
+bf16 base compute their branch in fp32, as PEFT does); y has x's dtype. A scale
+that is not finite in the dtype the term is scaled in (float32, float64 for a float64
+rank product) is refused, as by ``lorakern.lora_linear``.
 Gradients come from autograd. ``lora_embedding`` is PEFT's embedding adapter,
 ``E[ids] + s * (A[:, ids])^T B^T``, in the same way.
 """
