@@ -18,7 +18,11 @@ setup(
     # tl.dot takes input_precision, the newest language feature the kernels use.
     # triton has no macOS or Windows wheels: there lorakern runs its PyTorch
     # reference, as it does on any machine without triton.
-    install_requires=["torch>=2.4", 'triton>=3.0; platform_system == "Linux"'],
+    # numpy on every platform: Triton's interpreter (the kernels on CPU tensors) imports
+    # it, and torch warns at import without it. torch's C extension takes NumPy's C API
+    # 1.20 and newer; 1.23, the oldest numpy with Python 3.11 wheels, is the oldest the
+    # kernels were run with (the pinned torch 2.13 and triton 3.7.1, in the interpreter).
+    install_requires=["torch>=2.4", 'triton>=3.0; platform_system == "Linux"', "numpy>=1.23"],
     extras_require={
         "test": ["pytest>=7", "numpy", "peft>=0.13", "transformers>=4.45", "safetensors"],
         "peft": ["peft>=0.13", "safetensors"],

@@ -7,6 +7,9 @@ PyTorch reference.
 - meta tensors: the reference, which gives shapes and dtypes as nn.Linear does.
 - CPU tensors: the reference, unless ``TRITON_INTERPRET=1`` or
   ``LORAKERN_BACKEND=triton``, which run the kernels in Triton's interpreter.
+  The latter switches the interpreter on only while the kernels (and the modules
+  Triton imports at its first launch) are imported: the environment, and so a
+  child process's, is left as it was.
 
 For the kernels it also picks the layer's strategy (``fused``: Triton GEMMs
 with the LoRA term inside; ``cublas``: torch's matmul with the LoRA term as C,
@@ -169,28 +172,81 @@ def _interpret_triton_helpers():
     return len(converted)
 
 
+# Modules Triton imports at its first kernel launch (the specializer imports gluon,
+# the interpreter libdevice), not with triton.language. Gluon wraps Triton's helpers
+# when it is imported and asserts that they match the interpreter's mode then: they
+# are imported with the kernels, in the same mode. Those a Triton lacks are skipped.
+_IMPORTED_BY_THE_FIRST_LAUNCH = ("triton.compiler.code_generator",
+                                 "triton.language.extra.libdevice",
+                                 "triton.experimental.gluon")
+
+
+@contextlib.contextmanager
+def _interpreter_switched_on():
+    """TRITON_INTERPRET=1 inside, and the environment as it was after.
+
+    Triton reads the variable when a function is decorated or wrapped (``triton.jit``
+    in triton/runtime/jit.py and gluon's wrappers, through ``knobs.runtime.interpret``,
+    which reads the environment each time); an interpreted kernel does not consult it
+    again to run. Left set, it would reach every child process, and any kernel
+    decorated later in this process would be interpreted too.
+    """
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _module_exists(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def _import_kernels_interpreted(name):
+    """The kernels, decorated in interpreter mode (with Triton's own helpers, if triton
+    was imported before), the environment left as it was."""
+    if "triton.language" in sys.modules and torch.cuda.is_available():
+        # converting Triton's helpers would break GPU kernels in this process
+        raise RuntimeError("lorakern: running the Triton kernels on CPU tensors needs "
+                           "Triton's interpreter, which must be on before triton is first "
+                           "imported, and triton was imported already (peft imports it) "
+                           "in a process that also has CUDA. Start Python with "
+                           "TRITON_INTERPRET=1 set (e.g. `TRITON_INTERPRET=1 python "
+                           "train.py`), or move the tensors to the GPU")
+    with _interpreter_switched_on():
+        if "triton.language" in sys.modules:
+            _interpret_triton_helpers()
+        kernels = importlib.import_module(name)
+        for module in _IMPORTED_BY_THE_FIRST_LAUNCH:
+            if _module_exists(module):
+                importlib.import_module(module)
+    log.info("lorakern: running the Triton kernels on CPU in Triton's interpreter")
+    return kernels
+
+
 def load_kernels(device):
     """Import ``lorakern.kernels``; for CPU tensors, in interpreter mode.
 
     Triton fixes a kernel's mode when it is decorated, so the interpreter is
-    switched on before the first import of the kernels, or not at all.
+    switched on for the first import of the kernels, or not at all; the
+    environment is put back after that import, so child processes do not inherit
+    the interpreter.
     """
     name = "lorakern.kernels"
-    if device.type == "cpu" and not _interpreting():
-        if name in sys.modules and not sys.modules[name]._common.INTERPRET:
-            raise RuntimeError("lorakern: the Triton kernels were compiled for the GPU in this "
-                               "process; set TRITON_INTERPRET=1 before importing lorakern to "
-                               "run them on CPU tensors")
-        if "triton.language" in sys.modules and torch.cuda.is_available():
-            # converting Triton's helpers would break GPU kernels in this process
-            raise RuntimeError("lorakern: running the Triton kernels on CPU tensors needs "
-                               "Triton's interpreter, which must be on before triton is first "
-                               "imported, and triton was imported already (peft imports it) "
-                               "in a process that also has CUDA. Start Python with "
-                               "TRITON_INTERPRET=1 set (e.g. `TRITON_INTERPRET=1 python "
-                               "train.py`), or move the tensors to the GPU")
-        os.environ["TRITON_INTERPRET"] = "1"
-        if "triton.language" in sys.modules:
-            _interpret_triton_helpers()
-        log.info("lorakern: running the Triton kernels on CPU in Triton's interpreter")
-    return importlib.import_module(name)
+    if device.type != "cpu" or _interpreting():
+        return importlib.import_module(name)
+    loaded = sys.modules.get(name)
+    if loaded is None:
+        return _import_kernels_interpreted(name)
+    if not loaded._common.INTERPRET:
+        raise RuntimeError("lorakern: the Triton kernels were compiled for the GPU in this "
+                           "process; set TRITON_INTERPRET=1 before importing lorakern to "
+                           "run them on CPU tensors")
+    return loaded

@@ -12,7 +12,7 @@ from .dispatch import select_backend
 from .fused_embedding import FusedLoRAEmbedding
 from .ops import lora_embedding_op
 from .validation import (check_embedding_tensors, check_ids_in_range, check_padding_idx,
-                         check_scalars)
+                         check_scalars, check_scale_fits, lora_compute_dtype)
 
 
 def lora_embedding(ids, weight, lora_A, lora_B, scale=1.0, padding_idx=None):
@@ -24,7 +24,8 @@ def lora_embedding(ids, weight, lora_A, lora_B, scale=1.0, padding_idx=None):
         weight: ``[num_embeddings, embedding_dim]``, float16/bfloat16/float32.
         lora_A: ``[r, num_embeddings]``; lora_B: ``[embedding_dim, r]`` (PEFT's
             ``lora_embedding_A`` / ``lora_embedding_B``), any float dtype.
-        scale: s, e.g. alpha / r.
+        scale: s, e.g. alpha / r; finite in float32 (float64 when A or B is float64,
+            ``validation.scaling_dtype``).
         padding_idx: as nn.Embedding's: that row of weight and that column of
             lora_A get no gradient.
     Returns:
@@ -35,6 +36,7 @@ def lora_embedding(ids, weight, lora_A, lora_B, scale=1.0, padding_idx=None):
     """
     check_embedding_tensors(ids, weight, lora_A, lora_B)
     scale, _ = check_scalars(scale, 0.0)
+    check_scale_fits(scale, lora_compute_dtype(lora_A, lora_B), "lora_A and lora_B")
     padding_idx = check_padding_idx(padding_idx, weight.shape[0])
     fused = select_backend(weight, lora_A, lora_B) == "triton"
     if torch.compiler.is_compiling():

@@ -3,14 +3,17 @@
     y = x W^T + b + s * (drop(x) A^T) B^T,    drop(x) = x * m / (1 - p)
 
 The rank product runs in the promoted dtype of x, A and B (fp32 adapters on a
-bf16 base compute their branch in fp32, as PEFT does); y has x's dtype.
+bf16 base compute their branch in fp32, as PEFT does); y has x's dtype. A scale
+that is not finite in the dtype the term is scaled in (float32, float64 for a float64
+rank product) is refused, as by ``lorakern.lora_linear``.
 Gradients come from autograd. ``lora_embedding`` is PEFT's embedding adapter,
 ``E[ids] + s * (A[:, ids])^T B^T``, in the same way.
 """
 import torch
 import torch.nn.functional as F
 
-from .validation import check_base_dtypes, check_scalars, check_tensors
+from .validation import (check_base_dtypes, check_scalars, check_scale_fits, check_tensors,
+                         lora_compute_dtype)
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
@@ -29,6 +32,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale=1.0, bias=None, dropout_p=0.0):
     check_tensors(x, weight, lora_A, lora_B, bias)
     check_base_dtypes(x, weight, bias)
     scale, dropout_p = check_scalars(scale, dropout_p)
+    check_scale_fits(scale, lora_compute_dtype(x, lora_A, lora_B), "x, lora_A and lora_B")
     return lora_linear_unchecked(x, weight, lora_A, lora_B, scale, bias, dropout_p)
 
 
@@ -43,7 +47,7 @@ def lora_linear_unchecked(x, weight, lora_A, lora_B, scale, bias, dropout_p):
 def lora_linear_masked(x, weight, lora_A, lora_B, scale, bias, keep_mask, dropout_p):
     """The layer with an explicit boolean keep-mask (broadcastable to x), or none."""
     base = F.linear(x, weight, bias)
-    lora_dtype = torch.promote_types(torch.promote_types(x.dtype, lora_A.dtype), lora_B.dtype)
+    lora_dtype = lora_compute_dtype(x, lora_A, lora_B)
     lora_in = x.to(lora_dtype)
     if keep_mask is not None:
         # where, not a product: a dropped inf must not turn into NaN
@@ -55,7 +59,7 @@ def lora_linear_masked(x, weight, lora_A, lora_B, scale, bias, keep_mask, dropou
 def lora_embedding(ids, weight, lora_A, lora_B, scale, padding_idx=None):
     """The LoRA embedding in plain PyTorch, inputs already checked: PEFT's math, the rank product in the promoted dtype of A and B, y in weight's dtype."""
     base = F.embedding(ids, weight, padding_idx)
-    lora_dtype = torch.promote_types(lora_A.dtype, lora_B.dtype)
+    lora_dtype = lora_compute_dtype(lora_A, lora_B)
     after_a = F.embedding(ids, lora_A.to(lora_dtype).t(), padding_idx)
     lora = F.linear(after_a, lora_B.to(lora_dtype)) * scale
     total = torch.promote_types(weight.dtype, lora_dtype)

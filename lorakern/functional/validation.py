@@ -1,6 +1,7 @@
 """Argument checks of the functional calls (``lora_linear``, ``lora_embedding``), shared
 by every backend: they run before any kernel does, and name the offending shapes,
 dtypes or devices."""
+import inspect
 import math
 import numbers
 
@@ -66,10 +67,33 @@ def check_base_dtypes(x, weight, bias):
                         f"{weight.dtype}{bias_part} (lora_A and lora_B may differ)")
 
 
+def _graph_breaking_reader(name):
+    """``tensor.item()`` run outside torch.compile's trace, where a tensor's value is
+    unknown (read there, it would make every check of the value a data-dependent
+    guard). Without fullgraph the call breaks the graph and tracing goes on with the
+    number; with fullgraph=True torch.compile refuses the call, giving this reason."""
+    reason = (f"{name} is a tensor inside torch.compile: lorakern takes {name} as a "
+              f"constant of the graph, and reading a tensor's value out needs a graph break, "
+              f"which fullgraph=True forbids. Pass {name} as a Python float (the number "
+              f"itself, or {name}.item() taken outside the compiled function)")
+
+    def read_out(tensor):
+        return tensor.item()
+
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return torch.compiler.disable(read_out, reason=reason)
+    return torch.compiler.disable(read_out)  # an older torch takes no reason
+
+
+_READ_OUT_WITH_A_GRAPH_BREAK = {name: _graph_breaking_reader(name)
+                                for name in ("scale", "dropout_p")}
+
+
 def _plain_number(value, name):
-    """A Python number for ``value``: a one-element tensor without grad is read out; a
-    symbolic number under torch.compile becomes a constant of the graph (a layer's scale
-    and dropout do not change from call to call)."""
+    """A Python number for ``value``: a one-element tensor without grad is read out (under
+    torch.compile with a graph break, so fullgraph=True refuses it); a symbolic number
+    under torch.compile becomes a constant of the graph (a layer's scale and dropout do
+    not change from call to call)."""
     if isinstance(value, torch.Tensor):
         if value.requires_grad:
             raise TypeError(f"{name} is a tensor that requires grad; lorakern treats {name} "
@@ -78,6 +102,8 @@ def _plain_number(value, name):
         if value.numel() != 1:
             raise TypeError(f"{name} must be a real number or a one-element tensor, got a "
                             f"tensor of shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling():
+            return _READ_OUT_WITH_A_GRAPH_BREAK[name](value)
         return value.item()
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return float(value)
@@ -97,6 +123,44 @@ def check_scalars(scale, dropout_p):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(scale), float(dropout_p)
+
+
+def lora_compute_dtype(*tensors):
+    """The dtype the LoRA term is computed in: the promoted dtype of its operands (x, A
+    and B for the linear layer, A and B for the embedding)."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def scaling_dtype(compute_dtype):
+    """The dtype that holds s when the LoRA term, computed in ``compute_dtype``, is
+    scaled: float32 for float16, bfloat16 and float32 (the kernels multiply in fp32, and
+    torch scales a 16-bit tensor by a Python number in fp32 too), float64 for float64."""
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+def _overflow_threshold(dtype):
+    """The smallest magnitude that rounds to infinity in ``dtype``: halfway between its
+    largest finite value and the next power of two (the tie rounds to even: infinity)."""
+    largest = torch.finfo(dtype).max
+    if largest >= torch.finfo(torch.float64).max:
+        return math.inf  # every finite Python float is finite in float64
+    return (largest + 2.0 ** math.ceil(math.log2(largest))) / 2
+
+
+def check_scale_fits(scale, compute_dtype, operands):
+    """``scale`` (a Python float) stays finite in the dtype the LoRA term is scaled in:
+    a scale that rounds to infinity there would turn a zero term (B = 0) into NaN.
+    ``operands`` names the tensors whose promoted dtype ``compute_dtype`` is."""
+    bound_dtype = scaling_dtype(compute_dtype)
+    threshold = _overflow_threshold(bound_dtype)
+    if not abs(scale) < threshold:  # comparisons, not torch: torch.compile traces them
+        raise ValueError(f"scale={scale!r} is not finite in {bound_dtype}, the dtype the LoRA "
+                         f"term is scaled in when it is computed in {compute_dtype} (the "
+                         f"promoted dtype of {operands}): |scale| must be below "
+                         f"{threshold:.8g}")
 
 
 # ------------------------------------------------------------------ the LoRA embedding
