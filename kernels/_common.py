@@ -1,8 +1,19 @@
 """Pieces shared by every lorakern kernel: dtype handling, the tensor-core dot,
 program ordering and small launcher helpers. The dropout mask has its own
 module (``dropout.py``); each kernel module holds its own config table.
+
+Threads: the launchers may be called from several threads at once (and
+autograd runs backwards in its own threads). Every launch goes through
+``launching``, which counts it and, under Triton's interpreter only, runs it
+alone: an interpreted launch patches ``triton.language`` process-wide and
+keeps its program ids on one process-wide builder. Compiled launches are not
+serialised; they only enqueue work on the calling thread's current stream.
+The caches here (arrival counters, SM counts, capabilities) are safe to share,
+see ``arrival_counters``.
 """
+import contextlib
 import os
+import threading
 from collections import Counter
 from dataclasses import replace
 
@@ -20,13 +31,42 @@ except ImportError:  # pragma: no cover - older Triton: the pointer kernels only
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Number of launches per kernel name: lets tests prove a kernel really ran.
+# Written under _COUNTS_LOCK (``count_launch``); read it while no launch runs.
 launch_counts = Counter()
+_COUNTS_LOCK = threading.Lock()
+
+# Triton's interpreter runs a launch by patching the functions of triton.language
+# (and restoring them after) and by setting the current program id on one
+# process-wide builder (triton/runtime/interpreter.py): two interpreted launches
+# at once break each other, with InterpreterError or silently wrong program ids.
+_INTERPRETED_LAUNCH = threading.Lock()
 
 # When true, every output buffer is filled with NaN before a kernel writes it,
 # so an element a kernel forgot to write cannot pass a test by luck.
 POISON_OUTPUTS = False
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def count_launch(*names):
+    """One more launch (or launch sequence) under each of ``names``."""
+    with _COUNTS_LOCK:
+        for name in names:
+            launch_counts[name] += 1
+
+
+@contextlib.contextmanager
+def launching(*names):
+    """Around one kernel launch (``kernel[grid](...)``, written in the launcher
+    itself): under the interpreter the launch runs while no other interpreted
+    launch does; compiled, it is not held back at all. Counted under ``names``
+    once it has returned."""
+    if INTERPRET:
+        with _INTERPRETED_LAUNCH:
+            yield
+    else:
+        yield
+    count_launch(*names)
 
 
 @triton.jit

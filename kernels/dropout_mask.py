@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_counts
+from ._common import launching
 from .dropout import ELEMENTS_PER_CALL, dropout_keep_tile, dropout_threshold
 
 
@@ -53,8 +53,8 @@ def dropout_keep_mask(m, k, dropout_p, seed, device, *, row_start=0, col_start=0
     mask = torch.empty((m, k), dtype=torch.int8, device=device)
     if mask.numel():
         grid = (triton.cdiv(m, MASK_BLOCK_M), triton.cdiv(k, MASK_BLOCK_K))
-        _dropout_mask_kernel[grid](mask, m, k, mask.stride(0), mask.stride(1),
-                                   row_start, col_start, dropout_threshold(dropout_p), seed,
-                                   BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K)
-        launch_counts["dropout_mask"] += 1
+        with launching("dropout_mask"):
+            _dropout_mask_kernel[grid](mask, m, k, mask.stride(0), mask.stride(1),
+                                       row_start, col_start, dropout_threshold(dropout_p), seed,
+                                       BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K)
     return mask.bool()

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, arrival_counters, dot_precision, empty, fit_stages,
-                      launch_counts, lora_dtype, mma, promote_pair, rank_block, sum_partials,
+                      launching, lora_dtype, mma, promote_pair, rank_block, sum_partials,
                       target_programs, to_storage)
 from .lora_grad_weights import tn_matmul
 from .rank_product import rank_product
@@ -328,19 +328,20 @@ def grad_output(dy, lora_b, h, scale, grad_b, grad_bias=None, g_dtype=None):
     gpart = empty((groups, m, block_r), f32, dy.device) if split_n else unused
     counters = (triton.cdiv(n, cfg.block_n) if split_m else 0) + (row_blocks if split_n else 0)
     counter = arrival_counters(counters, dy.device)
-    _grad_output_kernel[(row_blocks * groups,)](
-        dy, lora_b, h, g if need_g else grad_b, grad_b,
-        grad_bias if grad_bias is not None else grad_b, part, colpart, gpart, counter,
-        m, n, r, cols_per_group,
-        dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), h.stride(0), h.stride(1),
-        g.stride(0) if need_g else 0, g.stride(1) if need_g else 0,
-        grad_b.stride(0), grad_b.stride(1),
-        grad_bias.stride(0) if grad_bias is not None else 0,
-        float(scale),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
-        NEED_G=need_g, HAS_COLSUM=grad_bias is not None, SPLIT_M=split_m, UPCAST_DOT=INTERPRET,
-        DOT_PRECISION=dot_precision(lora_dtype(dy, lora_b, h)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_counts["grad_output"] += 1
+    with launching("grad_output"):
+        _grad_output_kernel[(row_blocks * groups,)](
+            dy, lora_b, h, g if need_g else grad_b, grad_b,
+            grad_bias if grad_bias is not None else grad_b, part, colpart, gpart, counter,
+            m, n, r, cols_per_group,
+            dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1),
+            h.stride(0), h.stride(1),
+            g.stride(0) if need_g else 0, g.stride(1) if need_g else 0,
+            grad_b.stride(0), grad_b.stride(1),
+            grad_bias.stride(0) if grad_bias is not None else 0,
+            float(scale),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
+            NEED_G=need_g, HAS_COLSUM=grad_bias is not None, SPLIT_M=split_m, UPCAST_DOT=INTERPRET,
+            DOT_PRECISION=dot_precision(lora_dtype(dy, lora_b, h)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return g

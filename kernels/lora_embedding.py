@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, empty, launch_counts, mma, rank_block
+from ._common import INTERPRET, dot_precision, empty, launching, mma, rank_block
 from .lora_grad_weights import tn_matmul
 
 
@@ -152,17 +152,17 @@ def lora_embedding_forward(ids, weight, lora_a, lora_b, scale):
     block_r = rank_block(r)
     block_t, block_d = forward_config(block_r)
     grid = (triton.cdiv(t, block_t), triton.cdiv(d, block_d))
-    _lora_embedding_forward_kernel[grid](
-        ids, weight, lora_a, lora_b, y,
-        t, d, r,
-        ids.stride(0), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-        float(scale),
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_R=block_r,
-        UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lora_a.dtype),
-        num_warps=4, num_stages=1,
-    )
-    launch_counts["lora_embedding_forward"] += 1
+    with launching("lora_embedding_forward"):
+        _lora_embedding_forward_kernel[grid](
+            ids, weight, lora_a, lora_b, y,
+            t, d, r,
+            ids.stride(0), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+            lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+            float(scale),
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_R=block_r,
+            UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lora_a.dtype),
+            num_warps=4, num_stages=1,
+        )
     return y
 
 
@@ -194,17 +194,17 @@ def lora_embedding_backward(grad_y, ids, weight, lora_a, lora_b, scale, padding_
         order, starts, unique = _segments(ids)
         if unique.numel():
             block_r = rank_block(r)
-            _lora_embedding_grad_kernel[(unique.numel(),)](
-                order, starts, unique, grad_y, lora_b,
-                grad_a if need_a else grad_y, grad_e if need_e else grad_y,
-                d, r,
-                grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
-                grad_a.stride(0) if need_a else 0, grad_a.stride(1) if need_a else 0,
-                grad_e.stride(0) if need_e else 0, grad_e.stride(1) if need_e else 0,
-                float(scale), -1 if padding_idx is None else int(padding_idx),
-                BLOCK_D=grad_block_d(block_r), BLOCK_R=block_r,
-                NEED_DA=need_a, NEED_DE=need_e,
-                num_warps=4, num_stages=1,
-            )
-            launch_counts["lora_embedding_grad"] += 1
+            with launching("lora_embedding_grad"):
+                _lora_embedding_grad_kernel[(unique.numel(),)](
+                    order, starts, unique, grad_y, lora_b,
+                    grad_a if need_a else grad_y, grad_e if need_e else grad_y,
+                    d, r,
+                    grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
+                    grad_a.stride(0) if need_a else 0, grad_a.stride(1) if need_a else 0,
+                    grad_e.stride(0) if need_e else 0, grad_e.stride(1) if need_e else 0,
+                    float(scale), -1 if padding_idx is None else int(padding_idx),
+                    BLOCK_D=grad_block_d(block_r), BLOCK_R=block_r,
+                    NEED_DA=need_a, NEED_DE=need_e,
+                    num_warps=4, num_stages=1,
+                )
     return grad_e, grad_a, grad_b

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TensorDescriptor, dot_precision, empty, fit_stages,
-                      grouped_tile, launch_counts, mma, promote_pair, rank_block, tma_ready,
+                      grouped_tile, launching, mma, promote_pair, rank_block, tma_ready,
                       to_storage)
 from .dropout import dropout_threshold
 from .lora_term import (RANK_BLOCKS, epilogue_rank_block, lora_term_tile,
@@ -373,22 +373,22 @@ def lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, conf
         _launch_tma(cfg, grid, lhs, rhs_t, p, q, bias, out, lora_scale, threshold, seed,
                     block_r, pq_dtype, in_kernel)
         return out
-    _lora_gemm_kernel[grid](
-        lhs, rhs_t, p, q, rank_rt if in_kernel else p, bias if has_bias else out, out,
-        m, n, k, r,
-        lhs.stride(0), lhs.stride(1), rhs_t.stride(0), rhs_t.stride(1),
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        rank_rt.stride(0) if in_kernel else 0, rank_rt.stride(1) if in_kernel else 0,
-        bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
-        float(lora_scale), float(rank_scale), threshold, seed,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0,
-        UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lhs.dtype),
-        RANK_DOT_PRECISION=dot_precision(pq_dtype),
-        RANK_IN_KERNEL=in_kernel, RANK_DROPOUT=in_kernel and rank_dropout_p > 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_counts["lora_gemm"] += 1
+    with launching("lora_gemm"):
+        _lora_gemm_kernel[grid](
+            lhs, rhs_t, p, q, rank_rt if in_kernel else p, bias if has_bias else out, out,
+            m, n, k, r,
+            lhs.stride(0), lhs.stride(1), rhs_t.stride(0), rhs_t.stride(1),
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+            rank_rt.stride(0) if in_kernel else 0, rank_rt.stride(1) if in_kernel else 0,
+            bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
+            float(lora_scale), float(rank_scale), threshold, seed,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            GROUP_M=cfg.group_m, HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0,
+            UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(lhs.dtype),
+            RANK_DOT_PRECISION=dot_precision(pq_dtype),
+            RANK_IN_KERNEL=in_kernel, RANK_DROPOUT=in_kernel and rank_dropout_p > 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
@@ -407,17 +407,16 @@ def _launch_tma(cfg, grid, lhs, rhs_t, p, q, bias, out, lora_scale, threshold, s
     rt_block = [cfg.block_n, cfg.block_k] if transposed else [cfg.block_k, cfg.block_n]
     rt_desc = TensorDescriptor.from_tensor(rt, rt_block)
     has_bias = bias is not None
-    _lora_gemm_tma_kernel[grid](
-        l_desc, rt_desc, p, q, bias if has_bias else out, out,
-        lhs.shape[0], out.shape[1], lhs.shape[1], p.shape[1],
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
-        float(lora_scale), threshold, seed,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, RT_TRANSPOSED=transposed, HAS_BIAS=has_bias,
-        HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
-        DOT_PRECISION=dot_precision(lhs.dtype), RANK_DOT_PRECISION=dot_precision(pq_dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_counts["lora_gemm"] += 1
-    launch_counts["lora_gemm_tma"] += 1
+    with launching("lora_gemm", "lora_gemm_tma"):
+        _lora_gemm_tma_kernel[grid](
+            l_desc, rt_desc, p, q, bias if has_bias else out, out,
+            lhs.shape[0], out.shape[1], lhs.shape[1], p.shape[1],
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+            bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
+            float(lora_scale), threshold, seed,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            GROUP_M=cfg.group_m, RT_TRANSPOSED=transposed, HAS_BIAS=has_bias,
+            HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
+            DOT_PRECISION=dot_precision(lhs.dtype), RANK_DOT_PRECISION=dot_precision(pq_dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from dataclasses import dataclass
 
-from ._common import (INTERPRET, arrival_counters, dot_precision, empty, launch_counts, mma,
+from ._common import (INTERPRET, arrival_counters, dot_precision, empty, launching, mma,
                       promote_pair, sum_partials, target_programs, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
@@ -203,17 +203,17 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
         part = colpart = torch.empty(1, dtype=f32, device=lhs.device)
         counter = torch.empty(1, dtype=i32, device=lhs.device)
     threshold = dropout_threshold(dropout_p)
-    _tn_matmul_kernel[(grid_p, grid_q, splits)](
-        lhs, rhs, out, colsum if has_colsum else out, part, colpart, counter,
-        m, p, q, rows_per_split,
-        lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
-        out.stride(0), out.stride(1), colsum.stride(0) if has_colsum else 0,
-        float(scale), threshold, seed,
-        BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
-        HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, SPLIT_M=splits > 1,
-        UPCAST_DOT=INTERPRET,
-        DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs.dtype)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_counts["tn_matmul"] += 1
+    with launching("tn_matmul"):
+        _tn_matmul_kernel[(grid_p, grid_q, splits)](
+            lhs, rhs, out, colsum if has_colsum else out, part, colpart, counter,
+            m, p, q, rows_per_split,
+            lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+            out.stride(0), out.stride(1), colsum.stride(0) if has_colsum else 0,
+            float(scale), threshold, seed,
+            BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
+            HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, SPLIT_M=splits > 1,
+            UPCAST_DOT=INTERPRET,
+            DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs.dtype)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out

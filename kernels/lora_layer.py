@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import _common
-from ._common import empty, launch_counts, lora_dtype
+from ._common import count_launch, empty, lora_dtype
 from .dropout import keep_scale
 from .grad_output import grad_output
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
@@ -107,7 +107,7 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=N
         h = rank_product(x, lora_a.t(), rank_dtype, keep_scale(dropout_p),
                          dropout_p=dropout_p, seed=seed)
         y = _with_lora_term(plan, x, weight.t(), h, lora_b.t(), bias, scale)
-    launch_counts["lora_forward"] += 1
+    count_launch("lora_forward")
     return y, h
 
 
@@ -139,5 +139,5 @@ def lora_grad_input(grad_y, weight, lora_a, lora_b, g, scale, dropout_p, seed, p
     plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b, weight)[0]
     dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None, scale * keep_scale(dropout_p),
                          dropout_p, seed)
-    launch_counts["lora_grad_input"] += 1
+    count_launch("lora_grad_input")
     return dx

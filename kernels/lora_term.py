@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, dot_precision, empty, grouped_tile, launch_counts, mma,
+from ._common import (INTERPRET, dot_precision, empty, grouped_tile, launching, mma,
                       promote_pair, rank_block, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
@@ -183,16 +183,16 @@ def lora_term(p, q, bias, lora_scale, out_dtype, *, dropout_p=0.0, seed=0):
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     threshold = dropout_threshold(dropout_p)
-    _lora_term_kernel[grid](
-        p, q, bias if has_bias else out, out,
-        m, n, r,
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
-        float(lora_scale), threshold, seed,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, GROUP_M=cfg.group_m,
-        HAS_BIAS=has_bias, HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
-        RANK_DOT_PRECISION=dot_precision(pq_dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_counts["lora_term"] += 1
+    with launching("lora_term"):
+        _lora_term_kernel[grid](
+            p, q, bias if has_bias else out, out,
+            m, n, r,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+            bias.stride(0) if has_bias else 0, out.stride(0), out.stride(1),
+            float(lora_scale), threshold, seed,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, GROUP_M=cfg.group_m,
+            HAS_BIAS=has_bias, HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
+            RANK_DOT_PRECISION=dot_precision(pq_dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, dot_precision, empty, fit_stages, launch_counts, mma,
+from ._common import (INTERPRET, dot_precision, empty, fit_stages, launching, mma,
                       promote_pair, rank_block, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
@@ -145,16 +145,16 @@ def rank_product(lhs, rhs_t, out_dtype, scale=1.0, *, dropout_p=0.0, seed=0):
     cfg = rank_product_config(m, block_r, lhs.element_size(), rhs_t.element_size())
     grid = (triton.cdiv(m, cfg.block_m),)
     threshold = dropout_threshold(dropout_p)
-    _rank_product_kernel[grid](
-        lhs, rhs_t, out,
-        m, k, r,
-        lhs.stride(0), lhs.stride(1), rhs_t.stride(0), rhs_t.stride(1),
-        out.stride(0), out.stride(1),
-        float(scale), threshold, seed,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
-        DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs_t.dtype)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_counts["rank_product"] += 1
+    with launching("rank_product"):
+        _rank_product_kernel[grid](
+            lhs, rhs_t, out,
+            m, k, r,
+            lhs.stride(0), lhs.stride(1), rhs_t.stride(0), rhs_t.stride(1),
+            out.stride(0), out.stride(1),
+            float(scale), threshold, seed,
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
+            DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs_t.dtype)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
