@@ -366,12 +366,12 @@ FIRST_CALLS = textwrap.dedent("""
     import lorakern
     from lorakern.functional import dispatch
 
-    # widen the window between a thread finding the kernels not imported and
-    # importing them, so that every thread finds them not imported
-    interpreting = dispatch._interpreting
+    # every thread reads the environment at once and then looks for the kernels, thread
+    # i 0.01 * i s later: thread 0 is importing them (about 0.1 s) while the others look
+    interpreting, this_thread = dispatch._interpreting, threading.local()
     def slowly_interpreting():
         answer = interpreting()
-        time.sleep(0.05)
+        time.sleep(0.01 * getattr(this_thread, "index", 0))
         return answer
     dispatch._interpreting = slowly_interpreting
 
@@ -381,6 +381,7 @@ FIRST_CALLS = textwrap.dedent("""
         def randn(*shape):
             return torch.randn(*shape, generator=generator)
         x, weight, lora_A, lora_B = randn(4, 8), randn(6, 8), randn(2, 8), randn(6, 2)
+        this_thread.index = index
         start.wait()
         try:
             y = lorakern.lora_linear(x, weight, lora_A, lora_B, 0.5)

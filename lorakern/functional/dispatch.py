@@ -19,6 +19,11 @@ see kernels/lora_layer.py) and, for ``fused``, the GEMM's tile config:
 - on CUDA the tuner (autotune.py) times the candidates once per shape key and
   caches the fastest (``LORAKERN_AUTOTUNE=0``: the table's choice);
 - elsewhere (the interpreter), the table's choice.
+
+Threads: calls may come from several threads at once. The first import of the
+kernels for CPU tensors is made by one thread while the others wait for it
+(``load_kernels``), a warning said once is said once, and the strategy switch
+is the environment variable, the same for every thread (``strategy_forced``).
 """
 import contextlib
 import importlib
@@ -26,6 +31,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import warnings
 
 import torch
@@ -36,13 +42,17 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("", "auto", "triton", "reference")
 _STRATEGIES = ("", "auto", "fused", "cublas")
 _said = set()
+_said_lock = threading.Lock()
 
 
 def say_once(message):
-    """A slower or unusual path is taken: warn once per distinct message."""
-    if message not in _said:
+    """A slower or unusual path is taken: warn once per distinct message, also
+    when several threads take it at once."""
+    with _said_lock:
+        if message in _said:
+            return
         _said.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def requested_backend():
@@ -231,20 +241,31 @@ def _import_kernels_interpreted(name):
     return kernels
 
 
+# Held by the thread that imports the kernels in interpreter mode: another thread
+# must neither find them half imported nor save and put back the environment
+# around the first thread's switch.
+_interpreted_import_lock = threading.Lock()
+
+
 def load_kernels(device):
     """Import ``lorakern.kernels``; for CPU tensors, in interpreter mode.
 
     Triton fixes a kernel's mode when it is decorated, so the interpreter is
     switched on for the first import of the kernels, or not at all; the
     environment is put back after that import, so child processes do not inherit
-    the interpreter.
+    the interpreter. Threads calling at once get the kernels imported once.
     """
     name = "lorakern.kernels"
-    if device.type != "cpu" or _interpreting():
+    if device.type != "cpu":
         return importlib.import_module(name)
-    loaded = sys.modules.get(name)
-    if loaded is None:
-        return _import_kernels_interpreted(name)
+    with _interpreted_import_lock:
+        # inside the lock: TRITON_INTERPRET=1 may be another thread's switch, on
+        # only while it imports
+        if _interpreting():
+            return importlib.import_module(name)
+        if name not in sys.modules:
+            return _import_kernels_interpreted(name)
+        loaded = importlib.import_module(name)  # waits for an import still running
     if not loaded._common.INTERPRET:
         raise RuntimeError("lorakern: the Triton kernels were compiled for the GPU in this "
                            "process; set TRITON_INTERPRET=1 before importing lorakern to "
