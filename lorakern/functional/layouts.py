@@ -3,13 +3,16 @@
 Every kernel build is compiled and checked for operands whose last dimension
 has unit stride (tests/compile_kernels.py). ``unit_rows`` hands the kernels
 such rows, copying any other layout once per call and saying so once per
-tensor role on the ``lorakern`` logger.
+tensor role on the ``lorakern`` logger (once also when several threads copy
+at once).
 """
 import logging
+import threading
 
 log = logging.getLogger("lorakern")
 
 _copied = set()
+_copied_lock = threading.Lock()
 
 
 def flatten(t):
@@ -25,9 +28,15 @@ def unit_rows(t, name):
     role (``name``)."""
     if t.shape[-1] <= 1 or t.stride(-1) == 1:
         return t
-    if name not in _copied:
-        _copied.add(name)
+    if _first_copy_of(name):
         log.info("lorakern: %s of shape %s has stride %s along its last dim; it is copied "
                  "to contiguous rows for the kernels (said once)", name, tuple(t.shape),
                  t.stride(-1))
     return t.contiguous()
+
+
+def _first_copy_of(name):
+    with _copied_lock:
+        first = name not in _copied
+        _copied.add(name)
+    return first
