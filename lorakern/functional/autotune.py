@@ -41,6 +41,14 @@ No timing happens, and ``heuristic`` is returned, when ``LORAKERN_AUTOTUNE=0``,
 while a CUDA graph is captured, while torch.compile traces, or when there is a
 single candidate. Tuning only calls the candidates: it draws no random numbers
 and changes no result.
+
+Threads: ``choose`` may be called from several threads at once. One tuning runs
+at a time in the process (the candidates of two keys timed at once on one GPU
+would slow each other down), so a key is timed once: a thread that asks for a
+key while another times it waits for that choice. A key already chosen is
+answered without waiting for a timing in progress; the tuner's memory and its
+file are written under locks, the file also under the ``flock`` across
+processes.
 """
 import contextlib
 import json
@@ -306,6 +314,8 @@ class Tuner:
         self._file_entries = None  # the file's entries, read on first need
         self._tuned_here = {}      # entries this tuner owes the file (kept until written)
         self._warned = set()
+        # guards the memory, the file's entries as read and the warnings said; held
+        # for lookups and bookkeeping, never while candidates run
         self._lock = threading.RLock()
 
     def choose(self, key, candidates, heuristic):
@@ -317,13 +327,20 @@ class Tuner:
         if not tuning_enabled() or len(candidates) == 1 or _must_not_time():
             return heuristic
         canonical = canonical_key(key)
-        with self._lock:
-            cached = self._cached_choice(canonical)
+        cached = self._cached_choice(canonical)
+        if cached in candidates:
+            return cached
+        with _one_tuning_at_a_time:
+            cached = self._cached_choice(canonical)  # tuned while this thread waited?
             if cached in candidates:
                 return cached
             return self._tune(key, canonical, candidates, heuristic)
 
     def _cached_choice(self, canonical):
+        with self._lock:
+            return self._choice_in_memory_or_file(canonical)
+
+    def _choice_in_memory_or_file(self, canonical):
         if canonical in self._memory:
             return self._memory[canonical]
         entry = self._entries_on_file().get(canonical)
@@ -348,17 +365,21 @@ class Tuner:
         return {}
 
     def _tune(self, key, canonical, candidates, heuristic):
+        """Times the candidates and records the fastest; the caller holds
+        ``_one_tuning_at_a_time``, so ``_tuned_here`` has no other writer."""
         times = self._time_candidates(candidates)
         if not times:
             self._warn_once(("all failed", canonical),
                             f"lorakern: every candidate failed while tuning {_summary(key)}; "
                             f"using {heuristic}")
-            self._memory[canonical] = heuristic  # not in the file: the failure may be transient
+            with self._lock:  # not in the file: the failure may be transient
+                self._memory[canonical] = heuristic
             return heuristic
         choice = min(times, key=times.__getitem__)  # min keeps the first of equal times
         times_ms = {name: seconds * 1e3 for name, seconds in times.items()}
         log.info("lorakern: tuned %s: chose %s", _summary(key), _timings_text(choice, times_ms))
-        self._memory[canonical] = choice
+        with self._lock:
+            self._memory[canonical] = choice
         self._tuned_here[canonical] = {"choice": choice, "times_ms": times_ms}
         self._save()
         return choice
@@ -387,19 +408,28 @@ class Tuner:
                             f"lorakern: cannot write the autotune cache {self.cache_path} "
                             f"({error}); tuning choices are kept in memory only")
             return
-        self._file_entries = entries
+        with self._lock:
+            self._file_entries = entries
         self._tuned_here.clear()
 
     def _warn_once(self, reason, message):
-        if reason not in self._warned:
+        with self._lock:
+            if reason in self._warned:
+                return
             self._warned.add(reason)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def _timings_text(choice, times_ms):
     others = ", ".join(f"{name} {ms:.3f} ms" for name, ms in
                        sorted(times_ms.items(), key=lambda item: item[1]) if name != choice)
     return f"{choice} ({times_ms[choice]:.3f} ms" + (f"; {others})" if others else ")")
+
+
+# One tuning at a time in the process, whichever tuner runs it: timings of
+# candidates that share a GPU would distort each other, and a thread waiting
+# here for a key that another thread is timing finds it chosen after.
+_one_tuning_at_a_time = threading.Lock()
 
 
 # ---- the module-level tuner the layers use
