@@ -140,7 +140,15 @@ def arrival_counters(count, device):
     counted up back to zero before it ends, so one buffer per device and stream
     serves every launch without a memset (launches on a stream run in order).
     While a CUDA graph is captured a fresh zeroed buffer is made instead: a
-    buffer first allocated in the capture would belong to the graph's pool."""
+    buffer first allocated in the capture would belong to the graph's pool.
+
+    Threads: the buffer is keyed by the calling thread's current stream, so
+    threads on different streams never share one, and threads launching on one
+    stream share it safely: the stream runs their launches one after another,
+    each finding the counters zero. Two threads creating (or growing) a buffer at
+    once each get a zeroed one, and the one kept serves later launches; the
+    other is freed in stream order after its launch. Under the interpreter every
+    thread gets the CPU buffer, used by one launch at a time (``launching``)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(count, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
@@ -171,6 +179,8 @@ def empty(shape, dtype, device):
     return out
 
 
+# Answers of the GPU, cached per device index: threads filling one at once
+# write the same value.
 _SM_COUNT = {}
 
 

@@ -61,6 +61,16 @@ def run_in_threads(work, count=THREADS):
     return results
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """The tuner's file in a fresh directory (on CUDA the layers tune by default)."""
+    monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LORAKERN_AUTOTUNE", raising=False)
+    autotune.reset()
+    yield tmp_path
+    autotune.reset()
+
+
 # ---- the layers from several threads
 
 _this_thread = threading.local()
@@ -74,11 +84,11 @@ def seed_per_thread(monkeypatch):
                         lambda: _this_thread.seed)
 
 
-def _linear_inputs(index, dtype):
+def _linear_inputs(index, dtype, device):
     generator = torch.Generator().manual_seed(100 + index)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
 
     x = randn(2, 9, 40).requires_grad_()
     weight = randn(24, 40)
@@ -89,10 +99,10 @@ def _linear_inputs(index, dtype):
     return x, weight, lora_A, lora_B, bias, grad_y
 
 
-def _linear_step(index, dtype=torch.float32, dropout_p=0.25):
+def _linear_step(index, device, dtype=torch.float32, dropout_p=0.25):
     """y and every gradient of thread ``index``'s forward and backward."""
     _this_thread.seed = 7000 + index
-    x, weight, lora_A, lora_B, bias, grad_y = _linear_inputs(index, dtype)
+    x, weight, lora_A, lora_B, bias, grad_y = _linear_inputs(index, dtype, device)
     y = lorakern.lora_linear(x, weight, lora_A, lora_B, 0.5, bias, dropout_p)
     y.backward(grad_y)
     return [y.detach(), x.grad, lora_A.grad, lora_B.grad, bias.grad]
@@ -114,36 +124,37 @@ LINEAR_RESULTS = ("y", "dx", "dA", "dB", "db")
 
 @pytest.mark.parametrize("strategy", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_threads_running_lora_linear_get_what_each_call_gets_alone(strategy, dtype, device,
-                                                                   monkeypatch, seed_per_thread):
+def test_threads_running_lora_linear_get_what_each_call_gets_alone(
+        strategy, dtype, device, monkeypatch, seed_per_thread, cache_dir):
     """Forward and backward of lora_linear (dropout on) in four threads at once: each
     thread's y, dx, dA, dB and db are bitwise those of its call made alone, and
-    every launch is counted."""
-    if device.type != "cpu":
-        pytest.skip("the threads' inputs are CPU tensors: the interpreter's launches")
+    every launch is counted. (On CUDA the threads share the default stream.)"""
     monkeypatch.setenv("LORAKERN_STRATEGY", strategy)  # set before the threads start
     before = _launches()
-    alone = [_linear_step(index, dtype) for index in range(THREADS)]
+    alone = [_linear_step(index, device, dtype) for index in range(THREADS)]
     launches_alone = _launches() - before
     before = _launches()
-    together = run_in_threads(lambda index: _linear_step(index, dtype))
+    together = run_in_threads(lambda index: _linear_step(index, device, dtype))
     assert _launches() - before == launches_alone
     for index in range(THREADS):
         _assert_bitwise_equal(together[index], alone[index], LINEAR_RESULTS, index)
 
 
-def _embedding_inputs(index):
+def _embedding_inputs(index, device):
     generator = torch.Generator().manual_seed(200 + index)
-    ids = torch.randint(0, 13, (3, 7), generator=generator)
-    weight = torch.randn(13, 20, generator=generator).requires_grad_()
-    lora_A = torch.randn(3, 13, generator=generator).requires_grad_()
-    lora_B = torch.randn(20, 3, generator=generator).requires_grad_()
-    grad_y = torch.randn(3, 7, 20, generator=generator)
-    return ids, weight, lora_A, lora_B, grad_y
+    ids = torch.randint(0, 13, (3, 7), generator=generator).to(device)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    weight = randn(13, 20).requires_grad_()
+    lora_A = randn(3, 13).requires_grad_()
+    lora_B = randn(20, 3).requires_grad_()
+    return ids, weight, lora_A, lora_B, randn(3, 7, 20)
 
 
-def _embedding_step(index):
-    ids, weight, lora_A, lora_B, grad_y = _embedding_inputs(index)
+def _embedding_step(index, device):
+    ids, weight, lora_A, lora_B, grad_y = _embedding_inputs(index, device)
     y = lorakern.lora_embedding(ids, weight, lora_A, lora_B, 2.0, padding_idx=1)
     y.backward(grad_y)
     return [y.detach(), weight.grad, lora_A.grad, lora_B.grad]
@@ -153,26 +164,24 @@ EMBEDDING_RESULTS = ("y", "dE", "dA", "dB")
 
 
 def test_threads_running_lora_embedding_get_what_each_call_gets_alone(device):
-    if device.type != "cpu":
-        pytest.skip("the threads' inputs are CPU tensors: the interpreter's launches")
     before = _launches()
-    alone = [_embedding_step(index) for index in range(THREADS)]
+    alone = [_embedding_step(index, device) for index in range(THREADS)]
     launches_alone = _launches() - before
     before = _launches()
-    together = run_in_threads(_embedding_step)
+    together = run_in_threads(lambda index: _embedding_step(index, device))
     assert _launches() - before == launches_alone
     for index in range(THREADS):
         _assert_bitwise_equal(together[index], alone[index], EMBEDDING_RESULTS, index)
 
 
-def test_linear_and_embedding_layers_in_threads_at_once(device, monkeypatch, seed_per_thread):
+def test_linear_and_embedding_layers_in_threads_at_once(device, monkeypatch, seed_per_thread,
+                                                        cache_dir):
     """Even threads run the linear layer, odd ones the embedding, at the same time."""
-    if device.type != "cpu":
-        pytest.skip("the threads' inputs are CPU tensors: the interpreter's launches")
     monkeypatch.setenv("LORAKERN_STRATEGY", "fused")
 
     def step(index):
-        return _linear_step(index) if index % 2 == 0 else _embedding_step(index)
+        return (_linear_step(index, device) if index % 2 == 0
+                else _embedding_step(index, device))
 
     alone = [step(index) for index in range(THREADS)]
     together = run_in_threads(step)
@@ -181,16 +190,34 @@ def test_linear_and_embedding_layers_in_threads_at_once(device, monkeypatch, see
         _assert_bitwise_equal(together[index], alone[index], names, index)
 
 
+def _split_sums(index, device):
+    """dB-like rank-wide products whose row slices are summed by the last program
+    to arrive, counted on the kept arrival counters."""
+    generator = torch.Generator().manual_seed(300 + index)
+    lhs = torch.randn(96, 20, generator=generator).to(device)
+    rhs = torch.randn(96, 16, generator=generator).to(device)
+    out = kernels.empty((20, 16), torch.float32, device)
+    kernels.tn_matmul(lhs, rhs, out, 0.5, rank_block=16)
+    return [out]
+
+
+def test_threads_summing_split_rows_share_the_arrival_counters_and_leave_them_zero(
+        device, monkeypatch):
+    """Row slices summed in the launch: four threads at once (on CUDA on one stream,
+    so on one counter buffer) get the sums they get alone, and the kept counters
+    are all zero after."""
+    from lorakern.kernels import _common, lora_grad_weights
+    monkeypatch.setattr(lora_grad_weights, "target_programs", lambda device: 64)
+    alone = [_split_sums(index, device) for index in range(THREADS)]
+    for _ in range(2):
+        together = run_in_threads(lambda index: _split_sums(index, device))
+        for index in range(THREADS):
+            _assert_bitwise_equal(together[index], alone[index], ["out"], index)
+    counters = list(_common._ARRIVAL_COUNTERS.values())
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+
+
 # ---- the tuner from several threads
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("LORAKERN_AUTOTUNE", raising=False)
-    autotune.reset()
-    yield tmp_path
-    autotune.reset()
-
 
 class CountingTimer:
     """Runs the candidate once, counts (key, candidate) pairs timed and how many
@@ -302,7 +329,8 @@ def test_threads_tuning_one_layer_time_it_once_and_get_what_it_gets_alone(
     running the same layer shape time its forward and grad-input candidates once,
     and each thread's results are bitwise those of its call made alone."""
     if device.type != "cpu":
-        pytest.skip("the threads' inputs are CPU tensors: the interpreter's launches")
+        pytest.skip("one fused plan per direction is the interpreter's table; on CUDA there "
+                    "are several, and test_autotune counts the timings")
     monkeypatch.setattr(dispatch, "tunes_on", lambda device: True)
     timed = []
     timed_lock = threading.Lock()
@@ -317,9 +345,9 @@ def test_threads_tuning_one_layer_time_it_once_and_get_what_it_gets_alone(
 
     previous = autotune.set_timer(timer)
     try:
-        together = run_in_threads(_linear_step)
+        together = run_in_threads(lambda index: _linear_step(index, device))
         assert sorted(timed) == ["cublas", "cublas", "fused", "fused"]  # per direction
-        alone = [_linear_step(index) for index in range(THREADS)]  # cached: cublas
+        alone = [_linear_step(index, device) for index in range(THREADS)]  # cached: cublas
     finally:
         autotune.set_timer(previous)
     assert len(timed) == 4
