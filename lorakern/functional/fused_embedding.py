@@ -10,6 +10,10 @@ The kernels compute the rank product in the dtype of the A and B they are handed
 A and B of different dtypes (bf16 A with fp32 B) are handed over in their promoted
 dtype, as the reference and the linear layer compute it; that copies the one in the
 narrower dtype for the call. The gradients come back in each parameter's own dtype.
+
+Threads: calls from several threads at once each get what they would get alone;
+nothing is kept between calls (kernels/_common.py says how launches from
+threads are run).
 """
 import torch
 

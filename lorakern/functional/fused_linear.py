@@ -23,6 +23,13 @@ autograd Function here and the torch.library op in ``ops.py`` both call them;
 They hand the kernels x, dY, W, A and B with unit stride along the last dim
 (``layouts.unit_rows``), copying any other layout; W is read through its
 ``BaseWeight`` (``base_weight.py``).
+
+Threads: calls from several threads at once (forwards, and backwards in
+autograd's threads) each get what they would get alone; the launch sequence
+keeps nothing between calls but the tuner's choices (``autotune.py``) and the
+kernels' shared buffers (kernels/_common.py), both safe to share. The dropout
+seed comes from torch's CPU generator, one for the process: threads draw in
+the order they run, as torch's own dropout does.
 """
 import torch
 from torch.autograd.function import once_differentiable
