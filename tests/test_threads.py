@@ -361,8 +361,8 @@ class SlowSet(set):
     """A set whose membership test takes a while: the window between "not said
     yet" and "now said" is wide enough for every thread to look."""
 
-    def __contains__(self, item):
-        found = super().__contains__(item)
+    def __contains__(self, element):
+        found = super().__contains__(element)
         time.sleep(0.02)
         return found
 
