@@ -58,9 +58,10 @@ def count_launch(*names):
 @contextlib.contextmanager
 def launching(*names):
     """Around one kernel launch (``kernel[grid](...)``, written in the launcher
-    itself, whose frame bench/capture.py names the launch by): under the interpreter the launch runs while no other interpreted
-    launch does; compiled, it is not held back at all. Counted under ``names``
-    once it has returned."""
+    itself, whose frame bench/capture.py names the launch by): under the
+    interpreter the launch runs while no other interpreted launch does;
+    compiled, it is not held back at all. Counted under ``names`` once it has
+    returned."""
     if INTERPRET:
         with _INTERPRETED_LAUNCH:
             yield
