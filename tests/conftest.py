@@ -35,3 +35,15 @@ def poisoned_outputs(monkeypatch):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """The tuner's file in a fresh directory, the tuner's memory cleared before and
+    after (on CUDA the layers tune by default)."""
+    from lorakern.functional import autotune
+    monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LORAKERN_AUTOTUNE", raising=False)
+    autotune.reset()
+    yield tmp_path
+    autotune.reset()

@@ -58,15 +58,6 @@ def make_candidates(*names, failing=()):
 
 
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("LORAKERN_AUTOTUNE", raising=False)
-    autotune.reset()
-    yield tmp_path
-    autotune.reset()
-
-
-@pytest.fixture
 def timer(cache_dir):
     fake = FakeTimer({"cublas": 0.000455, FUSED: 0.000412, FUSED_SMALL: 0.000600})
     previous = autotune.set_timer(fake)

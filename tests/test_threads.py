@@ -61,16 +61,6 @@ def run_in_threads(work, count=THREADS):
     return results
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """The tuner's file in a fresh directory (on CUDA the layers tune by default)."""
-    monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("LORAKERN_AUTOTUNE", raising=False)
-    autotune.reset()
-    yield tmp_path
-    autotune.reset()
-
-
 # ---- the layers from several threads
 
 _this_thread = threading.local()

@@ -82,15 +82,22 @@ def strategy_forced(strategy):
         return
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy {strategy!r}; expected 'fused', 'cublas' or 'auto'")
-    saved = os.environ.get("LORAKERN_STRATEGY")
-    os.environ["LORAKERN_STRATEGY"] = strategy
+    with _environment_variable_set("LORAKERN_STRATEGY", strategy):
+        yield
+
+
+@contextlib.contextmanager
+def _environment_variable_set(name, value):
+    """``os.environ[name] = value`` inside, and the variable as it was after."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("LORAKERN_STRATEGY", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["LORAKERN_STRATEGY"] = saved
+            os.environ[name] = saved
 
 
 def tunes_on(device):
@@ -201,15 +208,8 @@ def _interpreter_switched_on():
     again to run. Left set, it would reach every child process, and any kernel
     decorated later in this process would be interpreted too.
     """
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    with _environment_variable_set("TRITON_INTERPRET", "1"):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _module_exists(name):
