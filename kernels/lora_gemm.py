@@ -22,7 +22,9 @@ in chunks of BLOCK_R (>= 16, masked), in the promoted dtype of P and Q: with
 fp32 adapters P and Q stay fp32 (IEEE or TF32 as torch allows), so neither h
 nor B is rounded to the base dtype. The mask is generated in the epilogue only,
 once per output element (dX), one Philox call per 8 elements. Accumulation is
-fp32 and out is rounded once, on store. The epilogue's term is
+fp32; the term plus bias is rounded to out's dtype before it meets L @ Rt (as
+the ``cublas`` strategy's C operand is, so both give the same bits, overflow
+included) and out is rounded once, on store. The epilogue's term is
 ``lora_term_tile`` (lora_term.py), which the ``cublas`` strategy writes alone.
 
 On sm_90 and later, with 16-bit L and Rt that TMA descriptors can describe
@@ -52,7 +54,7 @@ from ._common import (INTERPRET, TensorDescriptor, dot_precision, empty, fit_sta
                       to_storage)
 from .dropout import dropout_threshold
 from .lora_term import (RANK_BLOCKS, epilogue_rank_block, lora_term_tile,
-                        scaled_and_masked, store_with_bias, widest_rank_block)
+                        scaled_and_masked, store_base_plus_term, widest_rank_block)
 from .rank_product import rank_tile
 
 
@@ -97,18 +99,18 @@ def _lora_gemm_kernel(
 
     # ---- epilogue: c * (P @ Q) * m over the rank, in P and Q's promoted dtype
     if RANK_IN_KERNEL:
-        acc += _rank_term_in_kernel(
+        term = _rank_term_in_kernel(
             l_ptr, pr_ptr, p_ptr, q_ptr, K, R, stride_lm, stride_lk, stride_prk, stride_prr,
             stride_pm, stride_pr, stride_qr, stride_qn, offs_m, offs_n, in_m, in_n,
             pid_n * BLOCK_N, rank_scale, lora_scale, threshold, seed, BLOCK_M, BLOCK_N, BLOCK_K,
             BLOCK_R, HAS_DROPOUT, RANK_DROPOUT, UPCAST_DOT, RANK_DOT_PRECISION)
     else:
-        acc += lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
+        term = lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
                               offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N, lora_scale,
                               threshold, seed, BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT,
                               UPCAST_DOT, RANK_DOT_PRECISION)
-    store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
-                    in_m, in_n, HAS_BIAS, UPCAST_DOT)
+    store_base_plus_term(acc, term, bias_ptr, out_ptr, stride_bias, stride_om, stride_on,
+                         offs_m, offs_n, in_m, in_n, HAS_BIAS, UPCAST_DOT)
 
 
 @triton.jit
@@ -149,11 +151,11 @@ def _lora_gemm_tma_kernel(
     offs_n = col0 + tl.arange(0, BLOCK_N)
     in_m = offs_m < M
     in_n = offs_n < N
-    acc += lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
+    term = lora_term_tile(p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
                           offs_m, offs_n, in_m, in_n, col0, lora_scale, threshold, seed,
                           BLOCK_M, BLOCK_N, BLOCK_R, HAS_DROPOUT, UPCAST_DOT, RANK_DOT_PRECISION)
-    store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
-                    in_m, in_n, HAS_BIAS, UPCAST_DOT)
+    store_base_plus_term(acc, term, bias_ptr, out_ptr, stride_bias, stride_om, stride_on,
+                         offs_m, offs_n, in_m, in_n, HAS_BIAS, UPCAST_DOT)
 
 
 @triton.jit

@@ -19,8 +19,8 @@ strategies drop the same elements. ``lora_term_tile`` is the math of the term
 for one output tile; the fused GEMM (lora_gemm.py) adds the same tile in its
 epilogue. The product over the rank runs in the promoted dtype of P and Q
 (fp32 with fp32 adapters), accumulates in fp32, and out is rounded once on
-store -- one rounding more than the fused GEMM, where the term meets x W^T in
-fp32 before the store.
+store. The fused GEMM rounds its term and bias the same way before adding
+them to x W^T (``store_base_plus_term``), so the strategies agree.
 
 The kernel is bound by writing out (M x N in the base dtype); P and Q are
 small and stay in L2.
@@ -103,17 +103,48 @@ def _lora_term_kernel(
 
 
 @triton.jit
+def with_bias(tile, bias_ptr, stride_bias, offs_n, in_n, HAS_BIAS: tl.constexpr):
+    """An fp32 tile plus the bias of its columns."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=in_n, other=0.0)
+        tile = tile + bias.to(tl.float32)[None, :]
+    return tile
+
+
+@triton.jit
+def store_tile(tile, out_ptr, stride_om, stride_on, offs_m, offs_n, in_m, in_n,
+               UPCAST_DOT: tl.constexpr):
+    """An fp32 tile rounded once to out's dtype, stored."""
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om
+             + offs_n.to(tl.int64)[None, :] * stride_on,
+             to_storage(tile, out_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
 def store_with_bias(acc, bias_ptr, out_ptr, stride_bias, stride_om, stride_on, offs_m, offs_n,
                     in_m, in_n, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """out = acc + bias for an fp32 output tile, rounded once to out's dtype (the
-    LoRA term's store here, the fused GEMM's after its epilogue)."""
-    cols = offs_n.to(tl.int64)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols * stride_bias, mask=in_n, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
-             to_storage(acc, out_ptr.dtype.element_ty, UPCAST_DOT),
-             mask=in_m[:, None] & in_n[None, :])
+    """out = acc + bias for an fp32 output tile, rounded once to out's dtype."""
+    store_tile(with_bias(acc, bias_ptr, stride_bias, offs_n, in_n, HAS_BIAS), out_ptr,
+               stride_om, stride_on, offs_m, offs_n, in_m, in_n, UPCAST_DOT)
+
+
+@triton.jit
+def store_base_plus_term(acc, term, bias_ptr, out_ptr, stride_bias, stride_om, stride_on,
+                         offs_m, offs_n, in_m, in_n, HAS_BIAS: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr):
+    """out = acc + round(term + bias), rounded once to out's dtype.
+
+    The LoRA term and the bias are rounded to out's dtype before the base
+    product's fp32 accumulator takes them, as the ``cublas`` strategy's C
+    operand is (cuBLAS adds C to its fp32 accumulator and rounds once): both
+    strategies then give the same value at every batch size, overflow
+    included. For an fp32 out the extra rounding is the identity.
+    """
+    term = with_bias(term, bias_ptr, stride_bias, offs_n, in_n, HAS_BIAS)
+    term = to_storage(term, out_ptr.dtype.element_ty, UPCAST_DOT).to(tl.float32)
+    store_tile(acc + term, out_ptr, stride_om, stride_on, offs_m, offs_n, in_m, in_n,
+               UPCAST_DOT)
 
 
 @dataclass(frozen=True)

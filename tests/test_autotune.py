@@ -8,7 +8,6 @@ time preset for that candidate.
 """
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap

@@ -116,6 +116,44 @@ def test_float64_embedding_adapters_take_a_scale_beyond_float32():
     torch.testing.assert_close(y, layer["weight"][layer["ids"]], rtol=0, atol=0)
 
 
+# ---------------------------------------- one rounding rule in fp16, whatever the batch size
+def _rounding_layer(rows, adapter_dtype):
+    """fp16 rows whose exact sums show where each part is rounded (every value exact):
+    row 0: x W^T = 65536 (overflows fp16 alone), LoRA term -64: y = 65472;
+    row 1: x W^T = -256, LoRA term 2 * 32768 = 65536 (overflows fp16 alone): y = inf;
+    row 2: x W^T = 256, LoRA term 1, bias 0.5: y = 257.5."""
+    x = torch.tensor([[256.0, 1.0]]).repeat(rows, 1).half()
+    weight = torch.tensor([[256.0, 0.0], [-1.0, 0.0], [1.0, 0.0]]).half()
+    lora_A = torch.tensor([[0.0, 1.0]]).to(adapter_dtype)
+    lora_B = torch.tensor([[-32.0], [32768.0], [0.5]]).to(adapter_dtype)
+    bias = torch.tensor([0.0, 0.0, 0.5]).half()
+    return dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias, scale=2.0)
+
+
+ROUNDED_ROWS = torch.tensor([65472.0, float("inf"), 257.5])
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [1, 300])
+@pytest.mark.parametrize("path", ["fused", "cublas", "reference"])
+def test_fp16_rounds_the_lora_term_and_bias_once_then_the_sum_once_in_every_path(
+        path, rows, adapter_dtype, device, monkeypatch):
+    """y = round(x W^T + round(s * LoRA + b)): x W^T stays in fp32 until the one
+    rounding of y, the LoRA term with the bias is rounded to fp16 first (it is
+    cuBLAS's C operand). Every strategy and the reference give the same bits at
+    1 row and at 300 (where the table would switch strategy)."""
+    layer = {k: v.to(device) if torch.is_tensor(v) else v
+             for k, v in _rounding_layer(rows, adapter_dtype).items()}
+    if path == "reference":
+        y = reference.lora_linear(**layer)
+    else:
+        monkeypatch.setenv("LORAKERN_STRATEGY", path)
+        y = lorakern.lora_linear(**layer)
+    assert y.dtype == torch.float16
+    expected = ROUNDED_ROWS.half().to(device).expand(rows, 3)
+    assert torch.equal(y, expected), f"{path}: {y[0].tolist()}, expected {expected[0].tolist()}"
+
+
 # ------------------------------------------------- mixed adapter dtypes in the embedding
 @pytest.mark.parametrize("a_dtype,b_dtype", [(torch.bfloat16, torch.float32),
                                              (torch.float16, torch.float32),
