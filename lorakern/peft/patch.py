@@ -200,6 +200,10 @@ def _fused_forward(self, x, *args, **kwargs):
 def _fused_embedding(self, ids, active):
     """PEFT's ``Embedding.forward`` for one plain LoRA adapter, as one ``lora_embedding``."""
     base = self.get_base_layer()
+    if sharded.zero3_registered(base):
+        _say_once(f"lorakern: PEFT LoRA embedding '{self._lorakern_name}' runs PEFT's forward "
+                  f"under DeepSpeed ZeRO-3, not the fused kernel")
+        return _peft_forward(self, ids)
     reason = _embedding_base_reason(base) or _state_reason(self)
     if reason:
         raise ValueError(f"lorakern-patched PEFT module '{self._lorakern_name}' cannot run "
@@ -208,6 +212,15 @@ def _fused_embedding(self, ids, active):
     return lora_embedding(ids, base.weight, self.lora_embedding_A[adapter],
                           self.lora_embedding_B[adapter], self.scaling[adapter],
                           base.padding_idx)
+
+
+_SAID = set()
+
+
+def _say_once(line):
+    if line not in _SAID:
+        _SAID.add(line)
+        log.warning(line)
 
 
 def _is_patched(module):
@@ -277,7 +290,8 @@ def patch_peft(peft_model, strict=True):
         # a partial of a module-level function pickles by reference (torch.save of the
         # whole model); a bound method would pickle as getattr(module, "_fused_forward")
         module.forward = functools.partial(_fused_forward, module)
-        sharded.mark_zero3_leaf(module)
+        if not _is_peft_embedding(module):
+            sharded.mark_zero3_leaf(module)
     log.info("lorakern: patch_peft: %s", patch_summary(peft_model))
     return peft_model
 

@@ -17,6 +17,9 @@ and backward, with hooks on the modules:
   forward and backward. That takes effect when ``deepspeed.initialize`` registers
   its hooks, so ``patch_peft`` must run before it; after it, the base layers
   carry DeepSpeed's hooks and ``patch_peft`` refuses them, saying so.
+  LoRA embeddings are not made leaves: a first layer's inputs (token ids) need
+  no gradient, and DeepSpeed then releases a leaf's parameters before their
+  gradients are accumulated. Under ZeRO-3 they run PEFT's forward (said once).
 
 ``save_adapter`` gathers FSDP2 shards with ``DTensor.full_tensor()``, a
 collective: every rank calls it, rank 0 writes the files.
@@ -24,6 +27,8 @@ collective: every rank calls it, rank 0 writes the files.
 torch.distributed and deepspeed are read only when a model uses them.
 """
 import sys
+
+from torch import nn
 
 
 
@@ -100,7 +105,7 @@ def unmark_zero3_leaf(module):
     """Undo ``mark_zero3_leaf`` unless DeepSpeed has registered the module already
     (its hooks were laid out for a leaf; removing the flag would leave the base
     layer's parameters ungathered)."""
-    if not hasattr(module, "ds_id"):
+    if not zero3_registered(module):
         vars(module).pop("_z3_leaf", None)
 
 
@@ -112,9 +117,17 @@ def hooked_base_advice(base):
         return ("; fully_shard was applied to the base layer itself: apply it to a module "
                 "above the LoRA layer (the transformer block or the whole model), whose "
                 "hooks gather the base weight for the fused call")
-    if hasattr(base, "ds_id") or any(hasattr(p, "ds_id") for p in base.parameters(False)):
+    if zero3_registered(base):
+        if isinstance(base, nn.Embedding):
+            return ("; these are DeepSpeed ZeRO-3's hooks, and LoRA embeddings keep PEFT's "
+                    "forward under ZeRO-3 (patch_peft(model, strict=False) fuses the rest)")
         return ("; these are DeepSpeed ZeRO-3's hooks: call patch_peft before "
                 "deepspeed.initialize (or before the Trainer's DeepSpeed setup), so that "
                 "DeepSpeed gathers the base weight around the patched layer")
     return ""
+
+
+def zero3_registered(module):
+    """Whether deepspeed.initialize has put its ZeRO-3 hooks on ``module``."""
+    return hasattr(module, "ds_id")  # parameters carry ds_id from zero.Init on, modules from then
 
