@@ -154,6 +154,10 @@ def zero3_config():
 
 def zero3_cases(rank, out_dir):
     import deepspeed
+    import deepspeed.comm.torch  # noqa: F401 (deepspeed.comm.torch is the torch package)
+    # its shared-memory all-reduce is a C++ extension compiled on first use (a minute on
+    # two cores); gloo does the same reductions for a tiny model
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
     from lorakern.peft import patch_peft, patched_modules
 
