@@ -252,6 +252,12 @@ def patch_peft(peft_model, strict=True):
             LoRA on convolutions/attention, scaled or max_norm embeddings,
             quantized or hooked base layers. If False, such layers keep PEFT's forward and a warning lists
             them.
+    Sharded models (``sharded.py``): under FSDP2, ``patch_peft`` before or after
+    ``fully_shard`` (applied to modules above the LoRA layers); under DeepSpeed
+    ZeRO-3, before ``deepspeed.initialize`` (each patched Linear becomes a ZeRO-3
+    leaf, whose parameters DeepSpeed gathers together; LoRA embeddings run PEFT's
+    forward there).
+
     Returns:
         ``peft_model``, so that ``model = patch_peft(get_peft_model(...))`` chains.
         What was fused and what was left to PEFT (with the reason) is logged as

@@ -31,7 +31,6 @@ import sys
 from torch import nn
 
 
-
 def fsdp2_module_class():
     """``FSDPModule`` (the class ``fully_shard`` mixes into a module), or None."""
     if "torch.distributed.fsdp" not in sys.modules:
@@ -129,5 +128,6 @@ def hooked_base_advice(base):
 
 def zero3_registered(module):
     """Whether deepspeed.initialize has put its ZeRO-3 hooks on ``module``."""
-    return hasattr(module, "ds_id")  # parameters carry ds_id from zero.Init on, modules from then
+    # modules get a ds_id there; parameters already get one from deepspeed.zero.Init
+    return hasattr(module, "ds_id")
 
