@@ -22,7 +22,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 pytest.importorskip("torch.distributed.fsdp")
 
 import sharded_worker as worker  # noqa: E402
-from lorakern.peft import save_adapter  # noqa: E402
+from lorakern.peft import patch_peft, save_adapter, unpatch_peft  # noqa: E402
 from test_peft_interop import assert_close, read_config, read_weights  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -98,6 +98,19 @@ def test_fsdp2_save_adapter_writes_the_whole_adapter_once(fsdp2_ranks, tmp_path)
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), f"{key} differs from the unsharded save"
+
+
+def zero3_leaves(model):
+    return sorted(name for name, m in model.named_modules() if vars(m).get("_z3_leaf"))
+
+
+def test_patched_linear_layers_are_zero3_leaves_until_unpatched():
+    """No DeepSpeed needed: the flag its hook registration reads, set and removed."""
+    model = worker.peft_model()
+    patch_peft(model)
+    assert zero3_leaves(model) == sorted(PATCHED[1:]), "the linear layers, not the embedding"
+    unpatch_peft(model)
+    assert zero3_leaves(model) == []
 
 
 # ------------------------------------------------------------------------------------------------
