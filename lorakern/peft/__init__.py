@@ -5,6 +5,8 @@
 - ``adapter_format.py``: PEFT's adapter file names and state-dict keys;
   ``save.py``: ``save_adapter``; ``atomic_files.py``: both files replaced
   together; ``load.py``: ``load_adapter``.
+- ``sharded.py``: models sharded by FSDP2 or DeepSpeed ZeRO-3 (what the fused
+  forward and ``save_adapter`` need of them).
 
 peft, transformers and safetensors are optional: each is imported inside the
 function that needs it, never by ``import lorakern``.

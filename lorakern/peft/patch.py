@@ -21,6 +21,7 @@ from torch import nn
 from ..functional.embedding import lora_embedding
 from ..functional.linear import lora_linear
 from ..layers.linear import conv1d_class
+from . import sharded
 
 log = logging.getLogger("lorakern")
 
@@ -41,15 +42,16 @@ def _is_peft_embedding(module):
     return type(module).__name__ == "Embedding" and hasattr(module, "lora_embedding_A")
 
 
-def _embedding_base_reason(base):
-    """Why a PEFT LoRA Embedding's base layer cannot run fused, or None."""
+def _embedding_base_reason(base, shards_gathered=False):
+    """Why a PEFT LoRA Embedding's base layer cannot run fused, or None (``shards_gathered``:
+    FSDP2 puts the whole weight in place of a DTensor shard for the forward)."""
     if not isinstance(base, nn.Embedding) or type(base).forward is not nn.Embedding.forward:
         return (f"its base layer is a {type(base).__module__}.{type(base).__qualname__}, not an "
                 f"nn.Embedding with its own forward (scaled embeddings are not fused)")
     if "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
         return ("its base layer has forward hooks or a replaced forward (e.g. accelerate "
-                "offloading), which the fused call would bypass")
-    if type(base.weight.data) is not torch.Tensor or not base.weight.dtype.is_floating_point:
+                "offloading), which the fused call would bypass" + sharded.hooked_base_advice(base))
+    if not _plain(base.weight, shards_gathered) or not base.weight.dtype.is_floating_point:
         return (f"its base weight is a {type(base.weight.data).__name__} of dtype "
                 f"{base.weight.dtype}, not a plain floating-point tensor")
     for flag in ("max_norm", "scale_grad_by_freq", "sparse"):
@@ -58,11 +60,17 @@ def _embedding_base_reason(base):
     return None
 
 
-def _base_weight_and_bias(base):
+def _plain(t, shards_gathered):
+    return type(t.data) is torch.Tensor or (shards_gathered and sharded.is_dtensor(t))
+
+
+def _base_weight_and_bias(base, shards_gathered=False):
     """(weight as (out, in), bias) of a plain nn.Linear or Conv1D base layer, or a reason why not.
 
     The fused call replaces ``base(x)`` by ``x W^T + b``: only right when the base's
-    forward is exactly that, with no hooks around it and a plain float weight.
+    forward is exactly that, with no hooks around it and a plain float weight (or, with
+    ``shards_gathered``, a DTensor shard that FSDP2 replaces by the whole weight for
+    the forward).
     """
     conv1d = conv1d_class()
     if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
@@ -75,11 +83,12 @@ def _base_weight_and_bias(base):
                       f"(quantized and parallel layers are not fused)")
     if "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
         return None, ("its base layer has forward hooks or a replaced forward (e.g. accelerate "
-                      "offloading), which the fused call would bypass")
+                      "offloading), which the fused call would bypass"
+                      + sharded.hooked_base_advice(base))
     for label, t in (("weight", base.weight), ("bias", base.bias)):
         if t is None:
             continue
-        if type(t.data) is not torch.Tensor or not t.dtype.is_floating_point:
+        if not _plain(t, shards_gathered) or not t.dtype.is_floating_point:
             return None, (f"its base {label} is a {type(t.data).__name__} of dtype {t.dtype} "
                           f"(quantized or sharded), not a plain floating-point tensor")
     return (weight, base.bias), None
@@ -130,18 +139,18 @@ def _state_reason(module):
     return None
 
 
-def _unservable(module, fused_classes):
+def _unservable(module, fused_classes, shards_gathered=False):
     """The reason a module (a PEFT LoRA layer) cannot be patched, or None."""
-    if type(module) not in fused_classes:
+    if sharded.unsharded_class(module) not in fused_classes:
         cls = type(module)
         return (f"it is a PEFT {cls.__module__}.{cls.__qualname__} layer, not "
                 f"peft.tuners.lora.layer.Linear or Embedding: lorakern fuses LoRA on nn.Linear, "
                 f"Conv1D and nn.Embedding only (not convolutions, attention, quantized or "
                 f"parallel layers)")
     if _is_peft_embedding(module):
-        reason = _embedding_base_reason(module.get_base_layer())
+        reason = _embedding_base_reason(module.get_base_layer(), shards_gathered)
     else:
-        _, reason = _base_weight_and_bias(module.get_base_layer())
+        _, reason = _base_weight_and_bias(module.get_base_layer(), shards_gathered)
     return reason or _state_reason(module)
 
 
@@ -191,6 +200,10 @@ def _fused_forward(self, x, *args, **kwargs):
 def _fused_embedding(self, ids, active):
     """PEFT's ``Embedding.forward`` for one plain LoRA adapter, as one ``lora_embedding``."""
     base = self.get_base_layer()
+    if sharded.zero3_registered(base):
+        _say_once(f"lorakern: PEFT LoRA embedding '{self._lorakern_name}' runs PEFT's forward "
+                  f"under DeepSpeed ZeRO-3, not the fused kernel")
+        return _peft_forward(self, ids)
     reason = _embedding_base_reason(base) or _state_reason(self)
     if reason:
         raise ValueError(f"lorakern-patched PEFT module '{self._lorakern_name}' cannot run "
@@ -199,6 +212,15 @@ def _fused_embedding(self, ids, active):
     return lora_embedding(ids, base.weight, self.lora_embedding_A[adapter],
                           self.lora_embedding_B[adapter], self.scaling[adapter],
                           base.padding_idx)
+
+
+_SAID = set()
+
+
+def _say_once(line):
+    if line not in _SAID:
+        _SAID.add(line)
+        log.warning(line)
 
 
 def _is_patched(module):
@@ -230,6 +252,12 @@ def patch_peft(peft_model, strict=True):
             LoRA on convolutions/attention, scaled or max_norm embeddings,
             quantized or hooked base layers. If False, such layers keep PEFT's forward and a warning lists
             them.
+    Sharded models (``sharded.py``): under FSDP2, ``patch_peft`` before or after
+    ``fully_shard`` (applied to modules above the LoRA layers); under DeepSpeed
+    ZeRO-3, before ``deepspeed.initialize`` (each patched Linear becomes a ZeRO-3
+    leaf, whose parameters DeepSpeed gathers together; LoRA embeddings run PEFT's
+    forward there).
+
     Returns:
         ``peft_model``, so that ``model = patch_peft(get_peft_model(...))`` chains.
         What was fused and what was left to PEFT (with the reason) is logged as
@@ -243,10 +271,11 @@ def patch_peft(peft_model, strict=True):
         raise ValueError(f"patch_peft: no PEFT LoRA layers in this {type(peft_model).__name__}")
     refused = []
     to_patch = []
+    gathered = sharded.fsdp2_gathered_modules(peft_model)
     for name, module in layers:
         if _is_patched(module):
             continue
-        reason = _unservable(module, fused_classes)
+        reason = _unservable(module, fused_classes, id(module) in gathered)
         if reason:
             refused.append(f"'{name}': {reason}")
         else:
@@ -267,6 +296,8 @@ def patch_peft(peft_model, strict=True):
         # a partial of a module-level function pickles by reference (torch.save of the
         # whole model); a bound method would pickle as getattr(module, "_fused_forward")
         module.forward = functools.partial(_fused_forward, module)
+        if not _is_peft_embedding(module):
+            sharded.mark_zero3_leaf(module)
     log.info("lorakern: patch_peft: %s", patch_summary(peft_model))
     return peft_model
 
@@ -302,11 +333,12 @@ def patch_summary(model):
     ``unpatch_peft`` or adapter changes): computed from the modules, never stored."""
     fused_classes, lora_layer_cls = _peft_lora_classes()
     fused, left = [], {}
+    gathered = sharded.fsdp2_gathered_modules(model)
     for name, module in model.named_modules():
         if _is_patched(module):
             fused.append(name)
         elif isinstance(module, lora_layer_cls):
-            left[name] = (_unservable(module, fused_classes)
+            left[name] = (_unservable(module, fused_classes, id(module) in gathered)
                           or "fusable, not patched (patch_peft patches it)")
     return PatchSummary(fused, left)
 
@@ -322,5 +354,6 @@ def unpatch_peft(peft_model):
         if _is_patched(module):
             del module.forward
             del module._lorakern_name
+            sharded.unmark_zero3_leaf(module)
             restored += 1
     return restored

@@ -21,6 +21,7 @@ from ..layers.embedding import LoRAEmbedding
 from ..models.targets import exact_regex
 from .adapter_format import PREFIX, adapter_keys, max_norm_problem
 from .atomic_files import write_adapter_files
+from .sharded import full_tensor, wait_for_writer, writes_files
 
 
 def _lora_layers(model):
@@ -176,6 +177,11 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
     ``load_adapter`` refuses a config that disagrees (PEFT's ``from_pretrained``
     does not check). The temporaries of killed saves are removed by the next
     save into ``path``.
+
+    On a model sharded by FSDP2 (``fully_shard``), every rank calls
+    ``save_adapter``: each gathers the whole A and B of every layer
+    (``DTensor.full_tensor()``, a collective), rank 0 writes the files, and no rank
+    returns before they are written.
     """
     _refuse_peft_layers(model)
     layers = _lora_layers(model)
@@ -237,19 +243,20 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
         "use_dora": False,
     }
 
-    def cpu(t):
-        # own storage: safetensors refuses shared or strided tensors
-        return t.detach().to("cpu", copy=True).contiguous()
-
-    tensors = {}
+    sources = {}
     for name, m in layers:
         key_a, key_b = adapter_keys(name, m)
-        tensors[key_a] = cpu(m.lora_A)
-        tensors[key_b] = cpu(m.lora_B)
+        sources[key_a], sources[key_b] = m.lora_A, m.lora_B
     for module_path, module in saved_whole.items():
         for key, t in module.state_dict().items():
-            tensors[f"{PREFIX}{module_path}.{key}"] = cpu(t)
+            sources[f"{PREFIX}{module_path}.{key}"] = t
+    # own storage: safetensors refuses shared or strided tensors; an FSDP2 shard is
+    # gathered whole on every rank (in the same key order on all of them)
+    tensors = {key: full_tensor(t.detach()).to("cpu", copy=True).contiguous()
+               for key, t in sources.items()}
 
-    os.makedirs(path, exist_ok=True)
-    write_adapter_files(path, config, tensors)
+    if writes_files(sources.values()):
+        os.makedirs(path, exist_ok=True)
+        write_adapter_files(path, config, tensors)
+    wait_for_writer(sources.values())
     return path
