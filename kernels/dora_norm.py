@@ -4,9 +4,10 @@ Shapes: W (N, K) in its storage dtype, any strides; A (R, K), B (N, R) any float
 dtype. For each row i of W (one output feature):
 
     P   = W A^T                                  (N, R), fp32, the only pass over W
-    C   = A A^T                                  (R, R), fp32, made by the launcher
+    t_i = s^2 B_i (A A^T) B_i^T                  (N,), fp32, made by the launcher
+                                                 (an r x r and an N x r product)
     q_i = ||W_i||^2                              fp32; cached by the caller per weight
-    n_i = sqrt(q_i + 2 s B_i . P_i + s^2 B_i C B_i^T)
+    n_i = sqrt(q_i + 2 s B_i . P_i + t_i)
 
 which is ||W_i + s (B A)_i|| expanded. One program takes BLOCK_N rows of W,
 reads them once in (BLOCK_N, BLOCK_K) tiles upcast to fp32 (the dense norm is
@@ -27,7 +28,7 @@ from ._common import empty, launching, rank_block
 @triton.jit
 def _dora_norm_kernel(
     # pointers
-    w_ptr, a_ptr, b_ptr, c_ptr, norm_ptr, sq_ptr,
+    w_ptr, a_ptr, b_ptr, quad_ptr, norm_ptr, sq_ptr,
     # sizes
     N, K, R,
     # strides
@@ -61,13 +62,11 @@ def _dora_norm_kernel(
     if SQ_GIVEN:
         sq = tl.load(sq_ptr + offs_n, mask=rows, other=0.0)
 
-    # ---- the rank terms: 2 s B_i . P_i + s^2 B_i C B_i^T
+    # ---- the rank terms: 2 s B_i . P_i, and s^2 B_i C B_i^T as the launcher made it
     b = tl.load(b_ptr + rows64 * stride_bn + offs_r[None, :].to(tl.int64) * stride_br,
                 mask=rows[:, None] & ranks[None, :], other=0.0).to(tl.float32)
-    c = tl.load(c_ptr + ranks64 * BLOCK_R + offs_r[None, :],
-                mask=ranks[:, None] & ranks[None, :], other=0.0)
-    bc = tl.dot(b, c, input_precision="ieee")
-    total = sq + 2.0 * scale * tl.sum(b * p, axis=1) + scale * scale * tl.sum(bc * b, axis=1)
+    quad = tl.load(quad_ptr + offs_n, mask=rows, other=0.0)
+    total = sq + 2.0 * scale * tl.sum(b * p, axis=1) + quad
     tl.store(norm_ptr + offs_n, tl.sqrt(tl.maximum(total, 0.0)), mask=rows)
     if not SQ_GIVEN:
         tl.store(sq_ptr + offs_n, sq, mask=rows)
@@ -75,11 +74,13 @@ def _dora_norm_kernel(
 
 def norm_config(block_r):
     """(BLOCK_N, BLOCK_K, num_warps): the fp32 P tile (BLOCK_N x BLOCK_R) and A tile
-    (BLOCK_R x BLOCK_K) kept within about 16K registers' worth per program."""
+    (BLOCK_R x BLOCK_K) small enough to stay in registers (no spills on sm_80/sm_90)."""
     if block_r <= 32:
         return 64, 64, 4
-    if block_r <= 128:
+    if block_r <= 64:
         return 32, 32, 4
+    if block_r <= 128:
+        return 16, 32, 4
     return 16, 16, 8
 
 
@@ -92,9 +93,8 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, row_sq_norms=None):
     n, k = weight.shape
     r = lora_a.shape[0]
     block_r = rank_block(r)
-    a32 = lora_a.float()
-    gram = torch.zeros((block_r, block_r), dtype=torch.float32, device=weight.device)
-    gram[:r, :r] = a32 @ a32.t()
+    a32, b32 = lora_a.float(), lora_b.float()
+    quad = ((b32 @ (a32 @ a32.t())) * b32).sum(1).mul_(float(scale) ** 2)
     norm = empty((n,), torch.float32, weight.device)
     sq_given = row_sq_norms is not None
     sq = row_sq_norms if sq_given else empty((n,), torch.float32, weight.device)
@@ -103,7 +103,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, row_sq_norms=None):
     block_n, block_k, warps = norm_config(block_r)
     with launching("dora_norm"):
         _dora_norm_kernel[(triton.cdiv(n, block_n),)](
-            weight, lora_a, lora_b, gram, norm, sq,
+            weight, lora_a, lora_b, quad, norm, sq,
             n, k, r,
             weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_b.stride(0), lora_b.stride(1),
