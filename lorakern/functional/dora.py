@@ -95,6 +95,19 @@ def dense_weight_norm(weight, lora_A, lora_B, scale, dtype):
         return torch.linalg.norm(dense, dim=1)
 
 
+def dense_weight_norm_chunked(weight, lora_A, lora_B, scale, rows_per_step=1024):
+    """``dense_weight_norm`` in float32 (at least) a block of rows at a time: a layer's
+    initial magnitude and its merge, with a few block-sized temporaries."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    with torch.no_grad():
+        a, b = lora_A.to(weight.device, compute), lora_B.to(weight.device, compute)
+        parts = [torch.linalg.norm(weight[start:start + rows_per_step].to(compute)
+                                   + scale * (b[start:start + rows_per_step] @ a), dim=1)
+                 for start in range(0, weight.shape[0], rows_per_step)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=compute,
+                                                          device=weight.device)
+
+
 def dora_linear_unchecked(x, weight, lora_A, lora_B, magnitude, scale, bias, dropout_p):
     keep_mask = None
     if dropout_p > 0.0:
