@@ -77,3 +77,63 @@ def test_dora_on_an_embedding_is_refused_by_name():
     model = _dora_model(["up", "embed"])
     with pytest.raises(ValueError, match="'base_model.model.embed'.*DoRA.*Embedding"):
         lorakern.patch_peft(model)
+
+
+def _linear_model():
+    torch.manual_seed(SEED)
+    return nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 7))
+
+
+def _randomised(model):
+    torch.manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+            if "magnitude" in name:
+                param.mul_(torch.rand_like(param) + 0.5)
+    return model
+
+
+def test_inject_lora_use_dora_makes_trainable_dora_layers_merge_and_unmerge_exactly():
+    from lorakern.models.inject import inject_lora
+    from peft import LoraConfig
+    model = inject_lora(_linear_model(), config=LoraConfig(r=3, target_modules=["0", "2"],
+                                                            use_dora=True))
+    assert all(type(model[i]).__name__ == "DoRALinear" for i in (0, 2))
+    assert model[0].lora_magnitude.requires_grad and not model[0].weight.requires_grad
+    with pytest.raises(ValueError, match=r"use_dora=True on embedding targets \['1'\]"):
+        inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Embedding(5, 4)), ["0", "1"],
+                    use_dora=True)
+    _randomised(model)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    model.double()
+    before = model(x)
+    weights = [model[i].weight.clone() for i in (0, 2)]
+    lorakern.merge_lora(model)
+    assert_matches_oracle(model(x), before.detach(), torch.float32, "merged")
+    lorakern.unmerge_lora(model)
+    for i, w in zip((0, 2), weights):
+        assert_matches_oracle(model[i].weight, w, torch.float32, f"unmerged {i}")
+    assert "lora_magnitude" in lorakern.format_lora_report(model)
+
+
+def test_dora_adapter_files_round_trip_with_peft_both_ways(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from lorakern.models.inject import inject_lora
+    x = torch.randn(5, 12)
+    # lorakern -> PEFT
+    ours = _randomised(inject_lora(_linear_model(), ["0", "2"], r=3, alpha=6, use_dora=True))
+    lorakern.save_adapter(ours, tmp_path / "lk")
+    theirs = PeftModel.from_pretrained(_linear_model(), tmp_path / "lk").eval()
+    with torch.no_grad():
+        assert_matches_oracle(theirs(x), ours.eval()(x).double(), torch.float32, "PEFT <- lk")
+    # PEFT -> lorakern
+    peft_model = _randomised(get_peft_model(_linear_model(), LoraConfig(
+        r=2, lora_alpha=5, target_modules=["0", "2"], use_dora=True, use_rslora=True)))
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lorakern.load_adapter(_linear_model(), tmp_path / "peft").eval()
+    assert type(loaded[2]).__name__ == "DoRALinear"
+    with torch.no_grad():
+        assert_matches_oracle(loaded(x), peft_model.eval()(x).double(), torch.float32,
+                              "lk <- PEFT")

@@ -52,15 +52,20 @@ class DoRALinear(LoRALinear):
 
     # ------------------------------------------------------------------ merging
     def _apply_delta(self, sign, check=True):
+        norm = self._norm_for(sign)
+        super()._apply_delta(sign, check)
+        self._merge_norm = norm if sign > 0 else None
+
+    def _norm_for(self, sign):
+        """n of the unmerged weight: taken now to merge, the one kept at merge to unmerge."""
         if sign > 0:
-            self._merge_norm = self.adapter_norm()
-        elif getattr(self, "_merge_norm", None) is None:
+            return self.adapter_norm()
+        norm = getattr(self, "_merge_norm", None)
+        if norm is None:
             raise RuntimeError(f"{type(self).__name__}.unmerge: this DoRA layer was loaded "
                                f"merged; the norm of its unmerged weight is not in the state "
                                f"dict, so it cannot be unmerged")
-        super()._apply_delta(sign, check)
-        if sign < 0:
-            self._merge_norm = None
+        return norm
 
     def _delta_chunks(self, sign, scale):
         """Yields (stored weight rows, their merged or unmerged values in the weight's
@@ -72,7 +77,7 @@ class DoRALinear(LoRALinear):
         a = self.lora_A.detach().to(weight.device, compute)
         b = self.lora_B.detach().to(weight.device, compute)
         factor = (self.lora_magnitude.detach().to(weight.device, compute)
-                  / self._merge_norm.to(weight.device, compute))
+                  / self._norm_for(sign).to(weight.device, compute))
         step = max(1, int(MERGE_CHUNK_ROWS))
         for start in range(0, weight.shape[0], step):
             stop = min(start + step, weight.shape[0])
@@ -87,3 +92,6 @@ class DoRALinear(LoRALinear):
 
     def extra_repr(self):
         return super().extra_repr() + ", use_dora=True"
+
+
+LoRALinear.dora_class = DoRALinear

@@ -64,11 +64,11 @@ def _reset_linear(weight, bias):
 
 
 def _layer_class(cls, use_dora):
-    """``cls``, or DoRALinear for ``use_dora`` (imported here: it builds on LoRALinear)."""
+    """``cls``, or for ``use_dora`` the DoRA layer (``dora.py`` registers it as
+    ``LoRALinear.dora_class``: it builds on LoRALinear)."""
     if not use_dora or cls.use_dora:
         return cls
-    from .dora import DoRALinear
-    return DoRALinear
+    return LoRALinear.dora_class
 
 
 class LoRALinear(LoRALayer):
@@ -111,6 +111,7 @@ class LoRALinear(LoRALayer):
     """
 
     use_dora = False
+    dora_class = None  # DoRALinear, set by dora.py
 
     def __new__(cls, *args, use_dora=False, **kwargs):
         return super().__new__(_layer_class(cls, use_dora))
