@@ -122,19 +122,27 @@ def _dora_inputs(lead, k, n, r, bias, base_dtype, adapter_dtype, device):
             for name, t in inputs.items()}
 
 
-# (lead, in, out, r, bias, dropout_p, base dtype, adapter dtype)
+# (lead, in, out, r, bias, dropout_p, base dtype, adapter dtype, a zero in m): M < in
+# scales the output, M >= in folds g into W, a zero m_i or dropout saves z
 KERNEL_CASES = [
-    ((2, 5), 24, 20, 3, True, 0.0, torch.float32, torch.float32),
-    ((7,), 19, 23, 20, False, 0.3, torch.float32, torch.float32),
-    ((9,), 32, 17, 5, True, 0.2, torch.bfloat16, torch.float32),
+    ((2, 5), 24, 20, 3, True, 0.0, torch.float32, torch.float32, False),
+    ((40,), 24, 20, 3, True, 0.0, torch.float32, torch.float32, False),
+    ((4, 9), 32, 17, 5, True, 0.0, torch.bfloat16, torch.float32, False),
+    ((3,), 16, 12, 2, False, 0.0, torch.bfloat16, torch.bfloat16, True),
+    ((7,), 19, 23, 20, False, 0.3, torch.float32, torch.float32, False),
+    ((9,), 32, 17, 5, True, 0.2, torch.bfloat16, torch.float32, False),
 ]
 
 
-@pytest.mark.parametrize("lead, k, n, r, bias, p, base_dtype, adapter_dtype", KERNEL_CASES)
+@pytest.mark.parametrize("lead, k, n, r, bias, p, base_dtype, adapter_dtype, zero_m",
+                         KERNEL_CASES)
 def test_kernels_match_the_float64_reference(lead, k, n, r, bias, p, base_dtype,
-                                             adapter_dtype, device, monkeypatch):
+                                             adapter_dtype, zero_m, device, monkeypatch):
     monkeypatch.setattr(dora, "draw_seed", lambda: SEED)
     inputs = _dora_inputs(lead, k, n, r, bias, base_dtype, adapter_dtype, device)
+    if zero_m:
+        with torch.no_grad():
+            inputs["magnitude"][1] = 0.0
     launches = dict(kernels.launch_counts)
     y = dora.dora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"],
                          inputs["magnitude"], 7 / r, inputs["bias"], p)

@@ -170,12 +170,27 @@ def weight_row_norms(weight, lora_A, lora_B, scale):
     return norm
 
 
-def _lora_product(kernels, x2, w, lora_A, lora_B, scale):
-    """(x W^T + s (x A^T) B^T, x A^T) by the LoRA launch sequence, no bias, no dropout."""
+def _lora_product(kernels, x2, w, lora_A, lora_B, scale, bias=None):
+    """(x W^T + b + s (x A^T) B^T, x A^T) by the LoRA launch sequence, no dropout."""
     def run(plan):
-        return kernels.lora_forward(x2, w, lora_A, lora_B, None, scale, 0.0, 0, plan)
+        return kernels.lora_forward(x2, w, lora_A, lora_B, bias, scale, 0.0, 0, plan)
 
     return run(choose_plan("forward", kernels, x2, w, lora_A, lora_B, 0.0, run))
+
+
+def folds_into_weight(rows, in_features):
+    """Whether g goes into W's rows (one read and write of W, out x in elements) rather
+    than onto the output and dY (a read and write of M x out each): the fold is
+    cheaper once M >= in_features."""
+    return rows >= in_features
+
+
+def _folded(w, lora_B, column_scale):
+    """(g * W, g * B) in W's and B's dtypes: DoRA without dropout is LoRA on these."""
+    w_g = torch.empty_like(w)
+    torch.mul(w, column_scale[:, None], out=w_g)  # fp32 products, rounded once
+    b_g = (lora_B.float() * column_scale[:, None]).to(lora_B.dtype)
+    return w_g, b_g
 
 
 def _keep_factor(kernels, x2, dropout_p, seed):
@@ -188,13 +203,19 @@ def _column_scale(magnitude, norm):
     return magnitude.float() / norm
 
 
-def _dora_forward(x2, w, lora_A, lora_B, magnitude, bias, scale, dropout_p, seed, norm):
-    """(y, h, z): y [M, out] in x's dtype, h = x' A^T, z = x' W^T + s h B^T."""
+def _dora_forward(x2, w, lora_A, lora_B, magnitude, bias, scale, dropout_p, seed, norm,
+                  plan):
+    """(y, h, z): y [M, out] in x's dtype, h = x' A^T, and z = x' W^T + s h B^T when
+    ``plan`` is "save z" (else None). ``plan``: "fold", "scale output" or "save z"."""
     kernels = load_kernels(x2.device)
     column_scale = _column_scale(magnitude, norm)
+    if plan == "fold":
+        w_g, b_g = _folded(w, lora_B, column_scale)
+        y, h = _lora_product(kernels, x2, w_g, lora_A, b_g, scale, bias)
+        return y, h, None
     if dropout_p == 0.0:
         z, h = _lora_product(kernels, x2, w, lora_A, lora_B, scale)
-        y = z.float() * column_scale
+        y = z.mul_(column_scale) if plan == "scale output" else z * column_scale
     else:
         dropped = (x2.float() * _keep_factor(kernels, x2, dropout_p, seed)).to(x2.dtype)
         z, h = _lora_product(kernels, dropped, w, lora_A, lora_B, scale)
@@ -202,12 +223,21 @@ def _dora_forward(x2, w, lora_A, lora_B, magnitude, bias, scale, dropout_p, seed
         y = torch.mm(x2 - dropped, w.t()).float().add_(z.float() * column_scale)
     if bias is not None:
         y.add_(bias)
-    return y.to(x2.dtype), h, z
+    return y.to(x2.dtype), h, (z if plan == "save z" else None)
+
+
+def _forward_plan(x2, magnitude, dropout_p):
+    """How the forward applies g and what dm reads: "fold" and "scale output" save the
+    output y (z = (y - b) / g); with dropout, or some m_i = 0 (one read of m, a sync on
+    a GPU), z is saved."""
+    if dropout_p > 0.0 or not bool((magnitude != 0).all()):
+        return "save z"
+    return "fold" if folds_into_weight(x2.shape[0], x2.shape[1]) else "scale output"
 
 
 def _grad_magnitude(ctx, dy, kept, bias, magnitude, norm):
     """dm = sum_rows(dY * z) / n; from y itself, sum_rows(dY * (y - b)) / m."""
-    if ctx.kept_output:
+    if ctx.plan != "save z":
         shifted = kept.float() if bias is None else kept.float() - bias.float()
         return (dy.float() * shifted).sum(0).div_(magnitude.float()).to(magnitude.dtype)
     return (dy.float() * kept.float()).sum(0).div_(norm).to(magnitude.dtype)
@@ -219,19 +249,33 @@ def _dora_backward(ctx, grad_y):
     kernels = load_kernels(grad_y.device)
     scale, dropout_p, seed = ctx.scale, ctx.dropout_p, ctx.seed
     dy = unit_rows(flatten(grad_y), "dY")
-    dz = (dy.float() * _column_scale(magnitude, norm)).to(dy.dtype)
+    column_scale = _column_scale(magnitude, norm)
     grad_x = grad_a = grad_b = grad_m = grad_bias = None
     if need_m:
         grad_m = _grad_magnitude(ctx, dy, kept, bias, magnitude, norm)
-    if need_bias:
-        grad_bias = dy.sum(0, dtype=torch.float32).to(grad_y.dtype)
     if need_b:
         grad_b = kernels.empty(lora_B.shape, lora_B.dtype, dy.device)
-    # G = dZ B (for dX and dA) and dB = s dZ^T h in one pass over dZ
-    g = kernels.lora_grad_output(dz, lora_A, lora_B, h, scale, grad_b, None, need_x or need_a)
+    if ctx.plan == "fold":
+        # LoRA's backward on (g W, g B) with dY: G = dY (g B) = dZ B, and dB = g (s dY^T h)
+        w_g, b_g = _folded(w, lora_B, column_scale)
+        if need_bias and need_b:
+            grad_bias = kernels.empty(w.shape[0], grad_y.dtype, dy.device)
+        g = kernels.lora_grad_output(dy, lora_A, b_g, h, scale, grad_b, grad_bias,
+                                     need_x or need_a)
+        if need_b:
+            grad_b.copy_(grad_b.float() * column_scale[:, None])
+        dz, w_used, b_used = dy, w_g, b_g
+    else:
+        dz = (dy.float() * column_scale).to(dy.dtype)
+        # G = dZ B (for dX and dA) and dB = s dZ^T h in one pass over dZ
+        g = kernels.lora_grad_output(dz, lora_A, lora_B, h, scale, grad_b, None,
+                                     need_x or need_a)
+        w_used, b_used = w, lora_B
+    if need_bias and grad_bias is None:
+        grad_bias = dy.sum(0, dtype=torch.float32).to(grad_y.dtype)
     if need_x:
-        grad_x = _grad_input(kernels, dy, dz, w, lora_A, lora_B, g, scale, dropout_p, seed,
-                             x2).reshape(grad_y.shape[:-1] + (w.shape[1],))
+        grad_x = _grad_input(kernels, dy, dz, w_used, lora_A, b_used, g, scale, dropout_p,
+                             seed, x2).reshape(grad_y.shape[:-1] + (w.shape[1],))
     if need_a:
         grad_a = kernels.empty(lora_A.shape, lora_A.dtype, dy.device)
         # dA^T = s G^T x', the mask regenerated per x tile as for LoRA
@@ -265,12 +309,10 @@ class FusedDoRALinear(torch.autograd.Function):
         w = DenseWeight(weight).kernel_operand()
         lora_A, lora_B = unit_rows(lora_A, "lora_A"), unit_rows(lora_B, "lora_B")
         norm = weight_row_norms(w, lora_A, lora_B, scale)
+        ctx.plan = _forward_plan(x2, magnitude, dropout_p)
         y, h, z = _dora_forward(x2, w, lora_A, lora_B, magnitude, bias, scale, dropout_p,
-                                seed, norm)
-        # without dropout z = (y - b) / g: y, the output itself, serves dm, unless some
-        # m_i is 0 (one read of m, a sync on a GPU)
-        ctx.kept_output = dropout_p == 0.0 and bool((magnitude != 0).all())
-        kept = y if ctx.kept_output else z
+                                seed, norm, ctx.plan)
+        kept = z if ctx.plan == "save z" else y
         ctx.save_for_backward(x2, w, lora_A, lora_B, magnitude, bias, h, kept, norm)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         return y.view(*x.shape[:-1], weight.shape[0])
