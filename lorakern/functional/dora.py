@@ -26,10 +26,22 @@ reference (``dora_linear_masked``) takes the norm PEFT's way, on the dense sum, 
 the oracle. The rank product and the scale g are in the promoted dtype of x, A, B
 and m (fp32 adapters on a 16-bit base compute in fp32, as PEFT does); y has x's dtype.
 
-Saved for the kernels' backward (``FusedDoRALinear``), beyond LoRA's x and h = x' A^T:
-g and n (2 * out * 4 bytes) and, for dm, the layer's own output y without dropout
-(z = (y - b) / g, nothing copied; z itself when some m_i is 0), z (M x out, x's
-dtype) with dropout, as PEFT keeps its base product.
+The kernels' path (``FusedDoRALinear``) without dropout is LoRA's launch sequence
+with g applied one of two ways, by cost (``folds_into_weight``):
+
+- M >= in_features: g folded into W's and B's rows, ``y = x (gW)^T + b + s h (gB)^T``,
+  and the backward is LoRA's on (dY, gW, gB): G = dY (gB) = dZ B, dX = dY (gW) + s G A,
+  dB = g * (s dY^T h). gW (out x in, W's dtype) is made in the forward and again in
+  the backward, and freed after each GEMM: one read and one write of W per direction.
+- M < in_features: y = g * z + b in place on the kernels' z, and dZ = g * dY.
+
+With dropout: drop(x) from the kernels' regenerated keep-mask (never stored), z by
+the LoRA sequence on it, the second base product (x - drop(x)) W^T by torch's matmul.
+
+Saved for the backward beyond LoRA's (x, h = x' A^T, W, A, B): m and n ((out,)
+each), and for dm the layer's own output y (no copy; z = (y - b) / g); z itself
+(M x out, x's dtype, as PEFT keeps its base product) with dropout or when some m_i
+is 0. ||W_i||^2 (out x 4 bytes) is kept per weight across calls.
 """
 import threading
 import weakref
@@ -236,11 +248,15 @@ def _forward_plan(x2, magnitude, dropout_p):
 
 
 def _grad_magnitude(ctx, dy, kept, bias, magnitude, norm):
-    """dm = sum_rows(dY * z) / n; from y itself, sum_rows(dY * (y - b)) / m."""
-    if ctx.plan != "save z":
-        shifted = kept.float() if bias is None else kept.float() - bias.float()
-        return (dy.float() * shifted).sum(0).div_(magnitude.float()).to(magnitude.dtype)
-    return (dy.float() * kept.float()).sum(0).div_(norm).to(magnitude.dtype)
+    """dm = sum_rows(dY * z) / n; from y itself, (sum_rows(dY * y) - b * sum_rows(dY)) / m.
+    Each column's dot product in one batched product (fp32 accumulation, one read of dY
+    and of y or z; no M x out temporary)."""
+    column_dots = torch.einsum("mj,mj->j", dy, kept).float()
+    if ctx.plan == "save z":
+        return column_dots.div_(norm).to(magnitude.dtype)
+    if bias is not None:
+        column_dots.sub_(bias.float() * dy.sum(0, dtype=torch.float32))
+    return column_dots.div_(magnitude.float()).to(magnitude.dtype)
 
 
 def _dora_backward(ctx, grad_y):
