@@ -205,10 +205,14 @@ def _folded(w, lora_B, column_scale):
     return w_g, b_g
 
 
-def _keep_factor(kernels, x2, dropout_p, seed):
-    """mask / (1 - p_eff) as fp32 (M, in): the kernels' keep-mask, regenerated."""
-    keep = kernels.dropout_keep_mask(x2.shape[0], x2.shape[1], dropout_p, seed, x2.device)
-    return torch.where(keep, kernels.keep_scale(dropout_p), 0.0)
+def _keep_mask(kernels, x2, dropout_p, seed):
+    """The kernels' keep-mask (M, in), bool, regenerated from the seed."""
+    return kernels.dropout_keep_mask(x2.shape[0], x2.shape[1], dropout_p, seed, x2.device)
+
+
+def _masked(t, keep, kernels, dropout_p):
+    """t * mask / (1 - p_eff), in t's dtype (a where and a scale: no fp32 copy)."""
+    return torch.where(keep, t, 0).mul_(kernels.keep_scale(dropout_p))
 
 
 def _column_scale(magnitude, norm):
@@ -229,10 +233,10 @@ def _dora_forward(x2, w, lora_A, lora_B, magnitude, bias, scale, dropout_p, seed
         z, h = _lora_product(kernels, x2, w, lora_A, lora_B, scale)
         y = z.mul_(column_scale) if plan == "scale output" else z * column_scale
     else:
-        dropped = (x2.float() * _keep_factor(kernels, x2, dropout_p, seed)).to(x2.dtype)
+        dropped = _masked(x2, _keep_mask(kernels, x2, dropout_p, seed), kernels, dropout_p)
         z, h = _lora_product(kernels, dropped, w, lora_A, lora_B, scale)
-        # PEFT's second product with W, on the dropped input
-        y = torch.mm(x2 - dropped, w.t()).float().add_(z.float() * column_scale)
+        # PEFT's second product with W, on the dropped input: (x - x') W^T + g z
+        y = torch.mm(x2 - dropped, w.t()).addcmul_(z, column_scale.to(z.dtype))
     if bias is not None:
         y.add_(bias)
     return y.to(x2.dtype), h, (z if plan == "save z" else None)
@@ -309,9 +313,9 @@ def _grad_input(kernels, dy, dz, w, lora_A, lora_B, g, scale, dropout_p, seed, x
     dx = run(choose_plan("grad_input", kernels, dz, w, lora_A, lora_B, 0.0, run))
     if dropout_p == 0.0:
         return dx
-    plain = torch.mm(dy, w).float()
-    keep = _keep_factor(kernels, x2, dropout_p, seed)
-    return plain.add_((dx.float() - plain) * keep).to(dy.dtype)
+    plain = torch.mm(dy, w)
+    keep = _keep_mask(kernels, x2, dropout_p, seed)
+    return plain.add_(_masked(dx.sub_(plain), keep, kernels, dropout_p))
 
 
 class FusedDoRALinear(torch.autograd.Function):
