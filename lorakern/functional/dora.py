@@ -246,7 +246,9 @@ def _forward_plan(x2, magnitude, dropout_p):
     """How the forward applies g and what dm reads: "fold" and "scale output" save the
     output y (z = (y - b) / g); with dropout, or some m_i = 0 (one read of m, a sync on
     a GPU), z is saved."""
-    if dropout_p > 0.0 or not bool((magnitude != 0).all()):
+    # a meta magnitude (shapes only: a model built empty, a capture) is taken as nonzero
+    has_zero = magnitude.device.type != "meta" and not bool((magnitude != 0).all())
+    if dropout_p > 0.0 or has_zero:
         return "save z"
     return "fold" if folds_into_weight(x2.shape[0], x2.shape[1]) else "scale output"
 
@@ -286,7 +288,7 @@ def _dora_backward(ctx, grad_y):
             grad_b.copy_(grad_b.float() * column_scale[:, None])
         dz, w_used, b_used = dy, w_g, b_g
     else:
-        dz = (dy.float() * column_scale).to(dy.dtype)
+        dz = torch.mul(dy, column_scale, out=torch.empty_like(dy))  # fp32 products, one pass
         # G = dZ B (for dX and dA) and dB = s dZ^T h in one pass over dZ
         g = kernels.lora_grad_output(dz, lora_A, lora_B, h, scale, grad_b, None,
                                      need_x or need_a)
