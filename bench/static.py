@@ -95,10 +95,10 @@ def run(args):
     variant = getattr(args, "variant", "lora")
     layer = static_dora if variant == "dora" else static_linear
     records = layer.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
-    for record in records:
-        record.setdefault("variant", variant)
     if not getattr(args, "no_embedding", False) and variant == "lora":
         records += static_embedding.run(arch, machine, kernel_reports)
+    for record in records:
+        record.setdefault("variant", variant)
     result = {"assumptions": {**assumptions(arch, machine), "variant": variant},
               "kernels": [r.as_json() for r in kernel_reports.values()],
               "records": records}

@@ -186,3 +186,22 @@ def test_factored_norm_kernel_matches_the_dense_norm(r, transposed, device):
     again, sq_again = kernels.dora_weight_norm(weight, A, B, 0.7, sq)
     assert sq_again is sq
     assert torch.equal(again, norm)
+
+
+def test_peft_dora_pricing_has_the_second_base_product_with_dropout_only():
+    from bench import roofline, static_dora
+    from bench.cases import make_cases
+
+    plain, dropped = make_cases(("4096x4096",), (8192,), (16,), ("bf16",), (0.0, 0.1))
+    names = {case: [name for name, _, _ in static_dora.peft_dora_ops(case)["fwd"]]
+             for case in (plain, dropped)}
+    assert "base on drop(x), fp32" in names[dropped]
+    assert "base on drop(x), fp32" not in names[plain] and "result - bias" in names[plain]
+    machine = roofline.MACHINES[90]
+    times = {case: static_dora._predict_peft(static_dora.peft_dora_ops(case), machine)
+             for case in (plain, dropped)}
+    peft_lora = static_dora.predict_ops(roofline.peft_ops(plain), machine)
+    assert times[dropped]["fwd"][0] > times[plain]["fwd"][0] > peft_lora["fwd"][0]
+    records = static_dora._records(plain, "peft DoRA", times[plain])
+    assert {r["variant"] for r in records} == {"dora"}
+    assert {r["mode"] for r in records} == {"fwd", "bwd", "fwd+bwd"}

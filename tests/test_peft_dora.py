@@ -31,14 +31,7 @@ def _dora_model(target_modules, rslora=False):
     torch.manual_seed(SEED)
     config = LoraConfig(r=3, lora_alpha=5, target_modules=target_modules, use_dora=True,
                         use_rslora=rslora, lora_dropout=0.0)
-    model = get_peft_model(TinyModel(), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_()
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.rand_like(param) + 0.5)
-    return model
+    return _randomised(get_peft_model(TinyModel(), config))
 
 
 def _trainable_grads(model):
