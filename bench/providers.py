@@ -29,6 +29,8 @@ def installed(module):
 class Layer:
     forward: Callable[[torch.Tensor], torch.Tensor]
     trainable: List[torch.Tensor] = field(default_factory=list)  # .grad reset between calls
+    # the fp32 output the forward is checked against; None: lorakern's LoRA reference
+    reference: Optional[Callable[[], torch.Tensor]] = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 
 from . import e2e, embedding, linear, metrics, report
 from .cases import MODES, PRESETS, make_cases
+from .dora_providers import PROVIDERS as DORA_PROVIDERS
 from .providers import PROVIDERS, lorakern_path
 
 CPU_PATHS = {"reference": "lorakern's PyTorch reference path (not its Triton kernels)",
@@ -65,7 +66,11 @@ def parse_args(argv):
     p.add_argument("--ranks", type=_list(int), help="LoRA ranks, e.g. 8,16,64,128")
     p.add_argument("--dtypes", type=_list(), help="bf16,fp16,fp32")
     p.add_argument("--dropout", type=_list(float), help="dropout probabilities, e.g. 0,0.1")
-    p.add_argument("--providers", type=_list(), help=f"subset of {','.join(PROVIDERS)}")
+    p.add_argument("--providers", type=_list(), help=f"subset of {','.join(PROVIDERS)} "
+                   f"(--variant dora: of {','.join(DORA_PROVIDERS)})")
+    p.add_argument("--variant", choices=("lora", "dora"), default="lora",
+                   help="dora: PEFT DoRA, lorakern DoRA, lorakern LoRA and nn.Linear "
+                   "(bench/dora_providers.py); layers only")
     p.add_argument("--modes", type=_list(), help=f"subset of {','.join(MODES)}")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
     p.add_argument("--no-layers", action="store_true", help="skip the layer benchmarks")
@@ -115,7 +120,9 @@ def plan(args):
     for key in preset:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
-    providers = args.providers or (list(PROVIDERS) if cuda else list(CPU_PROVIDERS))
+    known = DORA_PROVIDERS if getattr(args, "variant", "lora") == "dora" else PROVIDERS
+    providers = args.providers or (list(known) if cuda or known is DORA_PROVIDERS
+                                   else list(CPU_PROVIDERS))
     e2e_providers = args.e2e_providers or [p for p in e2e.PROVIDERS
                                            if cuda or p != "peft-compile"]
     try:
@@ -125,14 +132,15 @@ def plan(args):
     return dict(
         device=torch.device("cuda" if cuda else "cpu"),
         cases=cases,
-        providers=[PROVIDERS[n] for n in _check(providers, list(PROVIDERS), "provider")],
+        providers=[known[n] for n in _check(providers, list(known), "provider")],
         modes=_check(args.modes or list(MODES), list(MODES), "mode"),
         timing=linear.Timing(warmup_ms=args.warmup_ms or (25.0 if cuda else 5.0),
                              rep_ms=args.rep_ms or (100.0 if cuda else 30.0),
                              max_sets=32 if cuda else 2),
         layers=not (args.no_layers or args.e2e_only),
-        e2e=None if args.no_e2e else _e2e_config(args, cuda),
-        embedding=None if (args.no_embedding or args.e2e_only) else (
+        e2e=None if args.no_e2e or known is DORA_PROVIDERS else _e2e_config(args, cuda),
+        embedding=None if (args.no_embedding or args.e2e_only
+                           or known is DORA_PROVIDERS) else (
             embedding.CUDA_CASE if cuda else embedding.CPU_CASE),
         e2e_providers=_check(e2e_providers, list(e2e.PROVIDERS), "e2e provider"),
         e2e_steps=args.e2e_steps or (10 if cuda else 5),
@@ -192,7 +200,7 @@ def main(argv=None):
         if not args.providers:
             print("(peft-compile is left out on CPU: inductor takes minutes there; "
                   "--providers adds it back)")
-    env = _environment(device)
+    env = {**_environment(device), "variant": args.variant}
     start = time.perf_counter()
     layer_records, e2e_records, embedding_records = measure(todo, env)
     doc = {

@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=_list(int), help="token counts M, e.g. 16,2048,8192")
     p.add_argument("--ranks", type=_list(int), help="LoRA ranks, e.g. 16,64,128")
     p.add_argument("--dropout", type=_list(float), help="dropout probabilities, e.g. 0,0.1")
+    p.add_argument("--variant", choices=("lora", "dora"), default="lora",
+                   help="dora: lorakern DoRA, lorakern LoRA, nn.Linear and PEFT DoRA, "
+                   "fp32 adapters (bench/static_dora.py)")
     p.add_argument("--json", help="write the kernels and records to this JSON file")
     p.add_argument("--no-embedding", action="store_true",
                    help="leave out the LoRA embedding case (vocab 49152, dim 2048, 8192 tokens)")
@@ -84,15 +87,19 @@ def assumptions(arch, machine):
 
 
 def run(args):
-    from . import roofline, static_embedding, static_linear
+    from . import roofline, static_dora, static_embedding, static_linear
 
     arch = ARCHS[args.arch]
     machine = roofline.MACHINES[arch]
     kernel_reports, launch_log = {}, []
-    records = static_linear.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
-    if not getattr(args, "no_embedding", False):
+    variant = getattr(args, "variant", "lora")
+    layer = static_dora if variant == "dora" else static_linear
+    records = layer.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
+    if not getattr(args, "no_embedding", False) and variant == "lora":
         records += static_embedding.run(arch, machine, kernel_reports)
-    result = {"assumptions": assumptions(arch, machine),
+    for record in records:
+        record.setdefault("variant", variant)
+    result = {"assumptions": {**assumptions(arch, machine), "variant": variant},
               "kernels": [r.as_json() for r in kernel_reports.values()],
               "records": records}
     return result, launch_log
@@ -108,6 +115,11 @@ def format_launches(launch_log):
         lines.append(f"  {case} {strategy} {phase} {item.name}: {seconds * 1e6:.1f} ({bound}) "
                      f"{terms} {extra}")
     return "\n".join(lines)
+
+
+def _providers(result):
+    from .static_dora import PROVIDERS as DORA_PROVIDERS
+    return DORA_PROVIDERS if result["assumptions"].get("variant") == "dora" else PROVIDERS
 
 
 def format_tables(result):
@@ -128,16 +140,16 @@ def format_tables(result):
                      f"{loop.get('imad_hi', 0):>7}")
     lines += ["", "(loop: main-loop SASS instructions; mma and IMAD.HI: in the main loop)", "",
               f"{'shape':>11} {'M':>6} {'r':>4} {'p':>4}  " + "  ".join(
-                  f"{p:>28}" for p in PROVIDERS)]
+                  f"{p:>28}" for p in _providers(result))]
     groups = {}
     for rec in result["records"]:
-        if rec["provider"] not in PROVIDERS:
+        if rec["provider"] not in _providers(result):
             continue
         key = (rec["K"], rec["N"], rec["M"], rec["r"], rec["dropout"])
         groups.setdefault(key, {})[(rec["provider"], rec["mode"])] = rec
     for (k, n, m, r, p), recs in groups.items():
         cells = []
-        for provider in PROVIDERS:
+        for provider in _providers(result):
             f, b, fb = (recs[(provider, mode)] for mode in ("fwd", "bwd", "fwd+bwd"))
             cells.append(f"{f['predicted_ms']:.3f}+{b['predicted_ms']:.3f}="
                          f"{fb['predicted_ms']:.3f} {fb['bound'][:5]:>5}")

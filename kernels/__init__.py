@@ -29,6 +29,7 @@ No kernel forms the N x K product A B. h and G are fp32 when the adapters are
 """
 from ._common import SUPPORTED_DTYPES, empty, launch_counts, rank_block
 from .dropout import effective_dropout_p, keep_scale
+from .dora_norm import dora_weight_norm
 from .dropout_mask import dropout_keep_mask
 from .grad_output import grad_output
 from .lora_embedding import lora_embedding_backward, lora_embedding_forward
@@ -40,7 +41,7 @@ from .lora_term import lora_term
 from .rank_product import rank_product
 
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
-           "keep_scale", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
+           "keep_scale", "dora_weight_norm", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
            "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
            "lora_grad_input", "lora_grad_output", "tn_matmul", "STRATEGIES", "Plan",
            "layer_plans"]

@@ -2,7 +2,7 @@
 
     y = x W^T + b + s * (drop(x) A^T) B^T
 
-``lora_linear`` is the entry point; ``FusedLoRALinear`` the autograd Function
+``lora_linear`` is the entry point (``dora_linear`` for PEFT's DoRA); ``FusedLoRALinear`` the autograd Function
 over the kernels; ``reference.lora_linear`` the same math in plain PyTorch;
 ``LoRALinear`` and ``inject_lora`` put it into models; ``save_adapter``,
 ``load_adapter`` and ``patch_peft`` speak PEFT. The kernels
@@ -17,10 +17,12 @@ import sys as _sys
 
 from . import _module_aliases
 from .functional import reference
+from .functional.dora import FusedDoRALinear, dora_linear
 from .functional.embedding import lora_embedding
 from .functional.fused_embedding import FusedLoRAEmbedding
 from .functional.fused_linear import FusedLoRALinear
 from .functional.linear import lora_linear
+from .layers.dora import DoRALinear
 from .layers.embedding import LoRAEmbedding
 from .layers.linear import LoRALinear
 from .models.inject import inject_lora
@@ -33,7 +35,7 @@ from .peft.save import save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRAEmbedding", "FusedLoRALinear", "LoRAEmbedding", "LoRALinear", "count_parameters",
+__all__ = ["DoRALinear", "FusedDoRALinear", "dora_linear", "FusedLoRAEmbedding", "FusedLoRALinear", "LoRAEmbedding", "LoRALinear", "count_parameters",
            "format_lora_report", "inject_lora", "load_adapter", "lora_embedding", "lora_linear",
            "lora_report", "merge_lora", "patch_peft", "patch_summary", "patched_modules",
            "reference", "save_adapter", "unload", "unmerge_lora", "unpatch_peft", "__version__"]

@@ -11,7 +11,8 @@ in subprocesses, because a kernel decorated while ``TRITON_INTERPRET=1`` is set
 Groups: fp16, bf16, fp32-ieee, fp32-tf32 (the x dtype and the DOT_PRECISION the
 launchers pass for it) compile the rank pass, the LoRA GEMM, the LoRA term, the
 one pass over dY and tn_matmul;
-``dropout_mask`` compiles the dtype-independent mask kernel.
+``dropout_mask`` compiles the dtype-independent mask kernel; ``dora_norm`` DoRA's
+factored weight norm, for 16-bit and fp32 weights with 16-bit and fp32 adapters.
 
 What one group compiles, for the kernels' x dtype:
 - the rank pass (``rank_product_candidates()``) at every config it can pick,
@@ -79,7 +80,7 @@ PRECISION_GROUPS = {  # group -> (x dtype, DOT_PRECISION as the launchers pass i
     "fp32-ieee": ("fp32", "ieee"),
     "fp32-tf32": ("fp32", "tf32"),
 }
-GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask", "embedding")
+GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask", "embedding", "dora_norm")
 DIVISIBLE_16 = [["tt.divisibility", 16]]
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # the precision of an fp32 product when torch's allow_tf32 is off, its default
@@ -112,6 +113,7 @@ KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "
                   "_tn_matmul_kernel": "lora_grad_weights",
                   "_grad_output_kernel": "grad_output",
                   "_dropout_mask_kernel": "dropout_mask",
+                  "_dora_norm_kernel": "dora_norm",
                   "_lora_embedding_forward_kernel": "lora_embedding",
                   "_lora_embedding_grad_kernel": "lora_embedding"}
 EMBEDDING_FORWARD_UNIT_STRIDES = {"stride_ids", "stride_ed", "stride_av", "stride_br",
@@ -513,9 +515,39 @@ def embedding_jobs():
     return jobs
 
 
+DORA_NORM_UNIT_STRIDES = {"stride_wk", "stride_ak", "stride_br"}  # contiguous W, A, B
+
+
+def dora_norm_jobs():
+    """DoRA's norm (any strides: generic builds) at the widest rank block of each of
+    its tile configs for a bf16 weight with fp32 adapters, at rank block 256 with bf16
+    adapters and for an fp32 weight (fp16 loads as bf16 does), the cached squares once,
+    and the contiguous aligned build."""
+    from lorakern.kernels.dora_norm import norm_config
+    from lorakern.kernels.rank_product import RankConfig
+
+    def job(weight, adapter, block_r, sq_given=False, unit_strides=None):
+        block_n, block_k, warps = norm_config(block_r)
+        meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, SQ_GIVEN=sq_given)
+        pointers = dict(w_ptr=weight, a_ptr=adapter, b_ptr=adapter, quad_ptr="fp32",
+                        norm_ptr="fp32", sq_ptr="fp32")
+        cfg = RankConfig(block_n, block_k, num_warps=warps, num_stages=3)  # launch defaults
+        words = ["aligned"] if unit_strides else []
+        return _job("_dora_norm_kernel", meta, pointers, cfg, words, unit_strides)
+
+    jobs = [job("bf16", "fp32", block_r) for block_r in (32, 64, 128)]
+    for weight, adapter in (("bf16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32")):
+        jobs.append(job(weight, adapter, 256))
+    jobs.append(job("bf16", "fp32", 32, sq_given=True))
+    jobs.append(job("bf16", "fp32", 32, unit_strides=DORA_NORM_UNIT_STRIDES))
+    return jobs
+
+
 def plan(group):
     """The deduplicated compile jobs of one group (arch independent)."""
-    if group == "dropout_mask":
+    if group == "dora_norm":
+        jobs = dora_norm_jobs()
+    elif group == "dropout_mask":
         jobs = dropout_mask_jobs()
     elif group == "embedding":
         jobs = embedding_jobs()

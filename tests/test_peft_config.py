@@ -160,7 +160,6 @@ def test_the_config_may_also_be_given_as_config():
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(use_dora=True), r"use_dora=True"),
     (dict(lora_bias=True), r"lora_bias=True"),
     (dict(layers_to_transform=[0]), r"layers_to_transform=\[0\]"),
     (dict(target_parameters=["mlp.experts.gate_up_proj"]), r"target_parameters="),

@@ -306,7 +306,6 @@ def test_rslora_round_trip_both_ways(tmp_path):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("dora", r"use_dora=True"),
     ("lora_bias", r"lora_bias=True"),
     ("bias_all", r"bias='all'"),
     ("ia3", r"peft_type='IA3'"),
@@ -318,7 +317,7 @@ def test_load_adapter_refuses_what_loralinear_cannot_reproduce(case, match, tmp_
                                 feedforward_modules=["down_proj"])
         get_peft_model(base_model("llama"), config).save_pretrained(tmp_path)
     else:
-        kwargs = {"dora": {"use_dora": True}, "lora_bias": {"lora_bias": True},
+        kwargs = {"lora_bias": {"lora_bias": True},
                   "bias_all": {"bias": "all"}, "pissa": {"init_lora_weights": "pissa"}}[case]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # lora_bias on a bias-free base warns
@@ -432,16 +431,13 @@ def _peft_with_second_adapter():
 
 
 @pytest.mark.parametrize("case, match", [
-    ("dora", r"model\.layers\.0\.self_attn\.q_proj.*DoRA"),
     ("two_active", r"model\.layers\.0\.self_attn\.q_proj.*several adapters"),
     ("lora_bias", r"model\.layers\.0\.self_attn\.q_proj.*lora_bias"),
     ("hooked_embedding", r"model\.embed_tokens.*forward hooks"),
     ("merged", r"model\.layers\.0\.self_attn\.q_proj.*merged"),
 ])
 def test_patch_peft_refuses_what_it_cannot_fuse_naming_the_module(case, match):
-    if case == "dora":
-        model = peft_model("llama", use_dora=True)
-    elif case == "two_active":
+    if case == "two_active":
         model = _peft_with_second_adapter()
     elif case == "lora_bias":
         model = peft_model("llama", lora_bias=True)

@@ -76,7 +76,7 @@ def test_report_json_has_the_documented_schema(static_run):
         assert set(kernel) == kernel_keys, kernel["name"]
         assert kernel["arch"] == "sm_90" and kernel["regs"] > 0 and kernel["shared_bytes"] > 0
     record_keys = {"M", "K", "N", "r", "dtype", "dropout", "provider", "mode", "predicted_ms",
-                   "bound"}
+                   "bound", "variant"}
     combos = Counter()
     linear = [r for r in report["records"] if r["provider"] in LINEAR_PROVIDERS]
     for record in linear:
@@ -85,6 +85,7 @@ def test_report_json_has_the_documented_schema(static_run):
             (8192, 4096, 4096, 16, "bf16")
         assert record["predicted_ms"] > 0
         assert record["bound"] in ("tensor", "issue", "hbm", "l2")
+        assert record["variant"] == "lora"
         combos[(record["provider"], record["mode"], record["dropout"])] += 1
     assert set(combos) == {(p, m, d) for p in LINEAR_PROVIDERS
                            for m in ("fwd", "bwd", "fwd+bwd") for d in (0.0, 0.1)}

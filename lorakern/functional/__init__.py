@@ -4,6 +4,7 @@ reference, the dispatch point and the tuner. Imports only ``lorakern.kernels``
 
 - ``linear.py``: ``lora_linear`` (validation, autocast, dispatch);
   ``fused_linear.py``: its launch sequence and ``FusedLoRALinear``.
+- ``dora.py``: ``dora_linear`` (PEFT's DoRA), its reference and ``FusedDoRALinear``.
 - ``embedding.py``: ``lora_embedding``; ``fused_embedding.py``: its launch
   sequence and ``FusedLoRAEmbedding``.
 - ``base_weight.py``: what the linear path reads from its base weight

@@ -63,6 +63,14 @@ def _reset_linear(weight, bias):
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _layer_class(cls, use_dora):
+    """``cls``, or for ``use_dora`` the DoRA layer (``dora.py`` registers it as
+    ``LoRALinear.dora_class``: it builds on LoRALinear)."""
+    if not use_dora or cls.use_dora:
+        return cls
+    return LoRALinear.dora_class
+
+
 class LoRALinear(LoRALayer):
     """``nn.Linear`` plus a LoRA adapter, computed by the fused kernels.
 
@@ -78,6 +86,7 @@ class LoRALinear(LoRALayer):
         device, dtype: of the base weight and bias.
         adapter_dtype: of ``lora_A`` and ``lora_B``; None: float32 on a
             float16/bfloat16 base, else the base dtype.
+        use_dora: PEFT's DoRA: the layer is a ``DoRALinear`` (``dora.py``).
 
     Attributes: ``weight`` (out, in) frozen (``(in, out)`` when ``fan_in_fan_out``),
     ``bias`` (out,) frozen or None, ``lora_A`` (r, in), ``lora_B`` (out, r),
@@ -101,9 +110,15 @@ class LoRALinear(LoRALayer):
     Merging a layer on the meta device is refused (no values to merge).
     """
 
+    use_dora = False
+    dora_class = None  # DoRALinear, set by dora.py
+
+    def __new__(cls, *args, use_dora=False, **kwargs):
+        return super().__new__(_layer_class(cls, use_dora))
+
     def __init__(self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True,
                  use_rslora=False, init="kaiming", device=None, dtype=None,
-                 adapter_dtype=None):
+                 adapter_dtype=None, use_dora=False):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {name}={value!r}")
@@ -119,13 +134,13 @@ class LoRALinear(LoRALayer):
 
     @classmethod
     def from_linear(cls, linear, r=8, alpha=16, dropout=0.0, use_rslora=False, init="kaiming",
-                    adapter_dtype=None):
+                    adapter_dtype=None, use_dora=False):
         """Wrap an ``nn.Linear`` or a transformers ``Conv1D``: the new layer holds
         the module's own ``weight`` and ``bias`` Parameter objects (no copy),
         frozen, and fresh adapters on the weight's device."""
         in_features, out_features, fan_in_fan_out = base_layout(linear)
         check_lora_args(r, alpha, dropout, init, adapter_dtype)
-        layer = cls.__new__(cls)
+        layer = cls.__new__(cls, use_dora=use_dora)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias, in_features, out_features, fan_in_fan_out, r,
                      alpha, dropout, use_rslora, init, adapter_dtype)

@@ -24,7 +24,7 @@ CONFIG_ARGUMENTS = {"target_modules": "target_modules", "r": "r", "lora_alpha": 
                      "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
                      "exclude_modules": "exclude_modules", "bias": "bias",
                      "fan_in_fan_out": "fan_in_fan_out", "inference_mode": "inference_mode",
-                     "task_type": "task_type"}
+                     "task_type": "task_type", "use_dora": "use_dora"}
 
 # LoraConfig fields that change nothing inject_lora builds: bookkeeping, or settings
 # read only when a refused feature is on (megatron_core, qalora_group_size)

@@ -49,7 +49,8 @@ def inject_lora(model, target_modules=None, r=_Default(8), alpha=_Default(16),
                 init=_Default("kaiming"), adapter_dtype=None, *, config=None,
                 lora_alpha=_Default(None), lora_dropout=_Default(None),
                 init_lora_weights=_Default(None), rank_pattern=None, alpha_pattern=None,
-                exclude_modules=None, bias=_Default("none"), fan_in_fan_out=_Default(None)):
+                exclude_modules=None, bias=_Default("none"), fan_in_fan_out=_Default(None),
+                use_dora=_Default(False)):
     """Replace the target linear modules of ``model`` with ``LoRALinear`` in place.
 
     Args:
@@ -70,8 +71,7 @@ def inject_lora(model, target_modules=None, r=_Default(8), alpha=_Default(16),
             module keeps the original, frozen, as PEFT does.
         config: a ``peft.LoraConfig``, or its dict (the contents of an
             ``adapter_config.json``), read as ``get_peft_model`` reads it.
-            Fields with no ``LoRALinear`` equivalent (``use_dora``,
-            ``lora_bias``, ``layers_to_transform``, ``target_parameters``, ...)
+            Fields with no ``LoRALinear`` equivalent (``lora_bias``, ``layers_to_transform``, ``target_parameters``, ...)
             are refused at every value PEFT acts on, falsy ones included
             (``layers_to_transform=0``, ``velora_config={}``). An argument
             given both in the config and as a keyword is refused.
@@ -87,6 +87,8 @@ def inject_lora(model, target_modules=None, r=_Default(8), alpha=_Default(16),
         bias: ``"none"`` only (PEFT's trained base biases are refused).
         fan_in_fan_out: accepted and read from each module instead (a Conv1D
             stores (in, out)), which is what PEFT ends up doing too.
+        use_dora: PEFT's DoRA on the linear targets (``DoRALinear``), as a keyword or
+            the config's field; an embedding target with it is refused by name.
     Every other parameter is frozen, except the adapters of any ``LoRALinear``
     already in the model (a config with ``inference_mode=True`` freezes the new
     adapters too). Nothing is changed when an argument is rejected.
@@ -102,7 +104,7 @@ def inject_lora(model, target_modules=None, r=_Default(8), alpha=_Default(16),
         adapter_dtype=adapter_dtype, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         init_lora_weights=init_lora_weights, rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, exclude_modules=exclude_modules, bias=bias,
-        fan_in_fan_out=fan_in_fan_out)
+        fan_in_fan_out=fan_in_fan_out, use_dora=use_dora)
     from_config = config_settings(config) if config is not None else {}
     settings = _merge_settings(from_config, keywords, spelled)
     return _inject(model, **settings)
@@ -112,7 +114,8 @@ _DEFAULTS = {"target_modules": None, "r": 8, "alpha": 16, "dropout": 0.0,
              "modules_to_save": None, "use_rslora": False, "init": "kaiming",
              "adapter_dtype": None, "rank_pattern": None, "alpha_pattern": None,
              "exclude_modules": None, "bias": "none", "fan_in_fan_out": None,
-             "inference_mode": False, "task_type": None, "from_config": False}
+             "inference_mode": False, "task_type": None, "from_config": False,
+             "use_dora": False}
 
 
 def _keyword_settings(**arguments):
@@ -296,7 +299,7 @@ def _ranks_and_alphas(targets, r, alpha, rank_pattern, alpha_pattern):
 
 def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslora, init,
             adapter_dtype, rank_pattern, alpha_pattern, exclude_modules, bias, fan_in_fan_out,
-            inference_mode, task_type, from_config):
+            inference_mode, task_type, from_config, use_dora):
     if is_target_kind(model) or isinstance(model, LoRALayer):
         raise ValueError(f"inject_lora replaces submodules of the model, but the model is a "
                          f"{type(model).__name__} itself; use LoRALinear.from_linear or "
@@ -314,10 +317,12 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
 
     # every argument and target is checked before any module is touched
     _check_replaceable(named, targets)
+    use_dora = bool(use_dora)
+    _check_dora_targets(named, targets, use_dora)
     undo = _Undo(model)
     try:
         new_layers = {name: _lora_layer(named[name], settings[name], dropout, use_rslora, init,
-                                        adapter_dtype)
+                                        adapter_dtype, use_dora)
                       for name in targets}
         for name, layer in new_layers.items():
             parent_name, _, child = name.rpartition(".")
@@ -389,13 +394,23 @@ def _set_trainable(model, new_layers, saved, inference_mode):
         if isinstance(module, LoRALayer) and id(module) not in frozen:
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
+            if getattr(module, "use_dora", False):
+                module.lora_magnitude.requires_grad_(True)
     if not inference_mode:
         for name in saved:
             for param in model.get_submodule(name).parameters():
                 param.requires_grad_(True)
 
 
-def _lora_layer(module, rank_and_alpha, dropout, use_rslora, init, adapter_dtype):
+def _check_dora_targets(named, targets, use_dora):
+    embeddings = [name for name in targets if use_dora and is_embedding(named[name])]
+    if embeddings:
+        raise ValueError(f"inject_lora: use_dora=True on embedding targets "
+                         f"{sorted(embeddings)}: lorakern's DoRA is for linear layers; "
+                         f"exclude them (exclude_modules) or drop use_dora")
+
+
+def _lora_layer(module, rank_and_alpha, dropout, use_rslora, init, adapter_dtype, use_dora):
     """The LoRA layer around ``module``. Embeddings take PEFT's embedding adapter: no
     dropout, A zeros and B normal whatever ``init`` says."""
     r, alpha = rank_and_alpha
@@ -403,4 +418,5 @@ def _lora_layer(module, rank_and_alpha, dropout, use_rslora, init, adapter_dtype
         return LoRAEmbedding.from_embedding(module, r=r, alpha=alpha, use_rslora=use_rslora,
                                             adapter_dtype=adapter_dtype)
     return LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout,
-                                  use_rslora=use_rslora, init=init, adapter_dtype=adapter_dtype)
+                                  use_rslora=use_rslora, init=init, adapter_dtype=adapter_dtype,
+                                  use_dora=use_dora)

@@ -31,6 +31,10 @@ PREFIX = "base_model.model."
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
+# a DoRA linear layer's magnitude m (out,): PEFT's lora_magnitude_vector, saved as
+# '<module>.lora_magnitude_vector' (the adapter name and '.weight' stripped)
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+
 # an embedding's adapter: PEFT keeps A and B as Parameters, not as nn.Linear modules
 EMBEDDING_A_SUFFIX, EMBEDDING_B_SUFFIX = ".lora_embedding_A", ".lora_embedding_B"
 

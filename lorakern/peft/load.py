@@ -21,7 +21,7 @@ from ..models.config import pattern_value, peft_acts_on
 from ..models.inject import inject_lora
 from ..models.targets import exact_regex
 from .adapter_format import (A_SUFFIX, B_SUFFIX, CONFIG_NAME, EMBEDDING_A_SUFFIX,
-                             EMBEDDING_B_SUFFIX, LAYER_SETTINGS, PREFIX,
+                             EMBEDDING_B_SUFFIX, LAYER_SETTINGS, MAGNITUDE_SUFFIX, PREFIX,
                              SETTINGS_METADATA_KEY, WEIGHTS_NAME, layer_settings,
                              max_norm_problem)
 
@@ -33,7 +33,7 @@ def _is_linear_like(module):
 
 # LoraConfig fields that change what a layer computes or which tensors exist:
 # none of them has a LoRALinear equivalent
-_UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "alora_invocation_tokens", "velora_config",
+_UNSUPPORTED_FIELDS = ("lora_bias", "alora_invocation_tokens", "velora_config",
                        "monteclora_config", "kasa_config", "use_bdlora", "arrow_config",
                        "use_qalora", "layer_replication", "target_parameters",
                        "trainable_token_indices", "megatron_config")
@@ -226,6 +226,8 @@ def _split_state(state, path):
             adapters.setdefault(name[:-len(EMBEDDING_A_SUFFIX)], {"embedding": True})["A"] = t
         elif name.endswith(EMBEDDING_B_SUFFIX):
             adapters.setdefault(name[:-len(EMBEDDING_B_SUFFIX)], {"embedding": True})["B"] = t
+        elif name.endswith(MAGNITUDE_SUFFIX):
+            adapters.setdefault(name[:-len(MAGNITUDE_SUFFIX)], {})["m"] = t
         elif re.search(r"(^|\.)lora_magnitude_vector(\.|$)", name):
             problems.append(f"'{name.split('.lora_magnitude_vector')[0]}': DoRA magnitude")
         elif name.endswith(".lora_B.bias"):
@@ -289,6 +291,9 @@ def _layer_problem(model, name, pair):
         except TypeError as err:
             return f": {err}"
     a, b = pair.get("A"), pair.get("B")
+    magnitude_problem = _magnitude_problem(pair, out_features)
+    if magnitude_problem:
+        return magnitude_problem
     if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         return (f": lora_A {None if a is None else tuple(a.shape)} and lora_B "
                 f"{None if b is None else tuple(b.shape)} are not a LoRA pair of a linear layer")
@@ -297,6 +302,22 @@ def _layer_problem(model, name, pair):
     if a.shape[1] != in_features or b.shape[0] != out_features:
         return (f": lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit its "
                 f"{in_features} inputs and {out_features} outputs")
+    return None
+
+
+def _magnitude_problem(pair, out_features):
+    """Why the pair's DoRA magnitude (or its absence) does not fit, or None."""
+    m, use_dora = pair.get("m"), pair.get("use_dora", False)
+    if m is None:
+        return (": the config says use_dora=True but the adapter holds no "
+                "lora_magnitude_vector for it") if use_dora else None
+    if pair.get("embedding"):
+        return ": DoRA on an embedding, which lorakern does not reproduce"
+    if not use_dora:
+        return ": a DoRA lora_magnitude_vector, but the config does not set use_dora"
+    if tuple(m.shape) != (out_features,) or not m.dtype.is_floating_point:
+        return (f": lora_magnitude_vector {tuple(m.shape)} {m.dtype} is not a float "
+                f"vector of its {out_features} outputs")
     return None
 
 
@@ -390,13 +411,14 @@ def load_adapter(model, path, adapter_dtype=None):
     each an ``nn.Embedding`` (``LoRAEmbedding``; a base table PEFT saved beside
     it is loaded into the embedding). They get ``inject_lora`` with the adapter's ``r``,
     ``lora_alpha`` (``rank_pattern``/``alpha_pattern`` per layer),
-    ``use_rslora``, ``lora_dropout`` and ``modules_to_save``; A and B are
+    ``use_rslora``, ``lora_dropout``, ``use_dora`` (``DoRALinear``, its
+    ``lora_magnitude_vector`` loaded) and ``modules_to_save``; A and B are
     loaded, and the tensors of ``modules_to_save`` (and any other base tensors
     the adapter carries, e.g. resized embeddings) are copied into the model.
 
     Raises ValueError, before the model is changed in any way, naming what it
     cannot reproduce: non-LORA ``peft_type``, ``bias`` other than "none",
-    ``use_dora``, ``lora_bias`` and other LoRA variants, LoRA on layers other
+    DoRA on embeddings, ``lora_bias`` and other LoRA variants, LoRA on layers other
     than Linear, Conv1D and Embedding; invalid config values (``r``, ``lora_alpha``,
     ``lora_dropout``, patterns, ``modules_to_save``); tensors that do not fit
     the model; a config file that is not a JSON object, or a weights file that
@@ -425,6 +447,9 @@ def load_adapter(model, path, adapter_dtype=None):
                          f"model that holds the adapted layers")
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    use_dora = bool(config.get("use_dora", False))
+    for pair in adapters.values():
+        pair["use_dora"] = use_dora and not pair.get("embedding")
     settings = _layer_settings(model, adapters, config, path)
     _check_injection_args(settings, dropout, adapter_dtype, path)
     saved = _saved_module_names(model, config, settings, path)
@@ -440,12 +465,14 @@ def load_adapter(model, path, adapter_dtype=None):
     for (r, alpha), group in groups.items():
         inject_lora(model, exact_regex(group), r=r, alpha=alpha, dropout=dropout,
                     modules_to_save=exact_regex(saved) if saved else None,
-                    use_rslora=use_rslora, adapter_dtype=adapter_dtype)
+                    use_rslora=use_rslora, adapter_dtype=adapter_dtype, use_dora=use_dora)
     with torch.no_grad():
         for name, pair in adapters.items():
             layer = model.get_submodule(name)
             layer.lora_A.copy_(pair["A"])
             layer.lora_B.copy_(pair["B"])
+            if "m" in pair:
+                layer.lora_magnitude.copy_(pair["m"])
         # looked up now: injection gives a saved module its own copy of a tied parameter
         # (the tied module keeps the original), and the copy is what the adapter trained
         for name, tensor in _base_tensors(model, others, path).items():

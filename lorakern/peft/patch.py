@@ -22,6 +22,7 @@ from ..functional.embedding import lora_embedding
 from ..functional.linear import lora_linear
 from ..layers.linear import conv1d_class
 from . import sharded
+from .dora import dora_refusal, fused_dora_forward, is_dora
 
 log = logging.getLogger("lorakern")
 
@@ -97,9 +98,11 @@ def _base_weight_and_bias(base, shards_gathered=False):
 def _adapter_reason(module, adapter):
     """Why the adapter ``adapter`` of a PEFT LoRA Linear cannot run fused, or None."""
     variant = getattr(module, "lora_variant", {}).get(adapter)
-    if getattr(module, "use_dora", {}).get(adapter, False):
-        return f"adapter '{adapter}' uses DoRA (use_dora=True)"
-    if variant is not None:
+    if is_dora(module, adapter):
+        reason = dora_refusal(module, adapter, _is_peft_embedding(module))
+        if reason:
+            return reason
+    elif variant is not None:
         return f"adapter '{adapter}' is a LoRA variant ({type(variant).__name__})"
     if _is_peft_embedding(module):
         return None  # PEFT applies no dropout and no bias to embedding adapters
@@ -189,6 +192,8 @@ def _fused_forward(self, x, *args, **kwargs):
                          f"unpatch_peft() the model to use PEFT's forward")
     weight, bias = weight_bias
     adapter = active[0]
+    if is_dora(self, adapter):
+        return fused_dora_forward(self, x, adapter, weight, bias)
     dropout = self.lora_dropout[adapter]
     dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     # PEFT casts x to the adapter dtype for the LoRA term only; lora_linear takes x in
@@ -247,7 +252,8 @@ def patch_peft(peft_model, strict=True):
         peft_model: a ``peft.PeftModel``, ``LoraModel``, or any module holding PEFT
             LoRA layers.
         strict: if True (default), any PEFT LoRA layer that cannot run fused raises
-            ValueError naming it and why: DoRA or another LoRA variant,
+            ValueError naming it and why: a LoRA variant (DoRA on Linear layers
+            is fused, by ``lorakern.dora_linear``; on embeddings it is refused),
             ``lora_bias``, several active adapters, merged or disabled adapters,
             LoRA on convolutions/attention, scaled or max_norm embeddings,
             quantized or hooked base layers. If False, such layers keep PEFT's forward and a warning lists

@@ -19,7 +19,7 @@ import sys
 from ..layers.adapter import LoRALayer
 from ..layers.embedding import LoRAEmbedding
 from ..models.targets import exact_regex
-from .adapter_format import PREFIX, adapter_keys, max_norm_problem
+from .adapter_format import MAGNITUDE_SUFFIX, PREFIX, adapter_keys, max_norm_problem
 from .atomic_files import write_adapter_files
 from .sharded import full_tensor, wait_for_writer, writes_files
 
@@ -110,7 +110,7 @@ def _modules_to_save(model, lora_layers, names, requested):
                 continue
             owner, _, leaf = pname.rpartition(".")
             if owner in lora_names:
-                if leaf in ("lora_A", "lora_B"):
+                if leaf in ("lora_A", "lora_B", "lora_magnitude"):
                     continue
                 raise ValueError(
                     f"save_adapter: the base {leaf} of LoRA layer '{owner}' is trainable; a PEFT "
@@ -159,7 +159,8 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
 
     Ranks and alphas that differ between layers go into PEFT's ``rank_pattern``
     / ``alpha_pattern``; ``use_rslora`` and the dropout probability must be the
-    same for all layers (ValueError otherwise). Merged layers save the same
+    same for all layers (ValueError otherwise), and so must DoRA (``DoRALinear``
+    layers: ``use_dora`` and each layer's ``lora_magnitude_vector``). Merged layers save the same
     adapter as unmerged ones: A and B, never the base weight, so the adapter
     applies to the original base model either way.
 
@@ -192,6 +193,7 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
     # PEFT applies lora_dropout to linear layers only: embeddings do not count here
     linear_layers = [(n, m) for n, m in layers if not isinstance(m, LoRAEmbedding)]
     dropout = _uniform(linear_layers, "dropout", "lora_dropout") if linear_layers else 0.0
+    use_dora = _uniform(linear_layers, "use_dora", "use_dora") if linear_layers else False
     _refuse_max_norm_embeddings(layers)
     for name, m in layers:
         expected = m.alpha / (math.sqrt(m.r) if m.use_rslora else m.r)
@@ -240,13 +242,15 @@ def save_adapter(model, path, modules_to_save=None, task_type=None,
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_dora": False,
+        "use_dora": use_dora,
     }
 
     sources = {}
     for name, m in layers:
         key_a, key_b = adapter_keys(name, m)
         sources[key_a], sources[key_b] = m.lora_A, m.lora_B
+        if getattr(m, "use_dora", False):
+            sources[f"{PREFIX}{name}{MAGNITUDE_SUFFIX}"] = m.lora_magnitude
     for module_path, module in saved_whole.items():
         for key, t in module.state_dict().items():
             sources[f"{PREFIX}{module_path}.{key}"] = t
