@@ -158,5 +158,6 @@ def make_inputs(case, device, seed=0, bias=False):
         lora_A=randn(case.rank, case.d_in, std=case.d_in**-0.5, grad=True, dtype=adapters),
         lora_B=randn(case.d_out, case.rank, std=case.rank**-0.5, grad=True, dtype=adapters),
         grad_y=randn(case.tokens, case.d_out),
-        bias=randn(case.d_out, std=0.1, grad=True) if bias else None,
+        # a Parameter, so that every provider's module holds this very tensor
+        bias=torch.nn.Parameter(randn(case.d_out, std=0.1)) if bias else None,
     )
