@@ -233,3 +233,44 @@ def test_cpu_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
             assert fused["lorakern_calls_per_forward"] == fused["lora_linears"] == 7
     text = md_path.read_text()
     assert "not kernel timings" in text and "## Layer, fwd+bwd" in text
+
+
+def test_verify_dry_run_says_what_it_would_run_and_exits_0(capsys):
+    from bench import static, verify
+    assert verify.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pytest -m gpu" in out and "bench.static" in out and "bench.run" in out
+    assert "verify-<device>-" in out and "--adapter-dtype fp32,base" in out
+    cmds = verify.commands(Path("/tmp/verify"), "sm_90")
+    assert sum(verify.STEP_LIMITS_S[s] for s in ("tests", "run")) <= 8 * 60
+    assert verify.STEP_LIMITS_S["static"] <= 8 * 60
+    # the steps' flags parse as their commands will read them
+    static_args = static.parse_args(cmds["static"][3:])
+    assert static_args.adapter_dtypes == ("fp32", "base") and static_args.set == "quick"
+    run_args = run.parse_args(cmds["run"][3:] + ["--device", "cpu"])
+    todo = run.plan(run_args)
+    assert [p.name for p in todo["providers"]] == list(verify.RUN_PROVIDERS)
+    assert todo["e2e"] is None and todo["embedding"] is None and todo["bias"]
+    assert {c.adapter_dtype for c in todo["cases"]} == {"fp32", "base"}
+
+
+def test_verify_puts_measured_beside_predicted():
+    from bench import verify
+    measured = [{"status": "ok", "provider": "lorakern", "mode": "fwd+bwd", "case": "c",
+                 "d_in": 64, "d_out": 32, "tokens": 16, "rank": 4, "dropout": 0.0,
+                 "adapter_dtype": "fp32", "median_ms": 0.3},
+                {"status": "ok", "provider": "linear", "mode": "forward", "case": "c",
+                 "d_in": 64, "d_out": 32, "tokens": 16, "rank": 4, "dropout": 0.0,
+                 "adapter_dtype": "bf16", "median_ms": 0.1},
+                {"status": "skipped", "provider": "peft", "mode": "forward"}]
+    predicted = [{"K": 64, "N": 32, "M": 16, "r": 4, "dropout": 0.0, "adapter_dtype": "fp32",
+                  "provider": "lorakern", "mode": "fwd+bwd", "predicted_ms": 0.2,
+                  "bound": "issue"}]
+    rows = verify.join(measured, predicted)
+    assert [(r["provider"], r["measured_over_predicted"]) for r in rows] == [
+        ("lorakern", 1.5), ("linear", None)]
+    doc = {"environment": {"device": "GPU", "git_commit": "abc"}, "date": "2026-12-03",
+           "arch": "sm_90", "machine": "H100", "steps": {"tests": {"exit": 0, "seconds": 1}},
+           "rows": rows}
+    text = verify.markdown(doc)
+    assert "| c | lorakern | fwd+bwd | 0.300 | 0.200 | 1.50 | issue |" in text
