@@ -35,8 +35,8 @@ import triton.language as tl
 
 from dataclasses import dataclass
 
-from ._common import (INTERPRET, arrival_counters, dot_precision, empty, launching, mma,
-                      promote_pair, sum_partials, target_programs, to_storage)
+from ._common import (INTERPRET, arrival_counters, empty, launching, mixed_mma,
+                      mixed_precision, sum_partials, target_programs, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
 
@@ -85,8 +85,7 @@ def _tn_matmul_kernel(
             l_t = tl.where(tl.trans(keep), l_t, 0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qm + cols_q[None, :] * stride_qq,
                     mask=in_m[:, None] & in_q[None, :], other=0.0)
-        l_t, q = promote_pair(l_t, q)
-        acc = mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
+        acc = mixed_mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
 
     if SPLIT_M:
         # fp32 partials (splits, P, Q) and (splits, P), contiguous; the last
@@ -213,7 +212,7 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
             BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
             HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, SPLIT_M=splits > 1,
             UPCAST_DOT=INTERPRET,
-            DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs.dtype)),
+            DOT_PRECISION=mixed_precision(lhs.dtype, rhs.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
