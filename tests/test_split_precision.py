@@ -152,3 +152,34 @@ def test_the_precision_follows_torchs_switches(monkeypatch):
             assert _common.dot_precision(f32) == same
     finally:
         matmul.fp32_precision = before
+
+
+def _tf32(t):
+    """fp32 rounded to TF32 (nearest, ties away: cvt.rna.tf32.f32, what Triton's
+    tf32x3 uses for its parts)."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_lora_term_at_tf32x3_stays_below_the_16_bit_outputs_rounding(out_dtype):
+    """h B^T (forward) and G A (dX) are fp32 with fp32 products onto a 16-bit output:
+    Triton's tf32x3 (a_hi b_hi + a_hi b_lo + a_lo b_hi, each part TF32), emulated, is
+    within 2^-16 of max |term| of the float64 term, 2^5-2^7 below the output's own
+    rounding (2^-9 bf16, 2^-11 fp16); rounded to the output dtype it is within one
+    unit of the rounded IEEE term, plus that bound."""
+    gen = torch.Generator().manual_seed(3)
+    m, r, n = 257, 12, 190
+    h = torch.randn(m, r, generator=gen)
+    lora_b = torch.randn(n, r, generator=gen) * r**-0.5
+    a_hi, b_hi = _tf32(h), _tf32(lora_b.t())
+    a_lo, b_lo = _tf32(h - a_hi), _tf32(lora_b.t() - b_hi)
+    term = a_hi @ b_lo + a_lo @ b_hi + a_hi @ b_hi
+    oracle = h.double() @ lora_b.t().double()
+    scale = oracle.abs().max().item()
+    assert (term.double() - oracle).abs().max().item() <= 2.0**-16 * scale
+    ieee = (h @ lora_b.t()).to(out_dtype).double()
+    # one unit in the last place: at most 2^-7 |v| (bf16), 2^-10 |v| (fp16)
+    ulp = 2.0**-7 if out_dtype == torch.bfloat16 else 2.0**-10
+    apart = (term.to(out_dtype).double() - ieee).abs() > ulp * ieee.abs() + 2.0**-16 * scale
+    assert int(apart.sum()) == 0, f"{int(apart.sum())} elements more than one unit apart"
