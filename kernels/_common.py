@@ -245,13 +245,14 @@ def tf32_allowed():
     return bool(matmul.allow_tf32)
 
 
-def term_precision(pq_dtype, out_dtype):
+def term_precision(pq_dtype, out_dtype, block_r=16):
     """DOT_PRECISION of a LoRA term h B^T or G A (fp32 operands with fp32 adapters)
     added onto a 16-bit output: Triton's "tf32x3" (three TF32 products, about 2^-21
     relative per product, far below the output's rounding: 2^-9 bf16, 2^-11 fp16)
     where ``mixed_precision`` would split, else what it would pick; onto an fp32
-    output ``dot_precision``."""
-    if pq_dtype != torch.float32 or out_dtype == torch.float32:
+    output ``dot_precision``. Rank blocks past 16 stay IEEE: their tf32x3 builds keep
+    registers in the stack frame (120-304 bytes a thread at 32, sm_90)."""
+    if pq_dtype != torch.float32 or out_dtype == torch.float32 or block_r > 16:
         return dot_precision(pq_dtype)
     precision = mixed_precision(torch.float32, out_dtype)
     return "tf32x3" if precision == "split" else precision

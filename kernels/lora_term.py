@@ -192,7 +192,7 @@ def lora_term(p, q, bias, lora_scale, out_dtype, *, dropout_p=0.0, seed=0):
             float(lora_scale), threshold, seed,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, GROUP_M=cfg.group_m,
             HAS_BIAS=has_bias, HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
-            RANK_DOT_PRECISION=term_precision(pq_dtype, out.dtype),
+            RANK_DOT_PRECISION=term_precision(pq_dtype, out.dtype, block_r),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -326,7 +326,11 @@ def term_pairs(x, adapter):
 
 
 def term_jobs(x, adapter, rank_precision):
-    return [term_job(cfg, block_r, x, adapter, rank_precision, pass_)
+    # fp32 h / G with fp32 adapters: tf32x3 up to rank block 16, IEEE past it
+    # (``_common.term_precision``)
+    return [term_job(cfg, block_r, x, adapter,
+                     FP32_DEFAULT_PRECISION if rank_precision == MIXED_TERM_PRECISION
+                     and block_r > 16 else rank_precision, pass_)
             for cfg, block_r in term_pairs(x, adapter) for pass_ in ("y0", "dX0")]
 
 

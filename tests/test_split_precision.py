@@ -138,6 +138,7 @@ def test_the_precision_follows_torchs_switches(monkeypatch):
     assert _common.mixed_precision(f32, f32) == "ieee"
     assert _common.mixed_precision(bf16, bf16) == "tf32"  # unused by 16-bit dots
     assert _common.term_precision(f32, bf16) == "tf32x3"
+    assert _common.term_precision(f32, bf16, block_r=32) == "ieee"  # no stack frame
     assert _common.term_precision(f32, f32) == "ieee"
     monkeypatch.setattr(_common, "tf32_allowed", lambda: True)
     assert _common.mixed_precision(bf16, f32) == "tf32"
