@@ -437,9 +437,10 @@ def tn_jobs(x, precision):
         for cfg in tn_configs_compiled(4):
             if cfg == tn_config_gpu(None, 4):
                 continue
-            jobs.append(tn_job(cfg, MIXED_PRECISION, x, "fp32", "fp32", x, True, True,
+            mixed = MIXED_PRECISION if cfg.block_q <= 32 else FP32_DEFAULT_PRECISION
+            jobs.append(tn_job(cfg, mixed, x, "fp32", "fp32", x, True, True,
                                ["fp32 adapters"]))
-            jobs.append(tn_job(cfg, MIXED_PRECISION, x, "fp32", "fp32", "fp32", True,
+            jobs.append(tn_job(cfg, mixed, x, "fp32", "fp32", "fp32", True,
                                False, ["fp32 adapters", "transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
     # one config: the direct store (rows not split), every flag off, unaligned sizes
