@@ -192,12 +192,13 @@ def _patch_target_programs(programs):
 
 
 def layer_tensors(case, device="meta"):
-    """The training case's tensors on ``device``: W frozen, bias trained."""
-    dtype = case.torch_dtype
+    """The training case's tensors on ``device``: W frozen, bias trained, adapters
+    in the case's adapter dtype."""
+    dtype, adapters = case.torch_dtype, case.adapter_torch_dtype
     return dict(x=torch.empty(case.tokens, case.d_in, dtype=dtype, device=device),
                 weight=torch.empty(case.d_out, case.d_in, dtype=dtype, device=device),
-                lora_A=torch.empty(case.rank, case.d_in, dtype=dtype, device=device),
-                lora_B=torch.empty(case.d_out, case.rank, dtype=dtype, device=device),
+                lora_A=torch.empty(case.rank, case.d_in, dtype=adapters, device=device),
+                lora_B=torch.empty(case.d_out, case.rank, dtype=adapters, device=device),
                 bias=torch.empty(case.d_out, dtype=dtype, device=device),
                 grad_y=torch.empty(case.tokens, case.d_out, dtype=dtype, device=device))
 

@@ -34,7 +34,7 @@ def pytest_generate_tests(metafunc):
     cases = make_cases(**preset)
     providers = _split(opt("--lk-providers"), PROVIDERS if cuda else CPU_PROVIDERS)
     modes = _split(opt("--lk-modes"), MODES)
-    params = [pytest.param(c, PROVIDERS[p], m, id=f"{c.shape}-M{c.tokens}-r{c.rank}-{c.dtype}"
+    params = [pytest.param(c, PROVIDERS[p], m, id=f"{c.shape}-M{c.tokens}-r{c.rank}-{c.dtype}-{c.adapter_label}"
                            f"-p{c.dropout:g}-{p}-{m}")
               for c in cases for p in providers for m in modes
               if PROVIDERS[p].runs(c, m)]

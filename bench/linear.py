@@ -69,8 +69,9 @@ def _relative_error(layer, t, case):
         return None
     with torch.no_grad():
         f32 = [v.detach().float() for v in (t.x, t.weight, t.lora_A, t.lora_B)]
+        bias = None if t.bias is None else t.bias.detach().float()
         want = (layer.reference() if layer.reference is not None
-                else reference.lora_linear(*f32, scale=case.scale))
+                else reference.lora_linear(*f32, scale=case.scale, bias=bias))
         return metrics.relative_error(layer.forward(t.x), want)
 
 
@@ -78,7 +79,7 @@ def _case_fields(case):
     return {"kind": "layer", "case": str(case), "shape": case.shape,
             "shape_role": SHAPES.get(case.shape), "d_in": case.d_in, "d_out": case.d_out,
             "tokens": case.tokens, "rank": case.rank, "dtype": case.dtype,
-            "dropout": case.dropout, "scale": case.scale}
+            "adapter_dtype": case.adapter_label, "dropout": case.dropout, "scale": case.scale}
 
 
 def _measure_mode(layers, sets, case, mode, adapter, device, timing):
@@ -136,19 +137,20 @@ def _provider_records(provider, sets, case, modes, device, timing, base):
     return records
 
 
-def run_case(case, providers, modes, device, timing, env):
-    """Every provider on one case, on the same inputs: records that are timed,
-    skipped, oom or error (a failing provider never stops the others)."""
+def run_case(case, providers, modes, device, timing, env, bias=True):
+    """Every provider on one case, on the same inputs (with a trained bias unless
+    ``bias`` is False): records that are timed, skipped, oom or error (a failing
+    provider never stops the others)."""
     from .providers import compute_path
-    first = make_inputs(case, device, seed=0)
+    first = make_inputs(case, device, seed=0, bias=bias)
     n_sets = metrics.rotation_count(first.nbytes(), device, timing.max_sets)
-    sets = [first] + [make_inputs(case, device, seed=i) for i in range(1, n_sets)]
+    sets = [first] + [make_inputs(case, device, seed=i, bias=bias) for i in range(1, n_sets)]
     records = []
     for provider in providers:
         runs = [m for m in modes if provider.runs(case, m)]
         if not runs:
             continue
-        base = {**env, **_case_fields(case), "provider": provider.name,
+        base = {**env, **_case_fields(case), "bias": bias, "provider": provider.name,
                 "path": compute_path(provider, first), "rotation_sets": n_sets,
                 "timer": "cuda-events" if device.type == "cuda" else "cpu-perf_counter"}
         if device.type != "cuda":

@@ -57,11 +57,19 @@ class Provider:
         return mode in self.modes and (self.dropout or case.dropout == 0.0)
 
 
-def _frozen_linear(weight):
-    """An nn.Linear (no bias) whose frozen weight *is* ``weight`` (no copy)."""
+def _frozen_linear(weight, bias=None):
+    """An nn.Linear whose frozen weight *is* ``weight`` and whose trained bias *is*
+    ``bias`` (no copies; no bias when None)."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
     return linear
+
+
+def _bias(t):
+    """The trained bias, as a list of trainables (empty without one)."""
+    return [] if t.bias is None else [t.bias]
 
 
 class _Holder(nn.Module):
@@ -71,13 +79,18 @@ class _Holder(nn.Module):
 
 
 def _peft_layer(t, case):
-    """PEFT's own LoRA Linear (get_peft_model on a one-Linear model), adapters
-    in the base dtype, its weights replaced by the shared inputs."""
+    """PEFT's own LoRA Linear as ``get_peft_model`` builds it by default for the
+    case's adapter dtype (``autocast_adapter_dtype=True``, its default, makes fp32
+    adapters on a 16-bit base; False keeps them in the base dtype), its weights
+    replaced by the shared inputs (which have that dtype). A bias trains, as in
+    every other provider."""
     import peft
+    # bias="all": PEFT's own switch for a trained bias (the default freezes it)
     config = peft.LoraConfig(r=case.rank, lora_alpha=ALPHA_OVER_R * case.rank,
-                             lora_dropout=case.dropout, target_modules=["proj"])
-    model = peft.get_peft_model(_Holder(_frozen_linear(t.weight)), config,
-                                autocast_adapter_dtype=False)
+                             lora_dropout=case.dropout, target_modules=["proj"],
+                             bias="none" if t.bias is None else "all")
+    model = peft.get_peft_model(_Holder(_frozen_linear(t.weight, t.bias)), config,
+                                autocast_adapter_dtype=case.adapter_dtype == "fp32")
     layer = model.base_model.model.proj
     layer.lora_A["default"].weight = nn.Parameter(t.lora_A)
     layer.lora_B["default"].weight = nn.Parameter(t.lora_B)
@@ -86,12 +99,13 @@ def _peft_layer(t, case):
 
 
 def build_linear(t, case):
-    return Layer(_frozen_linear(t.weight))
+    return Layer(_frozen_linear(t.weight, t.bias), _bias(t))
 
 
 def build_peft(t, case):
     layer = _peft_layer(t, case)
-    return Layer(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight])
+    return Layer(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+                 + _bias(t))
 
 
 def build_peft_compiled(t, case):
@@ -100,20 +114,21 @@ def build_peft_compiled(t, case):
 
 
 def build_addmm(t, case):
-    return Layer(lambda x: addmm_lora(x, t.weight, t.lora_A, t.lora_B, case.scale, None,
-                                      case.dropout), [t.lora_A, t.lora_B])
+    return Layer(lambda x: addmm_lora(x, t.weight, t.lora_A, t.lora_B, case.scale, t.bias,
+                                      case.dropout), [t.lora_A, t.lora_B] + _bias(t))
 
 
 def build_merged(t, case):
     with torch.no_grad():
         delta = case.scale * (t.lora_B.float() @ t.lora_A.float())
         merged = (t.weight.float() + delta).to(t.weight.dtype)
-    return Layer(_frozen_linear(merged))
+    return Layer(_frozen_linear(merged, t.bias), _bias(t))
 
 
 def build_lorakern(t, case):
     return Layer(lambda x: lorakern.lora_linear(x, t.weight, t.lora_A, t.lora_B, case.scale,
-                                                None, case.dropout), [t.lora_A, t.lora_B])
+                                                t.bias, case.dropout),
+                 [t.lora_A, t.lora_B] + _bias(t))
 
 
 PROVIDERS = {p.name: p for p in [

@@ -44,6 +44,9 @@ class Machine:
     schedulers_per_sm: int = 4
     imad_per_clock_per_sm: int = 64
     sources: str = ""
+    # fp32 FFMA GEMMs (cuBLAS with TF32 off, torch's default for matmuls)
+    fp32_peak: float = 67e12
+    fp32_sources: str = "fp32_peak: the published non-tensor fp32 peak (H100 SXM 67 TFLOP/s)"
 
     def as_json(self):
         return asdict(self)
@@ -74,7 +77,9 @@ MACHINES = {
             "tensor_peak: 90% (assumed reachable by cuBLAS) of the published 312 TFLOP/s bf16 "
             "dense. mma_sync_efficiency 0.85: assumed, as wgmma on H100 (A100 has no wgmma). "
             "hbm: 1.7 TB/s, inside the published 1.5-2.0 TB/s (40/80 GB parts). l2: assumed "
-            "5 TB/s (unmeasured). clock 1.41 GHz: A100 boost. launch: assumed 3 us.")),
+            "5 TB/s (unmeasured). clock 1.41 GHz: A100 boost. launch: assumed 3 us."),
+        fp32_peak=19.5e12,
+        fp32_sources="fp32_peak: the published non-tensor fp32 peak (A100 19.5 TFLOP/s)"),
 }
 
 
@@ -139,6 +144,14 @@ def gemm(machine, m, n, k, element_bytes=2, extra_bytes=0):
     tensor = flops / (machine.tensor_peak * machine.cublas_efficiency)
     memory = data / machine.hbm_bytes_per_s
     return max(tensor, memory) + machine.launch_s, ("tensor" if tensor >= memory else "hbm")
+
+
+def gemm_fp32(machine, m, n, k, read_bytes, write_bytes):
+    """cuBLAS fp32 GEMM at IEEE precision (FFMA, TF32 off), its operands' bytes given:
+    (seconds, bound)."""
+    compute = 2.0 * m * n * k / machine.fp32_peak
+    memory = (read_bytes + write_bytes) / machine.hbm_bytes_per_s
+    return max(compute, memory) + machine.launch_s, ("issue" if compute >= memory else "hbm")
 
 
 def elementwise(machine, nbytes):
@@ -217,6 +230,46 @@ def peft_ops(case):
     return {"fwd": fwd, "bwd": bwd}
 
 
+def peft_fp32_adapter_ops(case):
+    """Eager PEFT LoRA as ``get_peft_model`` builds it by default on a 16-bit base
+    (``autocast_adapter_dtype=True``: fp32 adapters), W frozen, bias trained. Its
+    forward casts x to fp32 (``_cast_input_dtype``), runs both rank products as fp32
+    GEMMs (FFMA: torch's matmuls keep TF32 off by default), adds the fp32 LoRA output
+    to the 16-bit base output (an fp32 sum) and casts the sum back; autograd's backward
+    runs each of those in reverse. A gemm32 is (m, n, k, read bytes, write bytes)."""
+    m, k, n, r, e = case.tokens, case.d_in, case.d_out, case.rank, 2
+    dropout = case.dropout > 0
+    mk, mn, f = m * k, m * n, 4
+    fwd = linear_ops(case)["fwd"] + [("x.to(fp32)", "elementwise", (mk * e + mk * f,))]
+    if dropout:  # writes the dropped fp32 copy of x and a bool mask
+        fwd.append(("dropout", "elementwise", (mk * f + mk * f + mk,)))
+    fwd += [("mm h = drop(x) A^T (fp32)", "gemm32", (m, r, k, (mk + r * k) * f, m * r * f)),
+            ("mm h B^T (fp32)", "gemm32", (m, n, r, (m * r + n * r) * f, mn * f)),
+            ("mul scaling", "elementwise", (2 * mn * f,)),
+            ("add (16-bit + fp32 -> fp32)", "elementwise", (mn * e + 2 * mn * f,)),
+            ("result.to(16-bit)", "elementwise", (mn * f + mn * e,))]
+    bwd = [("grad .to(fp32)", "elementwise", (mn * e + mn * f,)),
+           ("grad add -> base (fp32 -> 16-bit)", "elementwise", (mn * f + mn * e,)),
+           ("mul scaling (grad)", "elementwise", (2 * mn * f,)),
+           ("mm dh = g B (fp32)", "gemm32", (m, r, n, (mn + n * r) * f, m * r * f)),
+           ("mm dB = g^T h (fp32)", "gemm32", (n, r, m, (mn + m * r) * f, n * r * f)),
+           ("mm d drop(x) = dh A (fp32)", "gemm32", (m, k, r, (m * r + r * k) * f, mk * f)),
+           ("mm dA = dh^T drop(x) (fp32)", "gemm32", (r, k, m, (m * r + mk) * f, r * k * f))]
+    if dropout:
+        bwd.append(("dropout (grad)", "elementwise", (mk * f + mk + mk * f,)))
+    bwd += [("grad x.to(fp32) (fp32 -> 16-bit)", "elementwise", (mk * f + mk * e,))]
+    bwd += linear_ops(case)["bwd"]
+    bwd.append(("add dX (two paths)", "elementwise", (3 * mk * e,)))
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def peft_default_ops(case):
+    """PEFT as ``get_peft_model`` builds it by default for the case's adapter dtype."""
+    if case.adapter_torch_dtype != case.torch_dtype:
+        return peft_fp32_adapter_ops(case)
+    return peft_ops(case)
+
+
 # torch's matmuls, as the cublas strategy calls them: (C or None, A, B) shapes
 MATMUL_OPS = {"addmm_": 1, "addmm": 1, "mm": 0}
 
@@ -237,4 +290,6 @@ def predict_op(machine, kind, args):
     if kind == "gemm":
         m, n, k, extra = args
         return gemm(machine, m, n, k, extra_bytes=extra)
+    if kind == "gemm32":
+        return gemm_fp32(machine, *args)
     return elementwise(machine, *args)

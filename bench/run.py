@@ -12,6 +12,7 @@ Examples:
     python -m bench.run --shapes 4096x14336 --tokens 2048,8192 --ranks 16,64 \\
         --dtypes bf16,fp16,fp32 --dropout 0,0.1 --providers peft,lorakern --modes fwd+bwd
     python -m bench.run --no-e2e                     # layers only
+    python -m bench.run --adapter-dtype base --bias off   # bf16 adapters, no bias
     python -m bench.run --e2e-only --e2e-config llama3-8b-4layers
 """
 import argparse
@@ -26,6 +27,7 @@ from . import e2e, embedding, linear, metrics, report
 from .cases import MODES, PRESETS, make_cases
 from .dora_providers import PROVIDERS as DORA_PROVIDERS
 from .providers import PROVIDERS, lorakern_path
+from .static import add_adapter_dtype_argument, grid_adapter_dtypes
 
 CPU_PATHS = {"reference": "lorakern's PyTorch reference path (not its Triton kernels)",
              "triton-interpreter": "lorakern's Triton kernels in Triton's CPU interpreter"}
@@ -42,8 +44,10 @@ METHOD_CUDA = ("Timing: per-call CUDA events, calls back to back after a warm-up
                "(p20–p80) in ms; inputs (x, W, A, B, dY) rotated over enough sets to "
                "overflow the L2 cache. TFLOP/s from the median and the FLOPs the math "
                "needs (see bench/metrics.py). `A vs B` = B's median / A's median (>1: A "
-               "faster). Adapters in the base dtype, scale = 2 (alpha = 2r), W frozen, no "
-               "bias; forward runs under no_grad in training mode (dropout applies); "
+               "faster). Adapters as each record's adapter_dtype says (fp32: PEFT's "
+               "default on a 16-bit base, PEFT built with autocast_adapter_dtype=True), "
+               "scale = 2 (alpha = 2r), W frozen, bias trained unless the record's bias is "
+               "false; forward runs under no_grad in training mode (dropout applies); "
                "backward times backward alone. Peak memory: max_memory_allocated above "
                "the inputs (backward: above the inputs and the forward's saved state). "
                "Saved: bytes autograd keeps for the backward, inputs excluded.")
@@ -66,6 +70,9 @@ def parse_args(argv):
     p.add_argument("--ranks", type=_list(int), help="LoRA ranks, e.g. 8,16,64,128")
     p.add_argument("--dtypes", type=_list(), help="bf16,fp16,fp32")
     p.add_argument("--dropout", type=_list(float), help="dropout probabilities, e.g. 0,0.1")
+    add_adapter_dtype_argument(p)
+    p.add_argument("--bias", choices=("on", "off"), default="on",
+                   help="the layer cases' trained bias, as the headline case has (default on)")
     p.add_argument("--providers", type=_list(), help=f"subset of {','.join(PROVIDERS)} "
                    f"(--variant dora: of {','.join(DORA_PROVIDERS)})")
     p.add_argument("--variant", choices=("lora", "dora"), default="lora",
@@ -117,7 +124,8 @@ def plan(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no CUDA device")
     preset = dict(PRESETS[args.set or ("quick" if cuda else "cpu-smoke")])
-    for key in preset:
+    preset["adapter_dtypes"] = grid_adapter_dtypes(args, preset)
+    for key in (k for k in preset if k != "adapter_dtypes"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     known = DORA_PROVIDERS if getattr(args, "variant", "lora") == "dora" else PROVIDERS
@@ -138,6 +146,7 @@ def plan(args):
                              rep_ms=args.rep_ms or (100.0 if cuda else 30.0),
                              max_sets=32 if cuda else 2),
         layers=not (args.no_layers or args.e2e_only),
+        bias=args.bias == "on",
         e2e=None if args.no_e2e or known is DORA_PROVIDERS else _e2e_config(args, cuda),
         embedding=None if (args.no_embedding or args.e2e_only
                            or known is DORA_PROVIDERS) else (
@@ -162,7 +171,7 @@ def measure(todo, env):
         for i, case in enumerate(todo["cases"], 1):
             print(f"[{i}/{len(todo['cases'])}] {case}", flush=True)
             layer_records += linear.run_case(case, todo["providers"], todo["modes"], device,
-                                             todo["timing"], env)
+                                             todo["timing"], env, bias=todo["bias"])
     if todo["e2e"] is not None:
         print(f"[e2e] {todo['e2e']}", flush=True)
         e2e_records = e2e.run_e2e(todo["e2e"], todo["e2e_providers"], device, env,

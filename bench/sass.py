@@ -7,7 +7,10 @@ resource usage.
 The main loop. SASS is read as a list of instructions with labels; a loop is a
 branch to an earlier address (a back edge) and spans [target, branch]. The main
 loop is the innermost loop that holds a tensor-core instruction (HGMMA / HMMA);
-a kernel without one (an elementwise kernel) has none. Its trip count is not
+where the Triton IR has more innermost dot loops than the SASS has tensor loops
+(a ``tl.dot`` of fp32 operands at IEEE precision is lowered to FFMAs), the
+innermost FFMA loops count too, so an FMA product is priced per trip like an MMA
+one. A kernel without either (an elementwise kernel) has none. Its trip count is not
 in the SASS: it is evaluated from the Triton IR, whose innermost ``scf.for``
 holding a ``tt.dot`` has bounds made of the kernel's integer arguments,
 constants and program ids (taken as 0: the first program stands for all).
@@ -68,6 +71,30 @@ class Sass:
         return sorted(span for span in candidates
                       if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
                                  for other in candidates))
+
+    def fma_loops(self):
+        """The innermost loops holding FFMAs and no tensor-core instruction, outside
+        every tensor loop: a ``tl.dot`` the compiler lowered to FMAs (fp32 operands
+        at IEEE precision) and other arithmetic loops."""
+        tensor = self.tensor_loops()
+        candidates = [(start, end) for start, end in self.loops()
+                      if any(i.base == "FFMA" for i in self.between(start, end))
+                      and not any(i.base in TENSOR for i in self.between(start, end))]
+        return sorted(span for span in candidates
+                      if not any(other != span and span[0] <= other[0] and other[1] <= span[1]
+                                 for other in candidates)
+                      and not any(t[0] <= span[0] and span[1] <= t[1] for t in tensor))
+
+    def dot_loops(self, expected=None):
+        """The loops a ``tl.dot`` runs in, in program order: the innermost tensor
+        loops, and with them the FMA loops when the Triton IR has ``expected``
+        innermost dot loops and the tensor loops alone are fewer (a kernel whose
+        products run on the FMA pipes loops as many times as one on the tensor cores)."""
+        tensor = self.tensor_loops()
+        if expected is None or len(tensor) >= expected:
+            return tensor
+        both = sorted(tensor + self.fma_loops())
+        return both if len(both) == expected else tensor
 
     def main_loop(self):
         """The first (in program order) innermost loop holding a tensor-core
@@ -330,7 +357,7 @@ class KernelReport:
 def analyse(name, arch, metadata, cubin, ttir):
     text, resources = disassemble(cubin)
     sass = parse_sass(text)
-    loops = sass.tensor_loops()
+    loops = sass.dot_loops(len(_innermost_dot_loops(ttir.splitlines())) if ttir else None)
     loop = loops[0] if loops else None
     inside = sass.between(*loop) if loop else []
     later = [sass.between(*span) for span in loops[1:]]
@@ -348,7 +375,8 @@ def analyse(name, arch, metadata, cubin, ttir):
     mix = {"kernel": instruction_mix(sass.instructions),
            "main_loop": instruction_mix(inside) if loop else None,
            "main_loop_philox_rounds": philox_rounds(inside) if loop else 0.0,
-           "main_loop_definition": "first innermost back-edge span holding HGMMA/HMMA"}
+           "main_loop_definition": "first innermost back-edge span holding HGMMA/HMMA, or "
+                                   "FFMA where the Triton IR's dot loops run on the FMA pipes"}
     spill_instructions = sum(i.base in ("LDL", "STL") for i in sass.instructions)
     return KernelReport(
         name=name, arch=arch, regs=resources.get("REG", 0),

@@ -3,6 +3,7 @@
     python -m bench.static                         # quick preset, sm_90
     python -m bench.static --arch sm_80 --set llama-mlp --json out.json
     python -m bench.static --shapes 4096x4096 --tokens 8192 --ranks 16,64 --dropout 0.1
+    python -m bench.static --adapter-dtype base    # adapters in the base dtype (bf16)
 
 No GPU is needed. For every case, the forward and the training backward (W
 frozen, bias trained: dX, dA, dB, db) run on meta tensors with every Triton
@@ -26,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cases import PRESETS, make_cases
+from .cases import ADAPTER_DTYPES, PRESETS, make_cases
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 PROVIDERS = ("lorakern", "lorakern:fused", "lorakern:cublas", "nn.Linear", "peft")
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=("lora", "dora"), default="lora",
                    help="dora: lorakern DoRA, lorakern LoRA, nn.Linear and PEFT DoRA, "
                    "fp32 adapters (bench/static_dora.py)")
+    add_adapter_dtype_argument(p)
     p.add_argument("--json", help="write the kernels and records to this JSON file")
     p.add_argument("--no-embedding", action="store_true",
                    help="leave out the LoRA embedding case (vocab 49152, dim 2048, 8192 tokens)")
@@ -58,8 +60,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def add_adapter_dtype_argument(parser):
+    """--adapter-dtype fp32|base|fp32,base (bench.static and bench.run)."""
+    parser.add_argument(
+        "--adapter-dtype", dest="adapter_dtypes", type=_adapter_dtypes,
+        help="fp32 (PEFT's default: fp32 adapters on the 16-bit base), base (adapters in "
+             "the base dtype) or fp32,base; default: fp32 with a custom grid, the preset's "
+             "(quick: both) with none")
+
+
+def _adapter_dtypes(text):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in ADAPTER_DTYPES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected {' or '.join(ADAPTER_DTYPES)}, or both comma-separated")
+    return tuple(dict.fromkeys(values))
+
+
+def grid_adapter_dtypes(args, preset):
+    """The flag's adapter dtypes; without it, the preset's when no grid flag narrows
+    the cases, else fp32 (PEFT's default)."""
+    if getattr(args, "adapter_dtypes", None):
+        return tuple(args.adapter_dtypes)
+    custom = any(getattr(args, name, None) for name in ("shapes", "tokens", "ranks",
+                                                         "dropout", "dtypes"))
+    return ("fp32",) if custom else tuple(preset.get("adapter_dtypes", ("fp32",)))
+
+
 def selected_cases(args):
     grid = dict(PRESETS[args.set])
+    grid["adapter_dtypes"] = grid_adapter_dtypes(args, grid)
     for name in ("shapes", "tokens", "ranks", "dropout"):
         if getattr(args, name):
             grid[name] = tuple(getattr(args, name))
@@ -81,7 +112,8 @@ def assumptions(arch, machine):
     return {"figures": "predicted (roofline from compiled code; nothing was run on a GPU)",
             "arch": f"sm_{arch}", "machine": machine.as_json(),
             "triton": triton.__version__, "commit": git_commit(),
-            "case": "W frozen, bias trained: dX, dA, dB, db; bf16; scale = 2",
+            "case": "W frozen, bias trained: dX, dA, dB, db; bf16 base; adapters per record "
+                    "(adapter_dtype: fp32 is PEFT's default); scale = 2",
             "model": "time per launch = max(tensor, issue, HBM, L2) + launch; see "
                      "bench/roofline.py and bench/NOTES.md"}
 
@@ -139,29 +171,54 @@ def format_tables(result):
                      f"{str(k['tma']):>4} {loop.get('total', 0):>5} {mma:>4} "
                      f"{loop.get('imad_hi', 0):>7}")
     lines += ["", "(loop: main-loop SASS instructions; mma and IMAD.HI: in the main loop)", "",
-              f"{'shape':>11} {'M':>6} {'r':>4} {'p':>4}  " + "  ".join(
+              f"{'shape':>11} {'M':>6} {'r':>4} {'p':>4} {'adapt':>5}  " + "  ".join(
                   f"{p:>28}" for p in _providers(result))]
     groups = {}
     for rec in result["records"]:
         if rec["provider"] not in _providers(result):
             continue
-        key = (rec["K"], rec["N"], rec["M"], rec["r"], rec["dropout"])
+        key = (rec["K"], rec["N"], rec["M"], rec["r"], rec["dropout"], rec["adapter_dtype"])
         groups.setdefault(key, {})[(rec["provider"], rec["mode"])] = rec
-    for (k, n, m, r, p), recs in groups.items():
+    for (k, n, m, r, p, adapters), recs in groups.items():
         cells = []
         for provider in _providers(result):
             f, b, fb = (recs[(provider, mode)] for mode in ("fwd", "bwd", "fwd+bwd"))
             cells.append(f"{f['predicted_ms']:.3f}+{b['predicted_ms']:.3f}="
                          f"{fb['predicted_ms']:.3f} {fb['bound'][:5]:>5}")
-        lines.append(f"{f'{k}x{n}':>11} {m:>6} {r:>4} {p:>4g}  " + "  ".join(
+        lines.append(f"{f'{k}x{n}':>11} {m:>6} {r:>4} {p:>4g} {adapters:>5}  " + "  ".join(
             f"{c:>28}" for c in cells))
-    lines.append("(cells: fwd + bwd = fwd+bwd predicted ms, and the bound of the slowest launch)")
+    lines.append("(cells: fwd + bwd = fwd+bwd predicted ms, and the bound of the slowest launch;"
+                 " adapt: the adapters' dtype, fp32 = PEFT's default on a bf16 base)")
+    lines += format_ratios(result["records"], _providers(result))
     from .static_embedding import PROVIDERS as EMBEDDING_PROVIDERS, format_table
     embedding_rows = [rec for rec in result["records"]
                       if rec["provider"] in EMBEDDING_PROVIDERS.values()]
     if embedding_rows:
         lines.append(format_table(embedding_rows))
     return "\n".join(lines)
+
+
+RATIOS = {  # per variant: (ours, the floor, PEFT as built by default)
+    "lorakern": ("lorakern", "nn.Linear", "peft"),
+    "lorakern DoRA": ("lorakern DoRA", "lorakern LoRA", "peft DoRA"),
+}
+
+
+def format_ratios(records, providers=PROVIDERS):
+    """fwd+bwd of lorakern against its floor (nn.Linear; lorakern's LoRA for DoRA) and
+    PEFT as built by default, per case."""
+    ours, floor, peft = RATIOS[providers[0]]
+    by = {}
+    for rec in records:
+        if rec["provider"] in providers and rec["mode"] == "fwd+bwd":
+            key = (rec["K"], rec["N"], rec["M"], rec["r"], rec["dropout"], rec["adapter_dtype"])
+            by.setdefault(key, {})[rec["provider"]] = rec["predicted_ms"]
+    lines = ["", f"fwd+bwd ratios (predicted): {ours} / {floor}, {peft} / {ours}"]
+    for (k, n, m, r, p, adapters), ms in by.items():
+        lines.append(f"  {k}x{n} M={m} r={r} p={p:g} adapters={adapters}: "
+                     f"{ms[ours] / ms[floor]:.3f}x {floor}, "
+                     f"{ms[peft] / ms[ours]:.2f}x faster than {peft}")
+    return lines
 
 
 def _later_loop_instructions(report, details):
@@ -178,7 +235,7 @@ def describe_launches(launch_log):
     rows = []
     for case, strategy, phase, item, seconds, bound, d in launch_log:
         row = {"shape": case.shape, "M": case.tokens, "r": case.rank, "dropout": case.dropout,
-               "strategy": strategy, "phase": phase, "name": item.name, "predicted_us": seconds * 1e6,
+               "adapter_dtype": case.adapter_label, "strategy": strategy, "phase": phase, "name": item.name, "predicted_us": seconds * 1e6,
                "bound": bound}
         if "report" in d:
             report = d["report"]

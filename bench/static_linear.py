@@ -5,7 +5,8 @@ lorakern's forward and training backward run on meta tensors with every launch
 captured (``capture.py``); each launch is compiled for the target (``sass.py``)
 and priced by the roofline (``roofline.py``), each torch op by the bytes it
 moves. nn.Linear (cuBLAS) and PEFT are priced op by op with the same constants
-(``roofline.linear_ops`` / ``peft_ops``).
+(``roofline.linear_ops`` / ``peft_default_ops``: PEFT as ``get_peft_model``
+builds it by default for the case's adapter dtype).
 """
 from . import predicted
 
@@ -61,7 +62,7 @@ def fastest(*strategies):
 
 def records_for(case, provider, phases):
     fields = {"M": case.tokens, "K": case.d_in, "N": case.d_out, "r": case.rank,
-              "dtype": case.dtype, "dropout": case.dropout}
+              "dtype": case.dtype, "adapter_dtype": case.adapter_label, "dropout": case.dropout}
     return predicted.records(fields, provider, phases)
 
 
@@ -79,5 +80,6 @@ def run(arch, machine, kernel_reports, cases, launch_log):
         for strategy, phases in by_strategy.items():
             records += records_for(case, f"lorakern:{strategy}", phases)
         records += records_for(case, "nn.Linear", predict_ops(roofline.linear_ops(case), machine))
-        records += records_for(case, "peft", predict_ops(roofline.peft_ops(case), machine))
+        records += records_for(case, "peft", predict_ops(roofline.peft_default_ops(case),
+                                                          machine))
     return records

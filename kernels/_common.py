@@ -107,6 +107,66 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _exact_parts(v, narrow):
+    """fp32 ``v`` as hi + mid + lo, exactly, each part exact in ``narrow``'s MMA
+    type: bf16 (8 significant bits a part: the low 16 bits cleared) for a bf16
+    ``narrow``, TF32 (11: the low 13 cleared) for fp16, whose exponent range is too
+    small for the parts of small values. Clearing low bits keeps the top bits of v's
+    significand, so v - hi is exact, and so is each later difference; three parts
+    hold all 24 bits (8 + 8 + 8, or 11 + 11 + 2). An infinite v gives NaN parts."""
+    if narrow.dtype == tl.bfloat16:
+        hi = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        rest = v - hi
+        mid = (rest.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        hi = (v.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        rest = v - hi
+        mid = (rest.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, mid, rest - mid
+
+
+@triton.jit
+def _part_dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b, one operand 16-bit and the other an fp32 part exact in its MMA
+    type: bf16 MMAs for a bf16 operand, TF32 ones for fp16 (exact in TF32)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+
+
+@triton.jit
+def mixed_mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32, the operands promoted as torch promotes them.
+
+    PRECISION "split" (``mixed_precision``'s default for a 16-bit operand with an
+    fp32 one): the fp32 operand is cut into three parts that sum to it exactly
+    (``_exact_parts``) and each part meets the 16-bit operand on the tensor cores.
+    Every product a_k * part is exact in fp32 (8 x 8 or 11 x 11 bits), so the result
+    differs from an IEEE fp32 product only by the fp32 accumulation of three terms per
+    k instead of one: |error| <= gamma(K + 2) * sum_k |a_k||b_k| (gamma(n) = n u /
+    (1 - n u), u = 2^-24 for a round-to-nearest accumulator) against gamma(K) for
+    IEEE. Same-dtype operands under "split" (fp32 with fp32) run at IEEE precision.
+    """
+    if PRECISION == "split" and a.dtype != b.dtype:
+        if a.dtype == tl.float32:
+            hi, mid, lo = _exact_parts(a, b)
+            acc = _part_dot(lo, b, acc, UPCAST)
+            acc = _part_dot(mid, b, acc, UPCAST)
+            return _part_dot(hi, b, acc, UPCAST)
+        else:
+            hi, mid, lo = _exact_parts(b, a)
+            acc = _part_dot(a, lo, acc, UPCAST)
+            acc = _part_dot(a, mid, acc, UPCAST)
+            return _part_dot(a, hi, acc, UPCAST)
+    else:
+        a, b = promote_pair(a, b)
+        return mma(a, b, acc, UPCAST, "ieee" if PRECISION == "split" else PRECISION)
+
+
+@triton.jit
 def to_storage(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """fp32 ``x`` cast to the storage ``dtype``, rounding to nearest even.
 
@@ -168,9 +228,49 @@ def rank_block(rank):
 
 def dot_precision(dtype):
     """fp32 operands follow torch's TF32 switch, as nn.Linear does on CUDA."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
+
+
+def tf32_allowed():
+    """torch's TF32 switch for matmuls, through whichever API the caller used:
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee"; "none" defers to
+    the legacy flag) or ``allow_tf32`` (reading the legacy flag after the new API was
+    used raises in torch, so the new one is read first)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def term_precision(pq_dtype, out_dtype, block_r=16):
+    """DOT_PRECISION of a LoRA term h B^T or G A (fp32 operands with fp32 adapters)
+    added onto a 16-bit output: Triton's "tf32x3" (three TF32 products, about 2^-21
+    relative per product, far below the output's rounding: 2^-9 bf16, 2^-11 fp16)
+    where ``mixed_precision`` would split, else what it would pick; onto an fp32
+    output ``dot_precision``. Rank blocks past 16 stay IEEE: their tf32x3 builds keep
+    registers in the stack frame (120-304 bytes a thread at 32, sm_90)."""
+    if pq_dtype != torch.float32 or out_dtype == torch.float32 or block_r > 16:
+        return dot_precision(pq_dtype)
+    precision = mixed_precision(torch.float32, out_dtype)
+    return "tf32x3" if precision == "split" else precision
+
+
+def mixed_precision(*dtypes):
+    """DOT_PRECISION of a rank product over operands of ``dtypes`` (a 16-bit x or dY
+    with fp32 adapters, h or G): "split" (tensor-core products as accurate as fp32,
+    ``mixed_mma``) unless torch is told otherwise: TF32 allowed -> "tf32";
+    ``torch.backends.cuda.matmul.fp32_precision = "ieee"`` -> "ieee" (FMA products).
+    Operands of one dtype: ``dot_precision``."""
+    if len(set(dtypes)) == 1 or torch.float32 not in dtypes:
+        return dot_precision(dtypes[0])
+    if tf32_allowed():
+        return "tf32"
+    if getattr(torch.backends.cuda.matmul, "fp32_precision", "none") == "ieee":
+        return "ieee"
+    return "split"
 
 
 def empty(shape, dtype, device):

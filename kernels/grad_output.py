@@ -50,9 +50,15 @@ groups' G partials), where the rank pass (25.5 us), tn_matmul (26.3 us) and
 the torch sums and copies of its partials (13.3 us) took 65 us. The
 counters are reset by the kernel itself, so no memset launch goes with it.
 
+fp32 adapters on a 16-bit dY take the two passes: both products there are a 16-bit
+operand against an fp32 one, three tensor-core products each (``_common.mixed_mma``),
+and the one pass, holding both accumulators at 128-row blocks, is predicted at 75 us
+(issue and mma.sync bound; 124 us with the products on the FMA pipes) where the rank
+pass over dY and tn_matmul take about 26 + 28 us (HBM bound), same case.
+
 Dtypes follow the rank pass: the products run in the promoted dtype of dY and
-B (for G) and of dY and h (for dB), in fp32 (IEEE, or TF32 when torch allows)
-with fp32 adapters, on the tensor cores in dY's dtype otherwise; accumulation
+B (for G) and of dY and h (for dB), at fp32 accuracy with fp32 adapters (see
+rank_product.py), on the tensor cores in dY's dtype otherwise; accumulation
 is always fp32 and every output is rounded once, on store.
 """
 from dataclasses import dataclass
@@ -61,9 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, arrival_counters, dot_precision, empty, fit_stages,
-                      launching, lora_dtype, mma, promote_pair, rank_block, sum_partials,
-                      target_programs, to_storage)
+from ._common import (INTERPRET, arrival_counters, empty, fit_stages, launching, mixed_mma,
+                      mixed_precision, rank_block, sum_partials, target_programs, to_storage)
 from .lora_grad_weights import tn_matmul
 from .rank_product import rank_product
 
@@ -116,11 +121,9 @@ def _grad_output_kernel(
         if NEED_G:
             b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=in_n[:, None] & in_r[None, :], other=0.0)
-            lhs, rhs = promote_pair(dy, b)
-            g_acc = mma(lhs, rhs, g_acc, UPCAST_DOT, DOT_PRECISION)
-        lhs, rhs = promote_pair(tl.trans(dy), h)
-        d_b = mma(lhs, rhs, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST_DOT,
-                  DOT_PRECISION)
+            g_acc = mixed_mma(dy, b, g_acc, UPCAST_DOT, DOT_PRECISION)
+        d_b = mixed_mma(tl.trans(dy), h, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                        UPCAST_DOT, DOT_PRECISION)
         if SPLIT_M:
             tl.store(part + cols[:, None] * BLOCK_R + offs_r[None, :], d_b,
                      mask=in_n[:, None] & all_r[None, :])
@@ -258,9 +261,11 @@ def partial_bytes(m, n, block_r, cfg, groups, need_g=True):
 
 def one_pass_fits(m, n, rank, dy_bytes, rank_bytes, aligned=True):
     """Whether G, dB and db come from one pass (with a GPU's tiles, also under
-    the interpreter, so that a CPU run takes the path a GPU would)."""
+    the interpreter, so that a CPU run takes the path a GPU would). Not with fp32
+    adapters on a 16-bit dY: there two passes are predicted cheaper (see the
+    module docstring)."""
     block_r = rank_block(rank)
-    if block_r not in RANK_BLOCKS:
+    if block_r not in RANK_BLOCKS or rank_bytes > dy_bytes:
         return False
     cfg = grad_output_config_gpu(block_r, dy_bytes, rank_bytes, aligned)
     return partial_bytes(m, n, block_r, cfg, 1) <= PARTIAL_SHARE * m * n * dy_bytes
@@ -341,7 +346,7 @@ def grad_output(dy, lora_b, h, scale, grad_b, grad_bias=None, g_dtype=None):
             float(scale),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
             NEED_G=need_g, HAS_COLSUM=grad_bias is not None, SPLIT_M=split_m, UPCAST_DOT=INTERPRET,
-            DOT_PRECISION=dot_precision(lora_dtype(dy, lora_b, h)),
+            DOT_PRECISION=mixed_precision(dy.dtype, lora_b.dtype, h.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return g

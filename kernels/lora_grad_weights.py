@@ -35,8 +35,8 @@ import triton.language as tl
 
 from dataclasses import dataclass
 
-from ._common import (INTERPRET, arrival_counters, dot_precision, empty, launching, mma,
-                      promote_pair, sum_partials, target_programs, to_storage)
+from ._common import (INTERPRET, arrival_counters, empty, launching, mixed_mma,
+                      mixed_precision, sum_partials, target_programs, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
 
@@ -85,8 +85,7 @@ def _tn_matmul_kernel(
             l_t = tl.where(tl.trans(keep), l_t, 0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qm + cols_q[None, :] * stride_qq,
                     mask=in_m[:, None] & in_q[None, :], other=0.0)
-        l_t, q = promote_pair(l_t, q)
-        acc = mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
+        acc = mixed_mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
 
     if SPLIT_M:
         # fp32 partials (splits, P, Q) and (splits, P), contiguous; the last
@@ -175,6 +174,14 @@ def _split_rows(m, block_m, tiles, device):
     return triton.cdiv(max(m, 1), rows_per_split), rows_per_split
 
 
+def tn_precision(lhs_dtype, rhs_dtype, block_q):
+    """``mixed_precision``, but IEEE for a split past 32 columns: the fp32 operand's
+    three parts of a 64- to 256-wide Q tile keep registers in the stack frame
+    (80-320 bytes a thread, sm_80 and sm_90); dA and dB at ranks up to 32 split."""
+    precision = mixed_precision(lhs_dtype, rhs_dtype)
+    return "ieee" if precision == "split" and block_q > 32 else precision
+
+
 def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
               dropout_p=0.0, seed=0):
     """out[P, Q] = scale * lhs[M, P]^T @ rhs[M, Q]; colsum[P] = lhs.sum(0) if given.
@@ -213,7 +220,7 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
             BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
             HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, SPLIT_M=splits > 1,
             UPCAST_DOT=INTERPRET,
-            DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs.dtype)),
+            DOT_PRECISION=tn_precision(lhs.dtype, rhs.dtype, cfg.block_q),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, dot_precision, empty, grouped_tile, launching, mma,
-                      promote_pair, rank_block, to_storage)
+from ._common import (INTERPRET, empty, grouped_tile, launching, mma, promote_pair,
+                      rank_block, term_precision, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
 
@@ -223,7 +223,7 @@ def lora_term(p, q, bias, lora_scale, out_dtype, *, dropout_p=0.0, seed=0):
             float(lora_scale), threshold, seed,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, GROUP_M=cfg.group_m,
             HAS_BIAS=has_bias, HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
-            RANK_DOT_PRECISION=dot_precision(pq_dtype),
+            RANK_DOT_PRECISION=term_precision(pq_dtype, out.dtype, block_r),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

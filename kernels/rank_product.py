@@ -17,18 +17,19 @@ epilogue. Rt (R x K, a few MiB at most) is re-read by every program from L2.
 
 Dtypes: the products run in the promoted dtype of L and Rt, as torch computes
 them: with fp32 adapters (PEFT's default on a bf16/fp16 base) the x or dY tile
-is upcast and the dot runs in fp32 (IEEE, or TF32 when torch allows it), and
-out is fp32; with 16-bit adapters of x's dtype it runs on the tensor cores in
-that dtype. Accumulation is always fp32.
+meets the fp32 operand on the tensor cores at fp32 accuracy (the fp32 operand cut
+into three exact parts, ``_common.mixed_mma``; TF32 when torch allows it, IEEE FMA
+products with ``torch.backends.cuda.matmul.fp32_precision = "ieee"``), and out is
+fp32; with 16-bit adapters of x's dtype it runs on the tensor cores in that dtype.
+Accumulation is always fp32.
 """
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, dot_precision, empty, fit_stages, launching, mma,
-                      promote_pair, rank_block, to_storage)
+from ._common import (INTERPRET, empty, fit_stages, launching, mixed_mma, mixed_precision,
+                      rank_block, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
 
@@ -56,8 +57,7 @@ def rank_tile(
             lhs = tl.where(keep, lhs, 0.0)  # where, not a product: a dropped inf is 0
         rhs = tl.load(rt_ptr + ks[:, None] * stride_rk + offs_r[None, :] * stride_rr,
                       mask=in_k[:, None] & in_r[None, :], other=0.0)
-        lhs, rhs = promote_pair(lhs, rhs)
-        acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
+        acc = mixed_mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
     return acc
 
 
@@ -119,6 +119,10 @@ def rank_product_config_gpu(m, block_r, l_bytes, rt_bytes):
         block_k //= 2
     if l_bytes >= 4 and block_r >= 256:
         block_k = 16
+    if rt_bytes > l_bytes:
+        # a 16-bit L with fp32 Rt: Rt's three exact parts (``mixed_mma``) live in
+        # registers beside the tile; 128 deep spills 8 bytes a thread on sm_90
+        block_k = min(block_k, 64)
     cfg = RankConfig(block_m, block_k, num_warps=8 if block_r >= 128 else 4, num_stages=4)
     return fit_stages(cfg, block_k * (block_m * l_bytes + block_r * rt_bytes))
 
@@ -154,7 +158,7 @@ def rank_product(lhs, rhs_t, out_dtype, scale=1.0, *, dropout_p=0.0, seed=0):
             float(scale), threshold, seed,
             BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             HAS_DROPOUT=threshold > 0, UPCAST_DOT=INTERPRET,
-            DOT_PRECISION=dot_precision(torch.promote_types(lhs.dtype, rhs_t.dtype)),
+            DOT_PRECISION=mixed_precision(lhs.dtype, rhs_t.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

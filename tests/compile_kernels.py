@@ -85,6 +85,11 @@ DIVISIBLE_16 = [["tt.divisibility", 16]]
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # the precision of an fp32 product when torch's allow_tf32 is off, its default
 FP32_DEFAULT_PRECISION = "ieee"
+# a 16-bit x or dY with fp32 adapters (h, G), when torch's TF32 switch is off: the
+# rank products' exact three-part split (``_common.mixed_precision``), the LoRA term
+# of fp32 h / G with fp32 adapters onto a 16-bit output (``term_precision``)
+MIXED_PRECISION = "split"
+MIXED_TERM_PRECISION = "tf32x3"
 
 # Scalar arguments typed fp32; every other non-pointer, non-constexpr argument
 # is an i32 size, stride, threshold or seed.
@@ -214,7 +219,7 @@ def _promoted(x, adapter):
 
 def _adapter_precision(x, adapter, precision):
     """DOT_PRECISION of a product of x with an adapter-dtype operand."""
-    return precision if x == adapter else FP32_DEFAULT_PRECISION
+    return precision if x == adapter else MIXED_PRECISION
 
 
 def _widest_and_narrowest(pairs):
@@ -323,7 +328,11 @@ def term_pairs(x, adapter):
 
 
 def term_jobs(x, adapter, rank_precision):
-    return [term_job(cfg, block_r, x, adapter, rank_precision, pass_)
+    # fp32 h / G with fp32 adapters: tf32x3 up to rank block 16, IEEE past it
+    # (``_common.term_precision``)
+    return [term_job(cfg, block_r, x, adapter,
+                     FP32_DEFAULT_PRECISION if rank_precision == MIXED_TERM_PRECISION
+                     and block_r > 16 else rank_precision, pass_)
             for cfg, block_r in term_pairs(x, adapter) for pass_ in ("y0", "dX0")]
 
 
@@ -368,6 +377,9 @@ def grad_output_jobs(x, adapter, precision):
 def rank_and_gemm_jobs(x, adapter, precision):
     """The forward's and grad-input's kernels at every config, for one adapter dtype."""
     rank_precision = _adapter_precision(x, adapter, precision)
+    # the GEMM's epilogue (h B^T, G A) and decode rank product: fp32 with fp32 at IEEE
+    gemm_rank_precision = precision if x == adapter else FP32_DEFAULT_PRECISION
+    term_precision = precision if x == adapter else MIXED_TERM_PRECISION
     jobs = []
     pairs = rank_pairs(x, adapter)
     for cfg, block_r in pairs:
@@ -377,20 +389,20 @@ def rank_and_gemm_jobs(x, adapter, precision):
     cfg, block_r = max(pairs, key=lambda pair: pair[1])
     jobs.append(rank_job(cfg, block_r, x, adapter, rank_precision, "G"))
     for cfg, block_r in gemm_pairs(x, adapter, precision):
-        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "y",
+        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, gemm_rank_precision, "y",
                              bias=True, dropout=True))
-        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "dX",
+        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, gemm_rank_precision, "dX",
                              bias=False, dropout=True))
     for cfg, block_r in gemm_tma_pairs(x, adapter):
-        jobs += [gemm_tma_job(cfg, block_r, x, adapter, precision, rank_precision, pass_)
+        jobs += [gemm_tma_job(cfg, block_r, x, adapter, precision, gemm_rank_precision, pass_)
                  for pass_ in ("y", "dX")]
     from lorakern.kernels.lora_gemm import DECODE_M, lora_gemm_config_gpu
     pq = ELEMENT_BYTES[_promoted(x, adapter)]
     for block_r in _widest_and_narrowest_blocks(decode_rank_blocks(x, adapter)):
         cfg = lora_gemm_config_gpu(DECODE_M, ELEMENT_BYTES[x], block_r, pq)
-        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, rank_precision, "y+h",
+        jobs.append(gemm_job(cfg, block_r, x, adapter, precision, gemm_rank_precision, "y+h",
                              bias=True, dropout=True))
-    return (jobs + term_jobs(x, adapter, rank_precision)
+    return (jobs + term_jobs(x, adapter, term_precision)
             + grad_output_jobs(x, adapter, rank_precision))
 
 
@@ -427,9 +439,10 @@ def tn_jobs(x, precision):
         for cfg in tn_configs_compiled(4):
             if cfg == tn_config_gpu(None, 4):
                 continue
-            jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", x, True, True,
+            mixed = MIXED_PRECISION if cfg.block_q <= 32 else FP32_DEFAULT_PRECISION
+            jobs.append(tn_job(cfg, mixed, x, "fp32", "fp32", x, True, True,
                                ["fp32 adapters"]))
-            jobs.append(tn_job(cfg, FP32_DEFAULT_PRECISION, x, "fp32", "fp32", "fp32", True,
+            jobs.append(tn_job(cfg, mixed, x, "fp32", "fp32", "fp32", True,
                                False, ["fp32 adapters", "transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
     # one config: the direct store (rows not split), every flag off, unaligned sizes

@@ -17,6 +17,7 @@ from bench.cases import Case, make_inputs  # noqa: E402
 from bench.composition import AddmmLoRA, keep_mask  # noqa: E402
 from bench.providers import PROVIDERS, installed  # noqa: E402
 from lorakern import reference  # noqa: E402
+from oracle import assert_matches_oracle, oracle  # noqa: E402
 
 TINY = Case(d_in=24, d_out=20, tokens=12, rank=3, dtype="fp32", dropout=0.0)
 CPU = torch.device("cpu")
@@ -93,6 +94,55 @@ def _check_provider(provider, inputs, want, f64):
                                    msg=f"{name} {label}")
 
 
+def test_fp32_adapters_on_a_bf16_base_with_a_trained_bias_as_peft_builds_them(monkeypatch):
+    """PEFT's default (fp32 adapters on a 16-bit base) with the headline's trained
+    bias: every LoRA provider's forward and dX, dA, dB, db against the float64 oracle
+    (the fp32-adapter products of lorakern's reference path and PEFT run in fp32, the
+    base in bf16: bf16's tolerance)."""
+    monkeypatch.setenv("LORAKERN_BACKEND", "reference")  # not the interpreter: fast
+    case = Case(d_in=24, d_out=20, tokens=12, rank=3, dtype="bf16", dropout=0.0,
+                adapter_dtype="fp32")
+    t = make_inputs(case, CPU, bias=True)
+    assert (t.x.dtype, t.lora_A.dtype, t.lora_B.dtype, t.bias.dtype) == (
+        torch.bfloat16, torch.float32, torch.float32, torch.bfloat16)
+    assert case.adapter_label == "fp32" and t.bias.requires_grad
+    want, grads = oracle(t.x, t.weight, t.lora_A, t.lora_B, case.scale, t.bias,
+                         grad_y=t.grad_y)
+    names = ["addmm", "lorakern"] + (["peft"] if HAVE_PEFT else [])
+    for name in names:
+        layer = PROVIDERS[name].build(t, case)
+        if name == "peft":
+            assert layer.forward.lora_A["default"].weight.dtype == torch.float32
+            assert layer.forward.base_layer.bias is t.bias
+        assert any(v is t.bias for v in layer.trainable), name
+        t.x.grad = None
+        for v in layer.trainable:
+            v.grad = None
+        y = layer.forward(t.x)
+        y.backward(t.grad_y)
+        assert_matches_oracle(y, want, torch.bfloat16, f"{name} y")
+        for label, got in (("x", t.x.grad), ("lora_A", t.lora_A.grad),
+                           ("lora_B", t.lora_B.grad), ("bias", t.bias.grad)):
+            assert_matches_oracle(got, grads[label], torch.bfloat16, f"{name} d{label}")
+
+
+def test_cases_carry_the_adapter_dtype_the_records_name():
+    from bench.cases import PRESETS, make_cases
+    quick = make_cases(**PRESETS["quick"])
+    assert {c.adapter_label for c in quick} == {"fp32", "bf16"}
+    assert quick[0].adapter_label == "fp32"  # PEFT's default first
+    both = make_cases(("24x20",), (12,), (3,), ("fp32", "fp16"), (0.0,), ("fp32", "base"))
+    assert [c.adapter_label for c in both] == ["fp32-base", "fp32", "fp16"]
+    with pytest.raises(ValueError, match="adapter dtype 'fp64'"):
+        make_cases(("24x20",), (12,), (3,), ("bf16",), (0.0,), ("fp64",))
+    args = run.parse_args(["--adapter-dtype", "base", "--bias", "off"])
+    assert args.adapter_dtypes == ("base",) and args.bias == "off"
+    assert run.plan(run.parse_args(["--device", "cpu", "--dtypes", "bf16"]))["cases"][0] \
+        .adapter_dtype == "fp32"  # a custom grid: PEFT's default
+    with pytest.raises(SystemExit):
+        run.parse_args(["--adapter-dtype", "fp64"])
+
+
 def test_lorakern_strategy_providers_force_their_strategy(monkeypatch):
     """lorakern:fused and lorakern:cublas set LORAKERN_STRATEGY while they run,
     and put back what the caller had."""
@@ -137,6 +187,7 @@ def test_every_record_names_device_versions_and_commit():
         ("addmm", "fwd+bwd"), ("merged", "forward")}
     for r in records:
         assert r["status"] == "ok", r
+        assert r["adapter_dtype"] == "fp32-base" and r["bias"] is True
         assert r["device"].startswith("CPU") and r["timer"] == "cpu-perf_counter"
         assert "not kernel timings" in r["note"]
         assert r["torch"] == torch.__version__ and r["triton"]
@@ -182,3 +233,44 @@ def test_cpu_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
             assert fused["lorakern_calls_per_forward"] == fused["lora_linears"] == 7
     text = md_path.read_text()
     assert "not kernel timings" in text and "## Layer, fwd+bwd" in text
+
+
+def test_verify_dry_run_says_what_it_would_run_and_exits_0(capsys):
+    from bench import static, verify
+    assert verify.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pytest -m gpu" in out and "bench.static" in out and "bench.run" in out
+    assert "verify-<device>-" in out and "--adapter-dtype fp32,base" in out
+    cmds = verify.commands(Path("/tmp/verify"), "sm_90")
+    assert sum(verify.STEP_LIMITS_S[s] for s in ("tests", "run")) <= 8 * 60
+    assert verify.STEP_LIMITS_S["static"] <= 8 * 60
+    # the steps' flags parse as their commands will read them
+    static_args = static.parse_args(cmds["static"][3:])
+    assert static_args.adapter_dtypes == ("fp32", "base") and static_args.set == "quick"
+    run_args = run.parse_args(cmds["run"][3:] + ["--device", "cpu"])
+    todo = run.plan(run_args)
+    assert [p.name for p in todo["providers"]] == list(verify.RUN_PROVIDERS)
+    assert todo["e2e"] is None and todo["embedding"] is None and todo["bias"]
+    assert {c.adapter_dtype for c in todo["cases"]} == {"fp32", "base"}
+
+
+def test_verify_puts_measured_beside_predicted():
+    from bench import verify
+    measured = [{"status": "ok", "provider": "lorakern", "mode": "fwd+bwd", "case": "c",
+                 "d_in": 64, "d_out": 32, "tokens": 16, "rank": 4, "dropout": 0.0,
+                 "adapter_dtype": "fp32", "median_ms": 0.3},
+                {"status": "ok", "provider": "linear", "mode": "forward", "case": "c",
+                 "d_in": 64, "d_out": 32, "tokens": 16, "rank": 4, "dropout": 0.0,
+                 "adapter_dtype": "bf16", "median_ms": 0.1},
+                {"status": "skipped", "provider": "peft", "mode": "forward"}]
+    predicted = [{"K": 64, "N": 32, "M": 16, "r": 4, "dropout": 0.0, "adapter_dtype": "fp32",
+                  "provider": "lorakern", "mode": "fwd+bwd", "predicted_ms": 0.2,
+                  "bound": "issue"}]
+    rows = verify.join(measured, predicted)
+    assert [(r["provider"], r["measured_over_predicted"]) for r in rows] == [
+        ("lorakern", 1.5), ("linear", None)]
+    doc = {"environment": {"device": "GPU", "git_commit": "abc"}, "date": "2026-12-03",
+           "arch": "sm_90", "machine": "H100", "steps": {"tests": {"exit": 0, "seconds": 1}},
+           "rows": rows}
+    text = verify.markdown(doc)
+    assert "| c | lorakern | fwd+bwd | 0.300 | 0.200 | 1.50 | issue |" in text

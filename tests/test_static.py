@@ -4,7 +4,8 @@ gives on the compiled code.
 The report compiles the kernels for a GPU, which cannot happen in this
 process (conftest sets TRITON_INTERPRET=1, and an interpreted kernel cannot be
 compiled): it runs in a subprocess, once for the module, on one case
-(4096x4096, M = 8192, r = 16, bf16, dropout 0 and 0.1, sm_90).
+(4096x4096, M = 8192, r = 16, bf16 base with fp32 adapters -- PEFT's default --,
+dropout 0 and 0.1, sm_90).
 """
 import json
 import os
@@ -75,14 +76,14 @@ def test_report_json_has_the_documented_schema(static_run):
     for kernel in report["kernels"]:
         assert set(kernel) == kernel_keys, kernel["name"]
         assert kernel["arch"] == "sm_90" and kernel["regs"] > 0 and kernel["shared_bytes"] > 0
-    record_keys = {"M", "K", "N", "r", "dtype", "dropout", "provider", "mode", "predicted_ms",
-                   "bound", "variant"}
+    record_keys = {"M", "K", "N", "r", "dtype", "adapter_dtype", "dropout", "provider", "mode",
+                   "predicted_ms", "bound", "variant"}
     combos = Counter()
     linear = [r for r in report["records"] if r["provider"] in LINEAR_PROVIDERS]
     for record in linear:
         assert set(record) == record_keys
-        assert (record["M"], record["K"], record["N"], record["r"], record["dtype"]) == \
-            (8192, 4096, 4096, 16, "bf16")
+        assert (record["M"], record["K"], record["N"], record["r"], record["dtype"],
+                record["adapter_dtype"]) == (8192, 4096, 4096, 16, "bf16", "fp32")
         assert record["predicted_ms"] > 0
         assert record["bound"] in ("tensor", "issue", "hbm", "l2")
         assert record["variant"] == "lora"
@@ -91,6 +92,7 @@ def test_report_json_has_the_documented_schema(static_run):
                            for m in ("fwd", "bwd", "fwd+bwd") for d in (0.0, 0.1)}
     assert set(combos.values()) == {1}
     assert "PREDICTED" in static_run["stdout"]
+    assert "adapters=fp32: " in static_run["stdout"]  # the ratio lines
 
 
 def test_the_lora_embedding_case_is_compiled_and_predicted(static_run):
@@ -320,6 +322,50 @@ def test_loops_after_the_main_loop_are_priced_by_their_own_trips():
     assert roofline.kernel_work(report, launch, 32, []).instructions == (50 + 320 + 20) * 4
 
 
+FMA_SNIPPET = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0020*/                   FFMA R8, R4, R5, R8 ;
+        /*0030*/                   FFMA R9, R4, R6, R9 ;
+        /*0040*/                   IADD3 R2, R2, 0x4, RZ ;
+        /*0050*/               @P0 BRA `(.L_x_0) ;
+        /*0060*/                   STG.E desc[UR4][R10.64], R8 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_a_loop_of_fmas_is_priced_by_its_trips_like_a_tensor_loop():
+    """fp32 adapters at IEEE precision: the rank products' ``tl.dot`` is lowered to
+    FFMAs, so the SASS loop has no MMA; the Triton IR still says it is the dot loop,
+    and its issue time grows with the trips (here 10 and 40: four times the loop)."""
+    code = sass.parse_sass(FMA_SNIPPET)
+    assert code.tensor_loops() == [] and code.main_loop() is None
+    assert code.fma_loops() == [(0x10, 0x50)]
+    assert code.dot_loops(expected=1) == [(0x10, 0x50)]
+    assert code.dot_loops(expected=None) == []  # no Triton IR said there is a dot
+    assert sass.loop_trips(TTIR, {"M": 8192, "K": 4096, "rows_per_split": 960}) == [15]
+    machine = roofline.MACHINES[90]
+    loop, other, warps = len(code.between(0x10, 0x50)), 3, 4
+
+    def issue(trips):
+        from types import SimpleNamespace
+        report = sass.KernelReport(
+            name="fma", arch=90, regs=32, spills=0, spill_instructions=0, shared_bytes=0,
+            num_warps=warps, num_stages=1, wgmma=False, tma=False,
+            sass={"kernel": {"IMAD": 0}, "main_loop": {"IMAD": 0}},
+            main_loop_instructions=loop, other_instructions=other, loop_tensor_flops=0,
+            other_tensor_flops=0, loop_global_bytes=4 * 32 * warps, other_global_bytes=0)
+        launch = SimpleNamespace(programs=132, tensors={"x": (1, 4096)})
+        return roofline.predict_kernel(machine, roofline.kernel_work(report, launch, trips))[2]
+
+    short, long = issue(10), issue(40)
+    per_trip = loop * warps / machine.schedulers_per_sm / machine.clock_hz
+    assert short["tensor"] == long["tensor"] == 0
+    assert long["issue"] - short["issue"] == pytest.approx(30 * per_trip)
+    assert long["issue"] == pytest.approx((other + 40 * loop) * warps / 4 / 1.83e9)
+
+
 def test_baseline_gemm_is_tensor_bound_at_large_m_and_memory_bound_at_decode():
     machine = roofline.MACHINES[90]
     seconds, bound = roofline.gemm(machine, 8192, 4096, 4096)
@@ -408,3 +454,22 @@ def test_dropout_mask_costs_a_bounded_number_of_instructions_per_element(static_
         # the forward's rank pass, dX's epilogue (fused) or LoRA term (cublas), and the
         # dA reduction: three per step
         assert len(masked) == 3, cost
+
+
+def test_fp32_adapter_rank_products_run_on_the_tensor_cores_and_take_two_passes(static_run):
+    """With fp32 adapters (the report's default) the rank pass and tn_matmul meet the
+    16-bit x or dY with the fp32 operand's three exact parts on the tensor cores: their
+    main loops hold MMAs and are priced per trip; the backward takes two passes over dY
+    (rank pass for G, tn_matmul for dB and db), predicted cheaper than the one pass."""
+    launches = _kernel_launches(static_run)
+    assert not [r for r in launches if r["name"] == "_grad_output_kernel"]
+    for name in ("_rank_product_kernel", "_tn_matmul_kernel"):
+        rows = [r for r in launches if r["name"] == name and r["strategy"] == "cublas"]
+        assert len(rows) == {"_rank_product_kernel": 4, "_tn_matmul_kernel": 4}[name], name
+        for row in rows:
+            loop = row["kernel"]["sass"]["main_loop"]
+            assert loop and loop["HGMMA"] + loop["HMMA"] >= 3, (name, loop)
+            assert row["trips"] > 1, name
+            clocks = (row["main_loop_instructions"] * row["trips"] * row["kernel"]["num_warps"]
+                      / roofline.MACHINES[90].schedulers_per_sm)
+            assert row["terms_us"]["issue"] >= 0.99 * clocks / 1.83e9 * 1e6, name

@@ -138,8 +138,18 @@ def tuning_key(direction, x, weight, lora_A, lora_B, dropout_p, *, rank_block=No
         "tma": bool(tma),
         # fp32 products run on the tensor cores (TF32) or the FMA pipes (IEEE), for
         # cuBLAS and the Triton GEMMs alike, and the GEMMs' tiles differ between them
-        "tf32": x.dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32": x.dtype == torch.float32 and _tf32_allowed(),
     }
+
+
+def _tf32_allowed():
+    """torch's TF32 switch for matmuls; its new API (``fp32_precision``) read first,
+    since reading ``allow_tf32`` after it was used raises."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def canonical_key(key):
