@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from .base_weight import BaseWeight
-from .dispatch import load_kernels, select_backend
+from .dispatch import load_kernels, requested_strategy, say_once, select_backend
 from . import fused_linear
 from .fused_linear import fused_backward, fused_forward
 from .validation import check_scalars
@@ -202,6 +202,9 @@ def quantized_lora_linear(x, base, lora_A, lora_B, scale=1.0, bias=None, dropout
     """
     _check_call(x, base, lora_A, lora_B, bias)
     scale, dropout_p = check_scalars(scale, dropout_p)
+    if requested_strategy() == "fused":
+        say_once("lorakern: LORAKERN_STRATEGY=fused applies to 16-bit bases; a quantised base "
+                 "runs the cublas strategy (dequantise into a buffer, then torch's matmul)")
     x_dtype = x.dtype
     xc = x.to(base.dtype)
     bias = None if bias is None else bias.to(base.dtype)

@@ -21,6 +21,7 @@ from torch import nn
 from ..functional.embedding import lora_embedding
 from ..functional.linear import lora_linear
 from ..layers.linear import conv1d_class
+from .bnb import bnb_base_reason, fused_bnb_forward, is_peft_bnb_layer
 
 log = logging.getLogger("lorakern")
 
@@ -132,6 +133,9 @@ def _state_reason(module):
 
 def _unservable(module, fused_classes):
     """The reason a module (a PEFT LoRA layer) cannot be patched, or None."""
+    if is_peft_bnb_layer(module):  # QLoRA: peft/bnb.py
+        return bnb_base_reason(module, getattr(module, "_lorakern_name", "")) \
+            or _state_reason(module)
     if type(module) not in fused_classes:
         cls = type(module)
         return (f"it is a PEFT {cls.__module__}.{cls.__qualname__} layer, not "
@@ -173,6 +177,12 @@ def _fused_forward(self, x, *args, **kwargs):
         return _peft_forward(self, x)
     if _is_peft_embedding(self):
         return _fused_embedding(self, x, active)
+    if is_peft_bnb_layer(self):
+        reason = bnb_base_reason(self, name) or _state_reason(self)
+        if reason:
+            raise ValueError(f"lorakern-patched PEFT module '{name}' cannot run fused: "
+                             f"{reason}; unpatch_peft() the model to use PEFT's forward")
+        return fused_bnb_forward(self, name, x, active[0])
     weight_bias, reason = _base_weight_and_bias(self.get_base_layer())
     reason = reason or _state_reason(self)
     if reason:
