@@ -63,6 +63,7 @@ def test_qlora_nf4_double_quant_model_patched_matches_peft(tiny_checkpoint):
                         bnb_4bit_compute_dtype=torch.bfloat16)
     ids = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2))
     logits, grads = logits_and_lora_grads(model, ids)
+    assert lorakern.count_parameters(model)[::-1] == model.get_nb_trainable_parameters()
     lorakern.patch_peft(model)
     assert len(lorakern.patched_modules(model)) == 7  # q k v o gate up down
     patched_logits, patched_grads = logits_and_lora_grads(model, ids)

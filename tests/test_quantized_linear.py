@@ -171,3 +171,25 @@ def test_import_lorakern_does_not_import_bitsandbytes():
             "assert 'bitsandbytes' not in sys.modules, 'bitsandbytes imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bitsandbytes_layers_that_cannot_be_read_are_refused_by_name():
+    import bitsandbytes as bnb
+    from torch import nn
+    from lorakern.functional.quantized_weight import bnb_base_weight
+
+    not_quantised = bnb.nn.Linear4bit(64, 16, compute_dtype=torch.bfloat16)  # not moved yet
+    with pytest.raises(ValueError, match="blocks.1.fc: .*no quant state"):
+        bnb_base_weight(not_quantised, "blocks.1.fc", torch.bfloat16)
+    on_meta = bnb.nn.Linear4bit(64, 16, device="meta")
+    with pytest.raises(ValueError, match="blocks.1.fc: .*meta device"):
+        bnb_base_weight(on_meta, "blocks.1.fc", torch.bfloat16)
+    fp16_weights = bnb.nn.Linear8bitLt(64, 16, has_fp16_weights=True)
+    with pytest.raises(ValueError, match="blocks.1.fc: .*no int8 weight"):
+        bnb_base_weight(fp16_weights, "blocks.1.fc", torch.bfloat16)
+    with pytest.raises(ValueError, match="blocks.1.fc: Linear is not a quantised base"):
+        bnb_base_weight(nn.Linear(64, 16), "blocks.1.fc", torch.bfloat16)
+    quantised = bnb.nn.Linear4bit(64, 16, compute_dtype=torch.bfloat16,
+                                  quant_type="nf4").to("cpu")
+    weight = bnb_base_weight(quantised, "blocks.1.fc", torch.float32)
+    assert weight.shape == (16, 64) and weight.dtype == torch.bfloat16  # compute_dtype's
