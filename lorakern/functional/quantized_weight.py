@@ -164,7 +164,13 @@ def bnb_base_weight(module, name, x_dtype):
         compute_dtype = getattr(module, "compute_dtype", None) or state.dtype
         return Bnb4bitWeight(name, weight.data, state, compute_dtype)
     if "Linear8bitLt" in classes and weight is not None and "Int8Params" in _class_names(weight):
-        cb, scb = getattr(weight, "CB", None), getattr(weight, "SCB", None)
+        # after its first forward bitsandbytes moves CB and SCB to module.state and
+        # keeps the int8 rows as weight.data (PEFT's dequantize_bnb_weight reads them so)
+        state = getattr(module, "state", None)
+        cb = weight.data if weight.dtype == torch.int8 else getattr(weight, "CB", None)
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(state, "SCB", None)
         if cb is None or scb is None or cb.dtype != torch.int8:
             raise ValueError(f"{name}: this {type(module).__name__} holds no int8 weight (CB "
                              f"and SCB; has_fp16_weights=True or not yet moved to a device)")
