@@ -89,3 +89,32 @@ def test_a_qlora_layer_with_a_broken_base_is_refused_by_name(tiny_checkpoint):
     with pytest.raises(ValueError, match="self_attn.q_proj': .*no quant state"):
         lorakern.patch_peft(model)
     assert not lorakern.patched_modules(model)  # nothing was patched
+
+
+def test_inject_lora_all_linear_on_a_4bit_model_matches_peft(tiny_checkpoint):
+    from lorakern.layers.quantized_linear import QuantizedLoRALinear
+
+    peft_model = qlora_model(tiny_checkpoint, **NF4_DOUBLE_QUANT)
+    config = transformers.BitsAndBytesConfig(**NF4_DOUBLE_QUANT)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint, quantization_config=config, device_map="cpu", dtype=torch.bfloat16)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lorakern.inject_lora(model, "all-linear", r=4, alpha=8)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLoRALinear)}
+    assert len(layers) == 7
+    peft_layers = dict(peft_model.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert layer.lora_A.dtype == torch.float32 and layer.lora_A.requires_grad
+            layer.lora_A.copy_(peft_layers[name].lora_A["default"].weight)
+            layer.lora_B.copy_(peft_layers[name].lora_B["default"].weight)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(3))
+    logits, grads = logits_and_lora_grads(peft_model, ids)
+    ours, our_grads = logits_and_lora_grads(model.train(), ids)
+    assert_close_to_bf16(ours, logits, "logits")
+    for name, layer in layers.items():
+        assert_close_to_bf16(our_grads[f"{name}.lora_B"],
+                             grads[f"base_model.model.{name}.lora_B.default.weight"], name)
+    assert lorakern.count_parameters(model)[1] == peft_model.get_nb_trainable_parameters()[0]
+    with pytest.raises(ValueError, match="quantised base.*nothing was changed"):
+        lorakern.merge_lora(model)
