@@ -91,14 +91,18 @@ def test_a_qlora_layer_with_a_broken_base_is_refused_by_name(tiny_checkpoint):
     assert not lorakern.patched_modules(model)  # nothing was patched
 
 
-def test_inject_lora_all_linear_on_a_4bit_model_matches_peft(tiny_checkpoint):
+def quantised_base(path):
+    config = transformers.BitsAndBytesConfig(**NF4_DOUBLE_QUANT)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map="cpu", dtype=torch.bfloat16)
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def test_inject_lora_all_linear_on_a_4bit_model_matches_peft(tiny_checkpoint, tmp_path):
     from lorakern.layers.quantized_linear import QuantizedLoRALinear
 
     peft_model = qlora_model(tiny_checkpoint, **NF4_DOUBLE_QUANT)
-    config = transformers.BitsAndBytesConfig(**NF4_DOUBLE_QUANT)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tiny_checkpoint, quantization_config=config, device_map="cpu", dtype=torch.bfloat16)
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = quantised_base(tiny_checkpoint)
     lorakern.inject_lora(model, "all-linear", r=4, alpha=8)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLoRALinear)}
     assert len(layers) == 7
@@ -118,3 +122,13 @@ def test_inject_lora_all_linear_on_a_4bit_model_matches_peft(tiny_checkpoint):
     assert lorakern.count_parameters(model)[1] == peft_model.get_nb_trainable_parameters()[0]
     with pytest.raises(ValueError, match="quantised base.*nothing was changed"):
         lorakern.merge_lora(model)
+
+    # the adapter files alone, as PEFT writes them: PEFT and load_adapter rebuild the model
+    lorakern.save_adapter(model, tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(quantised_base(tiny_checkpoint), tmp_path)
+    ours_again = lorakern.load_adapter(quantised_base(tiny_checkpoint), tmp_path)
+    with torch.no_grad():
+        # bitsandbytes runs other CPU kernels in eval mode without grad: bf16 rounding apart
+        assert_close_to_bf16(reloaded(input_ids=ids).logits, logits, "PEFT reloaded")
+        assert torch.equal(ours_again.eval()(input_ids=ids).logits,
+                           model.eval()(input_ids=ids).logits)

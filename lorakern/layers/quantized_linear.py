@@ -70,9 +70,16 @@ class QuantizedLoRALinear(nn.Module):
         layer.train(module.training)
         return layer
 
+    fan_in_fan_out = False  # bitsandbytes' layers are (out, in), as nn.Linear
+
     @property
     def merged(self):
         return False
+
+    @property
+    def weight(self):
+        """The base's (quantised, frozen) weight Parameter."""
+        return self.base_layer.weight
 
     def reset_lora_parameters(self):
         """A as PEFT's "kaiming" default (or "gaussian"), B zeros."""
