@@ -184,3 +184,24 @@ def test_bitsandbytes_layers_that_cannot_be_read_are_refused_by_name():
                                   quant_type="nf4").to("cpu")
     weight = bnb_base_weight(quantised, "blocks.1.fc", torch.float32)
     assert weight.shape == (16, 64) and weight.dtype == torch.bfloat16  # compute_dtype's
+
+
+def test_the_dequantise_then_addmm_composition_keeps_no_weight_and_matches_addmm():
+    from bench.composition import addmm_lora, dequant_addmm_lora
+
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(12, 20, generator=gen, dtype=torch.float64)
+    lora_A, lora_B = adapters(3, 20, 12, torch.float64)
+    x = torch.randn(5, 20, generator=gen, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        y = dequant_addmm_lora(x, lambda: weight.clone(), lora_A, lora_B, 0.5)
+    assert all(tuple(s) != (12, 20) for s in saved), saved
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (x, lora_A, lora_B)]
+    for t in (x, lora_A, lora_B):
+        t.grad = None
+    addmm_lora(x, weight, lora_A, lora_B, 0.5).sum().backward()
+    for got, t in zip(grads, (x, lora_A, lora_B)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-12, atol=1e-12)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..functional.quantized_weight import bnb_base_weight, quantized_lora_linear
 from .adapter import check_lora_args, default_adapter_dtype, plain_number
+from .linear import LoRALinear
 
 BNB_LINEAR_CLASSES = ("Linear4bit", "Linear8bitLt")
 
@@ -82,13 +83,8 @@ class QuantizedLoRALinear(nn.Module):
         return self.base_layer.weight
 
     def reset_lora_parameters(self):
-        """A as PEFT's "kaiming" default (or "gaussian"), B zeros."""
-        with torch.no_grad():
-            if self.init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(self.lora_A, std=1 / self.r)
-            nn.init.zeros_(self.lora_B)
+        """A as PEFT's "kaiming" default (or "gaussian"), B zeros: LoRALinear's."""
+        LoRALinear.reset_lora_parameters(self)
 
     def merge(self):
         raise ValueError(f"{self.name}: its base is a bitsandbytes "
