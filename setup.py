@@ -26,6 +26,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "numpy", "peft>=0.13", "transformers>=4.45", "safetensors"],
         "peft": ["peft>=0.13", "safetensors"],
+        # bitsandbytes 4-bit and 8-bit bases (QLoRA); 0.46 is the first with a CPU backend
+        "bnb": ["bitsandbytes>=0.46"],
         "bench": ["pytest-benchmark>=4", "peft>=0.13", "transformers>=4.45", "matplotlib"],
     },
 )

@@ -24,10 +24,14 @@ are made by the last program to finish each block, in a fixed order, inside
 the launch: deterministic, no float atomics; int32 counters that the kernels
 reset themselves, so no memset launch goes with them.
 
+dequant_bnb.py dequantises bitsandbytes' 4-bit and 8-bit weights into a buffer
+of the compute dtype, bit-exact with bitsandbytes (QLoRA bases).
+
 No kernel forms the N x K product A B. h and G are fp32 when the adapters are
 (PEFT's default on a 16-bit base), else in x's dtype.
 """
 from ._common import SUPPORTED_DTYPES, empty, launch_counts, rank_block
+from .dequant_bnb import dequantize_4bit, dequantize_int8
 from .dropout import effective_dropout_p, keep_scale
 from .dora_norm import dora_weight_norm
 from .dropout_mask import dropout_keep_mask
@@ -44,4 +48,4 @@ __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effectiv
            "keep_scale", "dora_weight_norm", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
            "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
            "lora_grad_input", "lora_grad_output", "tn_matmul", "STRATEGIES", "Plan",
-           "layer_plans"]
+           "layer_plans", "dequantize_4bit", "dequantize_int8"]

@@ -80,7 +80,7 @@ PRECISION_GROUPS = {  # group -> (x dtype, DOT_PRECISION as the launchers pass i
     "fp32-ieee": ("fp32", "ieee"),
     "fp32-tf32": ("fp32", "tf32"),
 }
-GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask", "embedding", "dora_norm")
+GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask", "embedding", "dora_norm", "dequant_bnb")
 DIVISIBLE_16 = [["tt.divisibility", 16]]
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # the precision of an fp32 product when torch's allow_tf32 is off, its default
@@ -120,7 +120,9 @@ KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "
                   "_dropout_mask_kernel": "dropout_mask",
                   "_dora_norm_kernel": "dora_norm",
                   "_lora_embedding_forward_kernel": "lora_embedding",
-                  "_lora_embedding_grad_kernel": "lora_embedding"}
+                  "_lora_embedding_grad_kernel": "lora_embedding",
+                  "_dequant_4bit_kernel": "dequant_bnb",
+                  "_dequant_int8_kernel": "dequant_bnb"}
 EMBEDDING_FORWARD_UNIT_STRIDES = {"stride_ids", "stride_ed", "stride_av", "stride_br",
                                   "stride_yd"}                      # ids, E, A, B, y
 EMBEDDING_GRAD_UNIT_STRIDES = {"stride_dyd", "stride_br", "stride_dav", "stride_ded"}
@@ -556,6 +558,36 @@ def dora_norm_jobs():
     return jobs
 
 
+def dequant_bnb_jobs():
+    """bitsandbytes' dequantisation into each compute dtype: 4-bit with plain and nested
+    absmax at the smallest and largest blocksize (the blocksize only changes an integer
+    divisor), and 8-bit rows; floating-point contraction off, as the launchers ask."""
+    from lorakern.kernels.dequant_bnb import DEQUANT_BLOCK, INT8_BLOCK_K, INT8_BLOCK_N
+    from lorakern.kernels.dequant_bnb import INT8_INVERSE_SCALE
+    from lorakern.kernels.rank_product import RankConfig
+
+    cfg = RankConfig(0, 0, num_warps=4, num_stages=3)  # Triton's launch defaults
+    jobs = []
+    for out in ("bf16", "fp16", "fp32"):
+        for nested, blocksize in ((False, 32), (False, 4096), (True, 32), (True, 4096)):
+            meta = dict(BLOCK=DEQUANT_BLOCK, BLOCKSIZE=blocksize,
+                        BLOCKSIZE2=256 if nested else 1, NESTED=nested, INTERPRETED=False)
+            pointers = dict(packed_ptr="u8", absmax_ptr="u8" if nested else "fp32",
+                            code_ptr="fp32", absmax2_ptr="fp32", code2_ptr="fp32",
+                            offset_ptr="fp32", out_ptr=out)
+            jobs.append(_job("_dequant_4bit_kernel", meta, pointers, cfg,
+                             [f"blocksize={blocksize}", f"nested={nested}"], set()))
+        meta = dict(BLOCK_N=INT8_BLOCK_N, BLOCK_K=INT8_BLOCK_K, INVERSE_SCALE=INT8_INVERSE_SCALE,
+                    INTERPRETED=False)
+        jobs.append(_job("_dequant_int8_kernel", meta, dict(cb_ptr="i8", scb_ptr="fp32",
+                                                            out_ptr=out), cfg, [], set()))
+    jobs.append(_job("_dequant_int8_kernel", meta, dict(cb_ptr="i8", scb_ptr="fp32",
+                                                        out_ptr=out), cfg, [], None))
+    for job in jobs:
+        job["options"]["enable_fp_fusion"] = False
+    return jobs
+
+
 def plan(group):
     """The deduplicated compile jobs of one group (arch independent)."""
     if group == "dora_norm":
@@ -564,6 +596,8 @@ def plan(group):
         jobs = dropout_mask_jobs()
     elif group == "embedding":
         jobs = embedding_jobs()
+    elif group == "dequant_bnb":
+        jobs = dequant_bnb_jobs()
     else:
         jobs = precision_jobs(*PRECISION_GROUPS[group])
     if group == "fp32-tf32" and not COMPILE_ALL:

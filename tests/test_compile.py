@@ -33,7 +33,8 @@ PTX_TARGET = {80: "sm_80", 90: "sm_90a"}
 MAX_WORKERS = 2  # CI has two cores
 GROUP_TIMEOUT_S = 1800  # a safety net: one group takes 1-4 min on two idle cores
 # Slowest first, so that the two workers finish close together.
-GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask", "embedding", "dora_norm")
+GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask", "embedding", "dora_norm",
+          "dequant_bnb")
 ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
 COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
 FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM", "NEED_G", "SPLIT_M")

@@ -158,8 +158,10 @@ def read_weights(path):
 
 
 def test_importing_lorakern_imports_no_optional_package():
-    code = ("import sys, lorakern, lorakern.peft.patch, lorakern.peft.save, lorakern.peft.load; "
-            "print(sorted({'peft', 'transformers', 'safetensors'} & set(sys.modules)))")
+    code = ("import sys, lorakern, lorakern.peft.patch, lorakern.peft.save, lorakern.peft.load, "
+            "lorakern.peft.bnb, lorakern.layers.quantized_linear; "
+            "print(sorted({'peft', 'transformers', 'safetensors', 'bitsandbytes'} "
+            "& set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -10,7 +10,8 @@ What the launch sequence (``fused_linear.py``) needs from W, whatever its storag
 - ``kernel_operand()``: what the kernels' GEMMs (and, in the ``cublas``
   strategy, torch's matmul) read as W;
 - ``grad_buffer()``: where dW is written when autograd asks for it (a base that
-  cannot train refuses).
+  cannot train refuses);
+- ``strategy``: the one strategy the base can be served by, or None (any).
 
 ``DenseWeight`` is the one kind the kernels serve today: W held as a
 floating-point tensor of x's dtype (an nn.Linear's weight, or the transposed
@@ -26,6 +27,8 @@ from .layouts import unit_rows
 
 class BaseWeight(abc.ABC):
     """The interface; see the module docstring."""
+
+    strategy = None
 
     @property
     @abc.abstractmethod

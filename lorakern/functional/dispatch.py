@@ -106,11 +106,12 @@ def tunes_on(device):
     return device.type == "cuda"
 
 
-def choose_plan(direction, kernels, lhs, weight, lora_A, lora_B, dropout_p, run):
+def choose_plan(direction, kernels, lhs, weight, lora_A, lora_B, dropout_p, run, strategy=None):
     """The plan (strategy and config) for a forward (``lhs`` = x) or grad-input
-    (``lhs`` = dY) call; ``run(plan)`` launches that call, for the tuner."""
+    (``lhs`` = dY) call; ``run(plan)`` launches that call, for the tuner.
+    ``strategy``: the only strategy the base can take (else LORAKERN_STRATEGY's)."""
     plans = kernels.layer_plans(lhs.shape[0], lhs, lora_A, lora_B, weight)
-    requested = requested_strategy()
+    requested = strategy or requested_strategy()
     if requested != "auto":
         plans = [plan for plan in plans if plan.strategy == requested]
     if not tunes_on(lhs.device) or len(plans) == 1:

@@ -34,7 +34,7 @@ the order they run, as torch's own dropout does.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .base_weight import DenseWeight
+from .base_weight import BaseWeight, DenseWeight
 from .dispatch import choose_plan, load_kernels
 from .layouts import flatten, unit_rows
 
@@ -48,18 +48,24 @@ def draw_seed():
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
+def _base_weight(weight):
+    return weight if isinstance(weight, BaseWeight) else DenseWeight(weight)
+
+
 def fused_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
-    """Returns (y [..., out], h [M, r]); h is fp32 with fp32 adapters, else x's dtype."""
+    """Returns (y [..., out], h [M, r]); h is fp32 with fp32 adapters, else x's dtype.
+    ``weight``: a tensor or a ``BaseWeight``."""
     kernels = load_kernels(x.device)
     x2 = unit_rows(flatten(x), "x")
-    base = DenseWeight(weight)
+    base = _base_weight(weight)
     w = base.kernel_operand()
     lora_A, lora_B = _unit_row_adapters(lora_A, lora_B)
 
     def run(plan):
         return kernels.lora_forward(x2, w, lora_A, lora_B, bias, scale, dropout_p, seed, plan)
 
-    y, h = run(choose_plan("forward", kernels, x2, w, lora_A, lora_B, dropout_p, run))
+    y, h = run(choose_plan("forward", kernels, x2, w, lora_A, lora_B, dropout_p, run,
+                           base.strategy))
     return y.reshape(*x.shape[:-1], base.shape[0]), h
 
 
@@ -70,13 +76,12 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     x's dtype).
     """
     need_x, need_w, need_a, need_b, need_bias = needs
-    base = DenseWeight(weight)
+    base = _base_weight(weight)
     kernels = load_kernels(grad_y.device)
     rank_block = kernels.rank_block(lora_A.shape[0])
     dy = unit_rows(flatten(grad_y), "dY")
     # once: a non-viewable x (a permuted 3-D input) is copied by the reshape
     x2 = unit_rows(flatten(x), "x") if need_a or need_w else None
-    w = base.kernel_operand()
     lora_A, lora_B = _unit_row_adapters(lora_A, lora_B)
     device = dy.device
     grad_x = grad_w = grad_a = grad_b = grad_bias = None
@@ -93,11 +98,14 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
         g = kernels.lora_grad_output(dy, lora_A, lora_B, h, scale, grad_b,
                                      grad_bias if need_b else None, need_g)
     if need_x:
+        w = base.kernel_operand()  # a quantised base's is dequantised here, for dX only
+
         def run(plan):
             return kernels.lora_grad_input(dy, w, lora_A, lora_B, g, scale, dropout_p, seed,
                                            plan)
 
-        dx = run(choose_plan("grad_input", kernels, dy, w, lora_A, lora_B, dropout_p, run))
+        dx = run(choose_plan("grad_input", kernels, dy, w, lora_A, lora_B, dropout_p, run,
+                             base.strategy))
         grad_x = dx.reshape(grad_y.shape[:-1] + (base.shape[1],))
     if need_a:
         grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)

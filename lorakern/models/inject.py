@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from ..layers.adapter import LoRALayer, check_lora_args
 from ..layers.embedding import LoRAEmbedding, embedding_layout
 from ..layers.linear import LoRALinear, base_layout
+from ..layers.quantized_linear import QuantizedLoRALinear, check_bnb_linear, is_bnb_linear
 from .config import (ALIASES, ALL_LINEAR, CONFIG_ARGUMENTS, SEQ_CLS_HEADS, TASK_HEADS,
                      check_pattern, check_peft_settings, config_settings, init_from_peft,
                      is_config, pattern_key_matches, pattern_value)
@@ -241,8 +242,12 @@ def _select_targets(model, named, target_modules, exclude_modules, saved, task_t
         _check_heads_not_claimed_twice(model, named, task_type, excluded)
     for name in targets:
         module = named[name]
-        if isinstance(module, LoRALayer):
-            raise ValueError(f"target module {name!r} is already a {type(module).__name__}")
+        parent = named.get(name.rpartition(".")[0])
+        if isinstance(module, (LoRALayer, QuantizedLoRALinear)) or isinstance(
+                parent, QuantizedLoRALinear):
+            owner = module if isinstance(module, (LoRALayer, QuantizedLoRALinear)) else parent
+            raise ValueError(f"target module {name!r} is already a {type(owner).__name__}"
+                             + ("'s base layer" if owner is parent else ""))
         if not is_target_kind(module):
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA "
                              f"targets must be nn.Linear, transformers Conv1D or nn.Embedding "
@@ -278,6 +283,9 @@ def _check_replaceable(named, targets):
                             f"parametrize: {', '.join(module.parametrizations)}); LoRA layers "
                             f"wrap a plain weight Parameter: remove the parametrization first "
                             f"(torch.nn.utils.parametrize.remove_parametrizations)")
+        if is_bnb_linear(module):  # QLoRA: ValueError naming it if unreadable
+            check_bnb_linear(module, name)
+            continue
         try:
             (embedding_layout if is_embedding(module) else base_layout)(module)
         except TypeError as err:
@@ -322,7 +330,7 @@ def _inject(model, target_modules, r, alpha, dropout, modules_to_save, use_rslor
     undo = _Undo(model)
     try:
         new_layers = {name: _lora_layer(named[name], settings[name], dropout, use_rslora, init,
-                                        adapter_dtype, use_dora)
+                                        adapter_dtype, use_dora, name)
                       for name in targets}
         for name, layer in new_layers.items():
             parent_name, _, child = name.rpartition(".")
@@ -391,7 +399,7 @@ def _set_trainable(model, new_layers, saved, inference_mode):
         param.requires_grad_(False)
     frozen = {id(layer) for layer in new_layers} if inference_mode else set()
     for module in model.modules():
-        if isinstance(module, LoRALayer) and id(module) not in frozen:
+        if isinstance(module, (LoRALayer, QuantizedLoRALinear)) and id(module) not in frozen:
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
             if getattr(module, "use_dora", False):
@@ -403,17 +411,29 @@ def _set_trainable(model, new_layers, saved, inference_mode):
 
 
 def _check_dora_targets(named, targets, use_dora):
-    embeddings = [name for name in targets if use_dora and is_embedding(named[name])]
+    if not use_dora:
+        return
+    embeddings = [name for name in targets if is_embedding(named[name])]
     if embeddings:
         raise ValueError(f"inject_lora: use_dora=True on embedding targets "
                          f"{sorted(embeddings)}: lorakern's DoRA is for linear layers; "
                          f"exclude them (exclude_modules) or drop use_dora")
+    quantised = [name for name in targets if is_bnb_linear(named[name])]
+    if quantised:
+        raise ValueError(f"inject_lora: use_dora=True on quantised (bitsandbytes) targets "
+                         f"{sorted(quantised)}: lorakern's DoRA needs a dense base weight; "
+                         f"exclude them (exclude_modules) or drop use_dora")
 
 
-def _lora_layer(module, rank_and_alpha, dropout, use_rslora, init, adapter_dtype, use_dora):
+def _lora_layer(module, rank_and_alpha, dropout, use_rslora, init, adapter_dtype, use_dora,
+                name):
     """The LoRA layer around ``module``. Embeddings take PEFT's embedding adapter: no
     dropout, A zeros and B normal whatever ``init`` says."""
     r, alpha = rank_and_alpha
+    if is_bnb_linear(module):
+        return QuantizedLoRALinear.from_bnb(module, name, r=r, alpha=alpha, dropout=dropout,
+                                            use_rslora=use_rslora, init=init,
+                                            adapter_dtype=adapter_dtype)
     if is_embedding(module):
         return LoRAEmbedding.from_embedding(module, r=r, alpha=alpha, use_rslora=use_rslora,
                                             adapter_dtype=adapter_dtype)

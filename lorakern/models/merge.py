@@ -9,6 +9,7 @@ finiteness of the result) before any weight is written. ``lora_layers`` and
 import sys
 
 from ..layers.adapter import LoRALayer
+from ..layers.quantized_linear import QuantizedLoRALinear
 
 
 def _peft_lora_layer_class():
@@ -42,7 +43,21 @@ def check_deltas(model, layers, sign):
         layer._check_delta(sign, layer._delta_scale(sign))
 
 
+def _refuse_quantised(model):
+    """ValueError naming every LoRA layer over a quantised base (``QuantizedLoRALinear``
+    says why it is not merged), before anything is written."""
+    quantised = [name for name, m in model.named_modules() if isinstance(m, QuantizedLoRALinear)]
+    if quantised:
+        layer = model.get_submodule(quantised[0])
+        try:
+            layer.merge()
+        except ValueError as err:
+            raise ValueError(f"merge_lora/unmerge_lora: {len(quantised)} LoRA layers have a "
+                             f"quantised base ({', '.join(quantised[:8])}): {err}") from None
+
+
 def _merge_all(model, sign):
+    _refuse_quantised(model)
     layers = lora_layers(model, "merge_and_unload() (or merge_adapter())" if sign > 0
                          else "unmerge_adapter()")
     wrong = [name or "<root>" for name, layer in layers if layer.merged == (sign > 0)]

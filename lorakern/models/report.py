@@ -1,13 +1,24 @@
 """What trains in a model: ``count_parameters``, ``format_lora_report``, ``lora_report``."""
 
 
+def parameter_count(param):
+    """The weights a parameter holds, counted as PEFT counts them: a bitsandbytes
+    4-bit weight (``Params4bit``) packs two weights in a byte, element_size bytes an
+    element (its ``quant_storage``), so it holds numel * 2 * element_size weights."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def count_parameters(model):
-    """(total, trainable) element counts, each shared parameter counted once."""
+    """(total, trainable) weight counts, each shared parameter counted once (4-bit
+    weights as ``parameter_count`` says)."""
     total = trainable = 0
     for param in model.parameters():
-        total += param.numel()
+        count = parameter_count(param)
+        total += count
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += count
     return total, trainable
 
 
@@ -16,9 +27,9 @@ def _percent(part, whole):
 
 
 def format_lora_report(model):
-    """One line per parameter (name, trainable 1/0, elements), then
+    """One line per parameter (name, trainable 1/0, weights), then
     ``Total parameters: N, trainable: T (P%)``, as a string."""
-    rows = [(name, int(param.requires_grad), param.numel())
+    rows = [(name, int(param.requires_grad), parameter_count(param))
             for name, param in model.named_parameters()]
     width = max((len(name) for name, _, _ in rows), default=0)
     lines = [f"{name:<{width}}  {flag}  {numel}" for name, flag, numel in rows]

@@ -17,6 +17,7 @@ from torch import nn
 from ..layers.adapter import LoRALayer, check_lora_args
 from ..layers.embedding import embedding_layout
 from ..layers.linear import LoRALinear, base_layout, conv1d_class
+from ..layers.quantized_linear import check_bnb_linear, is_bnb_linear
 from ..models.config import pattern_value, peft_acts_on
 from ..models.inject import inject_lora
 from ..models.targets import exact_regex
@@ -287,8 +288,12 @@ def _layer_problem(model, name, pair):
             return (f" is a {type(module).__name__}, not an nn.Linear or Conv1D without an "
                     f"adapter")
         try:
-            in_features, out_features, _ = base_layout(module)
-        except TypeError as err:
+            if is_bnb_linear(module):  # QLoRA: the quantised base is read as it is
+                check_bnb_linear(module, name)
+                in_features, out_features = module.in_features, module.out_features
+            else:
+                in_features, out_features, _ = base_layout(module)
+        except (TypeError, ValueError) as err:
             return f": {err}"
     a, b = pair.get("A"), pair.get("B")
     magnitude_problem = _magnitude_problem(pair, out_features)

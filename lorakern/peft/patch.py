@@ -23,6 +23,7 @@ from ..functional.linear import lora_linear
 from ..layers.linear import conv1d_class
 from . import sharded
 from .dora import dora_refusal, fused_dora_forward, is_dora
+from .bnb import bnb_base_reason, fused_bnb_forward, is_peft_bnb_layer
 
 log = logging.getLogger("lorakern")
 
@@ -144,6 +145,9 @@ def _state_reason(module):
 
 def _unservable(module, fused_classes, shards_gathered=False):
     """The reason a module (a PEFT LoRA layer) cannot be patched, or None."""
+    if is_peft_bnb_layer(module):  # QLoRA: peft/bnb.py
+        return bnb_base_reason(module, getattr(module, "_lorakern_name", "")) \
+            or _state_reason(module)
     if sharded.unsharded_class(module) not in fused_classes:
         cls = type(module)
         return (f"it is a PEFT {cls.__module__}.{cls.__qualname__} layer, not "
@@ -185,6 +189,12 @@ def _fused_forward(self, x, *args, **kwargs):
         return _peft_forward(self, x)
     if _is_peft_embedding(self):
         return _fused_embedding(self, x, active)
+    if is_peft_bnb_layer(self):
+        reason = bnb_base_reason(self, name) or _state_reason(self)
+        if reason:
+            raise ValueError(f"lorakern-patched PEFT module '{name}' cannot run fused: "
+                             f"{reason}; unpatch_peft() the model to use PEFT's forward")
+        return fused_bnb_forward(self, name, x, active[0])
     weight_bias, reason = _base_weight_and_bias(self.get_base_layer())
     reason = reason or _state_reason(self)
     if reason:

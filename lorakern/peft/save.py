@@ -17,6 +17,7 @@ import re
 import sys
 
 from ..layers.adapter import LoRALayer
+from ..layers.quantized_linear import QuantizedLoRALinear
 from ..layers.embedding import LoRAEmbedding
 from ..models.targets import exact_regex
 from .adapter_format import MAGNITUDE_SUFFIX, PREFIX, adapter_keys, max_norm_problem
@@ -25,7 +26,8 @@ from .sharded import full_tensor, wait_for_writer, writes_files
 
 
 def _lora_layers(model):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (LoRALayer, QuantizedLoRALinear))]
 
 
 def _peft_lora_layer_names(model):

@@ -1,0 +1,207 @@
+"""The LoRA layer over a bitsandbytes 4-bit or 8-bit base (QLoRA), kernels and reference.
+
+The oracle is the float64 layer over the weight bitsandbytes itself dequantises
+(bit-exact with ours, tests/test_dequant_bnb.py); every gradient of x, A, B and
+the bias is checked, with dropout, odd shapes, ranks below 16, fp32 adapters on
+a bf16 base, 3-D and strided x. The saved-tensor test proves that no tensor of
+the base's shape is kept for the backward.
+"""
+import pytest
+import torch
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+import lorakern.functional.fused_linear  # noqa: E402
+from lorakern import kernels  # noqa: E402
+from lorakern.functional.quantized_weight import (Bnb4bitWeight, Bnb8bitWeight,  # noqa: E402
+                                                  quantized_lora_linear)
+from oracle import assert_matches_oracle, oracle  # noqa: E402
+
+SEED = 4321
+
+
+def base_4bit(out_features, in_features, dtype, quant_type="nf4", nested=True, blocksize=64,
+              compute_dtype=None):
+    # in_features a multiple of blocksize: bitsandbytes 0.50.2's CPU dequantisation is
+    # wrong otherwise (see tests/test_dequant_bnb.py), and it is the oracle's W here
+    assert in_features % blocksize == 0
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(out_features, in_features, generator=gen).to(dtype) * 0.5
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                 compress_statistics=nested)
+    base = Bnb4bitWeight("layers.0.q_proj", packed, state, compute_dtype or dtype)
+    return base, bnb_functional.dequantize_4bit(packed, state).to(compute_dtype or dtype)
+
+
+def base_8bit(out_features, in_features, dtype):
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(out_features, in_features, generator=gen).to(torch.float16)
+    cb, scb, _ = bnb_functional.int8_vectorwise_quant(w)
+    return (Bnb8bitWeight("layers.0.v_proj", cb, scb, dtype),
+            bnb_functional.int8_vectorwise_dequant(cb, scb).to(dtype))
+
+
+def adapters(rank, in_features, out_features, dtype, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    lora_A = (torch.randn(rank, in_features, generator=gen) * 0.3).to(dtype).requires_grad_()
+    lora_B = (torch.randn(out_features, rank, generator=gen) * 0.3).to(dtype).requires_grad_()
+    return lora_A, lora_B
+
+
+def run_and_check(base, dense, x, lora_A, lora_B, bias, scale, dropout_p, compute_dtype,
+                  monkeypatch):
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
+    y = quantized_lora_linear(x, base, lora_A, lora_B, scale, bias, dropout_p)
+    gen = torch.Generator().manual_seed(8)
+    grad_y = torch.randn(y.shape, generator=gen).to(y.dtype)
+    y.backward(grad_y)
+    keep = None
+    if dropout_p > 0:
+        m = x.shape[:-1].numel()
+        keep = kernels.dropout_keep_mask(m, x.shape[-1], dropout_p, SEED, x.device)
+        keep = keep.reshape(x.shape)
+    y_ref, grads = oracle(x, dense, lora_A, lora_B, scale, bias, keep,
+                          kernels.effective_dropout_p(dropout_p), grad_y)
+    assert y.dtype == x.dtype
+    assert_matches_oracle(y, y_ref, compute_dtype, "y")
+    for name, tensor in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if tensor is not None and tensor.requires_grad:
+            assert tensor.grad.dtype == tensor.dtype
+            assert_matches_oracle(tensor.grad, grads[name], compute_dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("quant_type,nested,rank,dropout_p", [
+    ("nf4", True, 3, 0.1),    # QLoRA's default, a rank below 16, dropout
+    ("fp4", False, 20, 0.0),  # a rank over 16, no dropout
+])
+def test_4bit_base_with_fp32_adapters_every_gradient(quant_type, nested, rank, dropout_p,
+                                                     monkeypatch):
+    # bf16 compute, fp32 adapters (PEFT's QLoRA), a 3-D x, odd sizes, a bias
+    base, dense = base_4bit(40, 64, torch.bfloat16, quant_type, nested)
+    lora_A, lora_B = adapters(rank, 64, 40, torch.float32)
+    x = torch.randn(2, 9, 64).bfloat16().requires_grad_()
+    bias = torch.randn(40).bfloat16().requires_grad_()
+    run_and_check(base, dense, x, lora_A, lora_B, bias, 0.5, dropout_p, torch.bfloat16,
+                  monkeypatch)
+
+
+def test_4bit_base_fp16_adapters_strided_x(monkeypatch):
+    base, dense = base_4bit(24, 64, torch.float16, "nf4", True, blocksize=32)
+    lora_A, lora_B = adapters(8, 64, 24, torch.float16)
+    x = torch.randn(64, 11).half().t().requires_grad_()  # (11, 64), stride 11 along K
+    run_and_check(base, dense, x, lora_A, lora_B, None, 2.0, 0.2, torch.float16, monkeypatch)
+
+
+def test_fp32_x_on_a_bf16_compute_dtype_is_cast_as_bitsandbytes_casts(monkeypatch):
+    # prepare_model_for_kbit_training leaves fp32 hidden states: x is cast to the
+    # compute dtype for the products and y comes back in fp32
+    base, dense = base_4bit(16, 64, torch.bfloat16)
+    lora_A, lora_B = adapters(4, 64, 16, torch.float32)
+    x = torch.randn(5, 64, requires_grad=True)
+    y = quantized_lora_linear(x, base, lora_A, lora_B, 1.0)
+    assert y.dtype == torch.float32
+    y_ref, _ = oracle(x.detach().bfloat16(), dense, lora_A, lora_B, 1.0)
+    assert_matches_oracle(y.detach(), y_ref, torch.bfloat16, "y")
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32 and lora_A.grad is not None
+
+
+def test_8bit_base_every_gradient(monkeypatch):
+    base, dense = base_8bit(33, 40, torch.bfloat16)
+    lora_A, lora_B = adapters(5, 40, 33, torch.float32)
+    x = torch.randn(7, 40).bfloat16().requires_grad_()
+    run_and_check(base, dense, x, lora_A, lora_B, None, 0.25, 0.1, torch.bfloat16,
+                  monkeypatch)
+
+
+def test_nothing_of_the_base_weight_is_saved_for_backward():
+    base, _ = base_4bit(64, 128, torch.bfloat16)
+    lora_A, lora_B = adapters(8, 128, 64, torch.float32)
+    x = torch.randn(4, 128).bfloat16().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = quantized_lora_linear(x, base, lora_A, lora_B, 1.0, None, 0.1)
+    assert saved, "no tensor saved at all: the hooks did not see the layer"
+    assert all(shape != (64, 128) for shape, _ in saved), saved
+    # x, A, B and h (M x r, fp32): the 16-bit bound of a 16-bit base
+    saved_bytes = sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size()
+                      for s, d in saved)
+    assert saved_bytes <= (4 * 128 * 2 + 8 * 128 * 4 + 64 * 8 * 4 + 4 * 8 * 4), saved
+    y.sum().backward()
+    assert lora_B.grad is not None
+
+
+def test_reference_backend_saves_no_dequantised_weight(monkeypatch):
+    monkeypatch.setenv("LORAKERN_BACKEND", "reference")
+    base, dense = base_4bit(32, 64, torch.bfloat16)
+    lora_A, lora_B = adapters(4, 64, 32, torch.float32)
+    x = torch.randn(3, 64).bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        y = quantized_lora_linear(x, base, lora_A, lora_B, 1.0)
+    assert all(tuple(s) != (32, 64) for s in saved), saved
+    y_ref, grads = oracle(x, dense, lora_A, lora_B, 1.0, grad_y=torch.ones(3, 32))
+    assert_matches_oracle(y.detach(), y_ref, torch.bfloat16, "y")
+    y.backward(torch.ones_like(y))
+    assert_matches_oracle(lora_A.grad, grads["lora_A"], torch.bfloat16, "dlora_A")
+
+
+def test_a_quantised_base_refuses_a_weight_gradient_and_bad_shapes():
+    base, _ = base_4bit(16, 64, torch.bfloat16)
+    with pytest.raises(TypeError, match="layers.0.q_proj.*frozen"):
+        base.grad_buffer(torch.empty)
+    lora_A, lora_B = adapters(4, 30, 16, torch.float32)
+    with pytest.raises(ValueError, match="layers.0.q_proj.*lora_A"):
+        quantized_lora_linear(torch.randn(2, 64).bfloat16(), base, lora_A, lora_B)
+    with pytest.raises(ValueError, match="layers.0.q_proj: x has 31 features"):
+        quantized_lora_linear(torch.randn(2, 31).bfloat16(), base, *adapters(4, 64, 16,
+                                                                              torch.float32))
+
+
+def test_bitsandbytes_layers_that_cannot_be_read_are_refused_by_name():
+    import bitsandbytes as bnb
+    from torch import nn
+    from lorakern.functional.quantized_weight import bnb_base_weight
+
+    not_quantised = bnb.nn.Linear4bit(64, 16, compute_dtype=torch.bfloat16)  # not moved yet
+    with pytest.raises(ValueError, match="blocks.1.fc: .*no quant state"):
+        bnb_base_weight(not_quantised, "blocks.1.fc", torch.bfloat16)
+    on_meta = bnb.nn.Linear4bit(64, 16, device="meta")
+    with pytest.raises(ValueError, match="blocks.1.fc: .*meta device"):
+        bnb_base_weight(on_meta, "blocks.1.fc", torch.bfloat16)
+    fp16_weights = bnb.nn.Linear8bitLt(64, 16, has_fp16_weights=True)
+    with pytest.raises(ValueError, match="blocks.1.fc: .*no int8 weight"):
+        bnb_base_weight(fp16_weights, "blocks.1.fc", torch.bfloat16)
+    with pytest.raises(ValueError, match="blocks.1.fc: Linear is not a quantised base"):
+        bnb_base_weight(nn.Linear(64, 16), "blocks.1.fc", torch.bfloat16)
+    quantised = bnb.nn.Linear4bit(64, 16, compute_dtype=torch.bfloat16,
+                                  quant_type="nf4").to("cpu")
+    weight = bnb_base_weight(quantised, "blocks.1.fc", torch.float32)
+    assert weight.shape == (16, 64) and weight.dtype == torch.bfloat16  # compute_dtype's
+
+
+def test_the_dequantise_then_addmm_composition_keeps_no_weight_and_matches_addmm():
+    from bench.composition import addmm_lora, dequant_addmm_lora
+
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(12, 20, generator=gen, dtype=torch.float64)
+    lora_A, lora_B = adapters(3, 20, 12, torch.float64)
+    x = torch.randn(5, 20, generator=gen, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        y = dequant_addmm_lora(x, lambda: weight.clone(), lora_A, lora_B, 0.5)
+    assert all(tuple(s) != (12, 20) for s in saved), saved
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (x, lora_A, lora_B)]
+    for t in (x, lora_A, lora_B):
+        t.grad = None
+    addmm_lora(x, weight, lora_A, lora_B, 0.5).sum().backward()
+    for got, t in zip(grads, (x, lora_A, lora_B)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-12, atol=1e-12)
