@@ -24,6 +24,10 @@ are made by the last program to finish each block, in a fixed order, inside
 the launch: deterministic, no float atomics; int32 counters that the kernels
 reset themselves, so no memset launch goes with them.
 
+A mixed-adapter batch (inference) makes h with each row's own adapter's A
+(segmented_lora.py: zero outside that adapter's columns of the stacked A) and
+runs lora_gemm once with the stacked B.
+
 No kernel forms the N x K product A B. h and G are fp32 when the adapters are
 (PEFT's default on a 16-bit base), else in x's dtype.
 """
@@ -38,9 +42,10 @@ from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_grad_
                          lora_grad_output)
 from .lora_term import lora_term
 from .rank_product import rank_product
+from .segmented_lora import segment_config, segment_tiles, segmented_rank_product
 
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
            "keep_scale", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
            "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
            "lora_grad_input", "lora_grad_output", "tn_matmul", "STRATEGIES", "Plan",
-           "layer_plans"]
+           "layer_plans", "segment_config", "segment_tiles", "segmented_rank_product"]

@@ -16,10 +16,22 @@ only when a parameter's version, storage, shape, dtype or a scale changes.
 
 One term means one dropout mask for all n adapters, so a stack is only built for
 adapters without active dropout (``stack_reason`` says why not otherwise).
+
+``mixed_batch_lora_linear``: a batch whose items each pick one of the stacked
+adapters (or none), for inference: row m gets s c_a (x[m] A_a^T) B_a^T of its
+adapter a only. The kernels make h = x A_a^T in adapter a's columns of the stack,
+zero elsewhere (kernels/segmented_lora.py), then one GEMM with the LoRA term of
+the whole stack in its epilogue; the reference does the same per adapter.
 """
 import threading
 
 import torch
+import torch.nn.functional as F
+
+from .base_weight import DenseWeight
+from .dispatch import load_kernels, select_backend
+from .layouts import flatten, unit_rows
+from .validation import check_base_dtypes, check_tensors, lora_compute_dtype
 
 
 def _common_scale(scales):
@@ -90,3 +102,81 @@ class StackCache:
     def clear(self):
         with self._lock:
             self._key = self._value = None
+
+
+def _check_row_adapters(x, ranks, row_adapters):
+    if x.dim() < 2 or len(row_adapters) != x.shape[0]:
+        raise ValueError(f"mixed_batch_lora_linear: {len(row_adapters)} adapter indices for "
+                         f"an x of shape {tuple(x.shape)} (one per item of dim 0)")
+    bad = sorted({a for a in row_adapters if not -1 <= a < len(ranks)})
+    if bad:
+        raise ValueError(f"mixed_batch_lora_linear: adapter indices {bad} outside -1 .. "
+                         f"{len(ranks) - 1} ({len(ranks)} adapters stacked)")
+
+
+def _first_rows(ranks):
+    firsts, total = [], 0
+    for r in ranks:
+        firsts.append(total)
+        total += r
+    return firsts
+
+
+def mixed_batch_lora_linear(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias=None):
+    """y[b] = x[b] W^T + bias + scale * (x[b] A_a^T) B_a^T, a = row_adapters[b], inference.
+
+    Args:
+        x: ``[batch, ..., in_features]``; item b of dim 0 uses adapter
+            ``row_adapters[b]`` (an index into ``ranks``), or none for -1.
+        weight: ``[out_features, in_features]``; bias: optional ``[out_features]``.
+        lora_A: ``[R, in_features]``, lora_B: ``[out_features, R]``: the adapters
+            stacked as ``stack_adapters`` makes them (each scale folded into B,
+            or common as ``scale``), ``ranks`` their r_i in order (sum R).
+    Returns:
+        ``[batch, ..., out_features]`` in x's dtype. No autograd: call it under
+        ``torch.no_grad()`` or with tensors that need no gradient.
+    """
+    check_tensors(x, weight, lora_A, lora_B, bias)
+    check_base_dtypes(x, weight, bias)
+    if sum(ranks) != lora_A.shape[0]:
+        raise ValueError(f"mixed_batch_lora_linear: ranks {list(ranks)} sum to {sum(ranks)}, "
+                         f"lora_A has {lora_A.shape[0]} rows")
+    _check_row_adapters(x, ranks, row_adapters)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, lora_A, lora_B, bias)):
+        raise ValueError("mixed_batch_lora_linear is for inference: it has no backward "
+                         "(run it under torch.no_grad())")
+    if select_backend(x, weight, lora_A, lora_B, bias) == "reference":
+        return _mixed_reference(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias)
+    return _mixed_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias)
+
+
+def _mixed_reference(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
+    y = F.linear(x, weight, bias)
+    lora_dtype = lora_compute_dtype(x, lora_A, lora_B)
+    for adapter, (first, r) in enumerate(zip(_first_rows(ranks), ranks)):
+        items = [b for b, a in enumerate(row_adapters) if a == adapter]
+        if not items:
+            continue
+        index = torch.tensor(items, device=x.device)
+        part = x[index].to(lora_dtype)
+        term = F.linear(F.linear(part, lora_A[first:first + r].to(lora_dtype)),
+                        lora_B[:, first:first + r].to(lora_dtype))
+        y[index] += (scale * term).to(y.dtype)
+    return y
+
+
+def _mixed_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
+    kernels = load_kernels(x.device)
+    x2 = unit_rows(flatten(x), "x")
+    base = DenseWeight(weight)
+    rows_per_item = x2.shape[0] // max(x.shape[0], 1)
+    cfg = kernels.segment_config()
+    rows, tiles = kernels.segment_tiles(row_adapters, rows_per_item, _first_rows(ranks),
+                                        list(ranks), cfg.block_m)
+    h = torch.zeros((x2.shape[0], lora_A.shape[0]), dtype=lora_compute_dtype(x, lora_A, lora_B),
+                    device=x.device)
+    kernels.segmented_rank_product(x2, lora_A, h, rows.to(x.device), tiles.to(x.device),
+                                   max(ranks, default=1), config=cfg)
+    y = kernels.lora_gemm(x2, base.kernel_operand().t(), h, lora_B.t(), bias, scale)
+    return y.reshape(*x.shape[:-1], base.shape[0])

@@ -1,0 +1,149 @@
+"""The rank pass of a mixed-adapter batch: each row through its own adapter's A.
+
+Shapes: x (M, K); the n adapters of the batch stacked by rows, A (R, K) with
+R = r_1 + ... + r_n (adapter i at rows o_i .. o_i + r_i - 1); h (M, R):
+
+    h[m, o_a : o_a + r_a] = x[m] A_a^T        a = the adapter of row m
+    h[m, j]               = 0                 every other column (and every column
+                                              of a row without adapter, ``__base__``)
+
+The layer is then one GEMM with the LoRA term in its epilogue (lora_gemm.py):
+
+    y = x W^T + b + s h B^T,    B = [c_1 B_1, ..., c_n B_n] (N, R)
+
+which gives row m exactly s c_a (x[m] A_a^T) B_a^T: the zeros of h select the
+row's adapter in B. One base GEMM for the whole batch; the epilogue's rank work
+is 2 M N R flops (R over the adapters present in the batch, 1.6% of the GEMM at
+R = 64, N = K = 4096).
+
+Segmented, as SGMV kernels are: the launcher sorts the rows by adapter and cuts
+each adapter's rows into tiles of BLOCK_M rows; one program per tile gathers its
+rows of x and multiplies them by its adapter's A only (``tiles``: per tile the
+first and last-plus-one position in ``rows``, the adapter's first row o_a in A
+and its rank r_a). Rows without adapter belong to no tile. h is zeroed by the
+launcher; each program writes its rows' block only, rounded once on store to
+h's dtype (fp32 with fp32 adapters, else x's, as the layer's rank pass).
+Inference only: no dropout, no backward.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, dot_precision, launching, mma, promote_pair, rank_block
+from ._common import to_storage
+
+
+@triton.jit
+def _segmented_rank_kernel(
+    # pointers
+    x_ptr, a_ptr, h_ptr, rows_ptr, tiles_ptr,
+    # sizes
+    K,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr, stride_tile,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    start = tl.load(tiles_ptr + tile)
+    end = tl.load(tiles_ptr + stride_tile + tile)
+    first_rank_row = tl.load(tiles_ptr + 2 * stride_tile + tile)
+    rank = tl.load(tiles_ptr + 3 * stride_tile + tile)
+
+    # ---- gather the tile's rows and its adapter's rows of A
+    offs = start + tl.arange(0, BLOCK_M)
+    in_m = offs < end
+    rows = tl.load(rows_ptr + offs, mask=in_m, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < rank
+    a_rows = (first_rank_row + offs_r).to(tl.int64)
+
+    # ---- h block = x[rows] A_a^T over K
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        in_k = ks < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)
+        a_t = tl.load(a_ptr + a_rows[None, :] * stride_ar + ks[:, None] * stride_ak,
+                      mask=in_k[:, None] & in_r[None, :], other=0.0)
+        x, a_t = promote_pair(x, a_t)
+        acc = mma(x, a_t, acc, UPCAST_DOT, DOT_PRECISION)
+
+    tl.store(h_ptr + rows[:, None] * stride_hm + a_rows[None, :] * stride_hr,
+             to_storage(acc, h_ptr.dtype.element_ty, UPCAST_DOT),
+             mask=in_m[:, None] & in_r[None, :])
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    block_m: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+SEGMENT_INTERPRET = SegmentConfig(16, 32, num_warps=1, num_stages=1)
+# 16-row tiles: M = 2048 gives 128 programs (the tiles are the grid; a wider tile
+# would leave most SMs idle on a pass that streams x once), A re-read per tile
+# from L2; 128-wide K steps double-buffered
+SEGMENT_GPU = SegmentConfig(16, 128, num_warps=4, num_stages=3)
+
+
+def segment_config():
+    return SEGMENT_INTERPRET if INTERPRET else SEGMENT_GPU
+
+
+def segment_tiles(row_adapters, rows_per_item, first_rank_rows, ranks, block_m):
+    """(rows, tiles) of a batch, built on the host from the batch's adapter list.
+
+    Args:
+        row_adapters: per batch item, the index of its adapter, or -1 for none.
+        rows_per_item: rows of x per batch item (the sequence length; 1 for 2-D x).
+        first_rank_rows, ranks: per adapter, its first row in the stacked A and r.
+    Returns:
+        rows: int32 positions of x's rows sorted by adapter (rows without one left
+        out); tiles: int32 (4, T), per tile its start and end in ``rows``, o_a, r_a.
+    """
+    by_adapter = {}
+    for item, adapter in enumerate(row_adapters):
+        if adapter >= 0:
+            by_adapter.setdefault(adapter, []).append(item)
+    rows, columns = [], []
+    for adapter in sorted(by_adapter):
+        first = len(rows)
+        for item in by_adapter[adapter]:
+            rows.extend(range(item * rows_per_item, (item + 1) * rows_per_item))
+        for start in range(first, len(rows), block_m):
+            columns.append((start, min(start + block_m, len(rows)),
+                            first_rank_rows[adapter], ranks[adapter]))
+    tiles = torch.tensor(columns, dtype=torch.int32).reshape(-1, 4).t().contiguous()
+    return torch.tensor(rows, dtype=torch.int32), tiles
+
+
+def segmented_rank_product(x, lora_a, h, rows, tiles, max_rank, config=None):
+    """Fill ``h`` (M, R), zeroed, with each listed row's x A_a^T in its adapter's columns.
+
+    x (M, K) and lora_a (R, K) any strides; rows and tiles from ``segment_tiles``
+    (on x's device), built with ``config.block_m``; ``max_rank``: the largest r_a.
+    """
+    cfg = config or segment_config()
+    n_tiles = tiles.shape[1]
+    if n_tiles == 0 or x.shape[1] == 0:
+        return h
+    block_r = rank_block(max_rank)
+    pair_dtype = torch.promote_types(x.dtype, lora_a.dtype)
+    with launching("segmented_rank_product"):
+        _segmented_rank_kernel[(n_tiles,)](
+            x, lora_a, h, rows, tiles,
+            x.shape[1],
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+            h.stride(0), h.stride(1), tiles.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
+            UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(pair_dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return h
