@@ -168,23 +168,48 @@ def test_dropout_on_stacked_adapters_runs_peft_forward_with_its_masks(caplog):
     assert list(lorakern.patch_summary(model).fell_back) == ["base_model.model.proj"]
 
 
-def test_mixed_adapter_batch_runs_peft_forward_logged_once_and_summarised(caplog):
-    model, _ = _twins("default")
-    oracle = copy.deepcopy(model)
-    lorakern.unpatch_peft(oracle)
-    ids, x = _inputs(batch=4)
-    names = ["second", "__base__", "default", "second"]
+def test_mixed_adapter_batch_matches_peft(backend, caplog):
+    model = _peft_tiny()
+    model.add_adapter("emb_only", LoraConfig(r=2, lora_alpha=3, target_modules=["emb"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "emb_only" in name:
+                p.normal_()
+    oracle = copy.deepcopy(model.eval()).double()
+    lorakern.patch_peft(model)
+    ids, x = _inputs(batch=6)
+    # "emb_only" is not on proj: those rows get proj's base layer alone, as in PEFT
+    names = ["second", "__base__", "default", "second", "emb_only", "third"]
+    launches = lorakern.kernels.launch_counts["segmented_rank_product"]
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lorakern"):
         y = model(ids, x, adapter_names=names)
         model(ids, x, adapter_names=names)
-        torch.testing.assert_close(y, oracle(ids, x, adapter_names=names), rtol=0, atol=0)
-    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]  # one per module
+        assert_matches_oracle(y, oracle(ids, x.double(), adapter_names=names), torch.float32,
+                              "mixed batch")
+    if backend == "triton":
+        assert lorakern.kernels.launch_counts["segmented_rank_product"] == launches + 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "emb" in lines[0] and "embeddings" in lines[0], lines
     summary = lorakern.patch_summary(model)
-    assert summary.fell_back["base_model.model.proj"] == {
-        "mixed-adapter batches (adapter_names) are not fused": 2}
+    assert list(summary.fell_back) == ["base_model.model.emb"]
     assert "ran PEFT's forward on some calls" in str(summary)
     lorakern.unpatch_peft(model)
     assert lorakern.patch_summary(model).fell_back == {}
+
+
+def test_mixed_adapter_batch_with_grad_enabled_runs_peft_forward(caplog):
+    model, _ = _twins("default")
+    oracle = copy.deepcopy(model)
+    lorakern.unpatch_peft(oracle)
+    ids, x = _inputs(batch=3)
+    names = ["second", "__base__", "default"]
+    with caplog.at_level(logging.WARNING, logger="lorakern"):
+        y = model(ids, x, adapter_names=names)
+        model(ids, x, adapter_names=names)
+    torch.testing.assert_close(y, oracle(ids, x, adapter_names=names), rtol=0, atol=0)
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]  # one per module
+    reasons = lorakern.patch_summary(model).fell_back["base_model.model.proj"]
+    assert list(reasons.values()) == [2] and "inference only" in list(reasons)[0]
 
 
 def _peft_error(model, call):
@@ -228,3 +253,53 @@ def test_state_changed_after_patching_runs_peft_forward(caplog):
         torch.testing.assert_close(model(ids, x), reference(ids, x), rtol=0, atol=0)
     assert len(seen) == 2, "the hook did not run on the patched model"
     assert "forward hooks" in caplog.records[0].getMessage()
+
+
+def _stack(ranks, k, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lora_As = [torch.randn(r, k, generator=gen).to(dtype) for r in ranks]
+    lora_Bs = [torch.randn(n, r, generator=gen).to(dtype) for r in ranks]
+    return lora_As, lora_Bs
+
+
+@pytest.mark.parametrize("x_dtype, adapter_dtype", [(torch.float32, torch.float32),
+                                                    (torch.bfloat16, torch.float32)])
+def test_mixed_batch_lora_linear_matches_float64_per_row(backend, x_dtype, adapter_dtype):
+    k, n, ranks, scales = 40, 36, [3, 7, 2], [0.5, 2.0, 1.25]
+    lora_As, lora_Bs = _stack(ranks, k, n, adapter_dtype)
+    gen = torch.Generator().manual_seed(3)
+    # 3-D, strided; adapter 0 owns 18 rows: two tiles of the segmented pass
+    x = torch.randn(4, 9, 2 * k, generator=gen)[..., ::2].to(x_dtype)
+    weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    weight, bias = weight.to(x_dtype), bias.to(x_dtype)
+    row_adapters = [0, 0, -1, 1]  # adapter 2 stacked but unused
+    lora_A, lora_B, scale = multi_adapter.stack_adapters(lora_As, lora_Bs, scales)
+    args = [t.to(DEVICE) for t in (x, weight, lora_A, lora_B)]
+    with torch.no_grad():
+        y = multi_adapter.mixed_batch_lora_linear(*args, scale, ranks, row_adapters,
+                                                  bias.to(DEVICE))
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    for item, adapter in enumerate(row_adapters):
+        if adapter >= 0:
+            term = x[item].double() @ lora_As[adapter].double().T @ lora_Bs[adapter].double().T
+            expected[item] += scales[adapter] * term
+    assert y.dtype == x_dtype
+    assert_matches_oracle(y, expected, x_dtype, "mixed batch y")
+
+
+def test_mixed_batch_lora_linear_refuses_bad_calls_before_any_kernel():
+    lora_As, lora_Bs = _stack([3, 2], 8, 6, torch.float32)
+    lora_A, lora_B, scale = multi_adapter.stack_adapters(lora_As, lora_Bs, [1.0, 2.0])
+    x, weight = torch.randn(2, 8), torch.randn(6, 8)
+    call = multi_adapter.mixed_batch_lora_linear
+    launches = dict(lorakern.kernels.launch_counts)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"3 adapter indices for an x of shape \(2, 8\)"):
+            call(x, weight, lora_A, lora_B, scale, [3, 2], [0, 1, 0])
+        with pytest.raises(ValueError, match=r"adapter indices \[2\] outside -1 \.\. 1"):
+            call(x, weight, lora_A, lora_B, scale, [3, 2], [0, 2])
+        with pytest.raises(ValueError, match=r"ranks \[3, 3\] sum to 6, lora_A has 5 rows"):
+            call(x, weight, lora_A, lora_B, scale, [3, 3], [0, 1])
+    with pytest.raises(ValueError, match="for inference"):
+        call(x.requires_grad_(), weight, lora_A, lora_B, scale, [3, 2], [0, 1])
+    assert dict(lorakern.kernels.launch_counts) == launches

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..functional.embedding import lora_embedding
 from ..functional.linear import lora_linear
-from ..functional.multi_adapter import StackCache, stack_reason
+from ..functional.multi_adapter import StackCache, mixed_batch_lora_linear, stack_reason
 from ..layers.linear import conv1d_class
 from .fallback import fallbacks, forget_fallbacks, peft_forward as _peft_forward
 from .fallback import peft_forward_instead
@@ -206,9 +206,9 @@ def _fused_forward(self, x, *args, **kwargs):
     layer) run PEFT's own forward, which is the base layer alone. Calls the fused
     path cannot reproduce run PEFT's forward too, and say so (``fallback.py``).
     """
-    if kwargs.get("adapter_names") is not None:
-        return peft_forward_instead(self, "mixed-adapter batches (adapter_names) are not "
-                                    "fused", x, *args, **kwargs)
+    if kwargs.get("adapter_names") is not None and not args and not any(
+            v is not None for k, v in kwargs.items() if k != "adapter_names"):
+        return _mixed_batch(self, x, kwargs["adapter_names"])
     extra = sorted(k for k, v in kwargs.items() if v is not None)
     if args or extra:
         return peft_forward_instead(self, f"forward arguments beyond x ({len(args)} "
@@ -229,6 +229,59 @@ def _fused_forward(self, x, *args, **kwargs):
     # PEFT casts x to the adapter dtype for the LoRA term only; lora_linear takes x in
     # the base dtype and computes the rank product in the promoted dtype of x, A, B
     return lora_linear(x, weight, lora_A, lora_B, scale=scale, bias=bias, dropout_p=dropout_p)
+
+
+def _mixed_batch_reason(module, present):
+    """Why this mixed-adapter batch, with the adapters ``present`` on this layer,
+    cannot run fused, or None."""
+    if _is_peft_embedding(module):
+        return "mixed-adapter batches (adapter_names) on embeddings are not fused"
+    _, reason = _base_weight_and_bias(module.get_base_layer())
+    reason = reason or _adapters_reason(module, present)
+    if reason:
+        return reason
+    lora_As, lora_Bs = _adapter_tensors(module, present)
+    reason = stack_reason(lora_As, lora_Bs, [_dropout_p(module, a) for a in present])
+    if reason:
+        return "in a mixed-adapter batch, " + reason
+    tensors = [*lora_As, *lora_Bs, *module.get_base_layer().parameters()]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return ("mixed-adapter batches (adapter_names) are fused for inference only: "
+                "grad is enabled (run under torch.no_grad() or torch.inference_mode())")
+    return None
+
+
+def _mixed_input_reason(x):
+    if x.dim() < 2:
+        return f"a mixed-adapter batch of a {x.dim()}-D x is not fused"
+    if x.requires_grad and torch.is_grad_enabled():
+        return "mixed-adapter batches are fused for inference only: x requires grad"
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except (TypeError, RuntimeError):  # older torch, or a device type autocast lacks
+        autocast = False
+    if autocast:
+        return "mixed-adapter batches under autocast are not fused"
+    return None
+
+
+def _mixed_batch(self, x, adapter_names):
+    """PEFT's ``_mixed_batch_forward``: item b of x through adapter adapter_names[b]
+    (``__base__``, or an adapter this layer lacks: the base layer alone), fused
+    (``mixed_batch_lora_linear``). PEFT's own checks run first, raising its errors."""
+    self._check_forward_args(x, adapter_names=adapter_names)
+    present = [a for a in dict.fromkeys(adapter_names) if a in _adapters_of(self)]
+    if self.disable_adapters or not present:
+        return _peft_forward(self, x, adapter_names=adapter_names)
+    reason = _mixed_batch_reason(self, present) or _mixed_input_reason(x)
+    if reason:
+        return peft_forward_instead(self, reason, x, adapter_names=adapter_names)
+    lora_A, lora_B, scale = _adapter_term(self, present)
+    index = {adapter: i for i, adapter in enumerate(present)}
+    ranks = [self.lora_A[a].weight.shape[0] for a in present]
+    (weight, bias), _ = _base_weight_and_bias(self.get_base_layer())
+    return mixed_batch_lora_linear(x, weight, lora_A, lora_B, scale, ranks,
+                                   [index.get(name, -1) for name in adapter_names], bias)
 
 
 def _is_patched(module):
