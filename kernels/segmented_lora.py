@@ -39,19 +39,19 @@ from ._common import to_storage
 def _segmented_rank_kernel(
     # pointers
     x_ptr, a_ptr, h_ptr, rows_ptr, tiles_ptr,
-    # sizes
-    K,
+    # sizes (tiles is (4, n_tiles), contiguous)
+    K, n_tiles,
     # strides
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr, stride_tile,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     start = tl.load(tiles_ptr + tile)
-    end = tl.load(tiles_ptr + stride_tile + tile)
-    first_rank_row = tl.load(tiles_ptr + 2 * stride_tile + tile)
-    rank = tl.load(tiles_ptr + 3 * stride_tile + tile)
+    end = tl.load(tiles_ptr + n_tiles + tile)
+    first_rank_row = tl.load(tiles_ptr + 2 * n_tiles + tile)
+    rank = tl.load(tiles_ptr + 3 * n_tiles + tile)
 
     # ---- gather the tile's rows and its adapter's rows of A
     offs = start + tl.arange(0, BLOCK_M)
@@ -89,12 +89,18 @@ class SegmentConfig:
 SEGMENT_INTERPRET = SegmentConfig(16, 32, num_warps=1, num_stages=1)
 # 16-row tiles: M = 2048 gives 128 programs (the tiles are the grid; a wider tile
 # would leave most SMs idle on a pass that streams x once), A re-read per tile
-# from L2; 128-wide K steps double-buffered
+# from L2; 128-wide K steps, three stages in flight
 SEGMENT_GPU = SegmentConfig(16, 128, num_warps=4, num_stages=3)
+# wide rank blocks: narrower K steps keep the A tiles (and the fp32 operands'
+# registers) small enough that nothing spills to the stack
+SEGMENT_GPU_WIDE = SegmentConfig(16, 32, num_warps=4, num_stages=3)
+MAX_SEGMENT_RANK = 128  # the widest rank block compiled (tests/compile_kernels.py)
 
 
-def segment_config():
-    return SEGMENT_INTERPRET if INTERPRET else SEGMENT_GPU
+def segment_config(max_rank=16):
+    if INTERPRET:
+        return SEGMENT_INTERPRET
+    return SEGMENT_GPU if rank_block(max_rank) <= 32 else SEGMENT_GPU_WIDE
 
 
 def segment_tiles(row_adapters, rows_per_item, first_rank_rows, ranks, block_m):
@@ -130,18 +136,22 @@ def segmented_rank_product(x, lora_a, h, rows, tiles, max_rank, config=None):
     x (M, K) and lora_a (R, K) any strides; rows and tiles from ``segment_tiles``
     (on x's device), built with ``config.block_m``; ``max_rank``: the largest r_a.
     """
-    cfg = config or segment_config()
+    cfg = config or segment_config(max_rank)
+    tiles = tiles.contiguous()
     n_tiles = tiles.shape[1]
     if n_tiles == 0 or x.shape[1] == 0:
         return h
+    if max_rank > MAX_SEGMENT_RANK:
+        raise ValueError(f"segmented_rank_product: adapter rank {max_rank} over "
+                         f"{MAX_SEGMENT_RANK}")
     block_r = rank_block(max_rank)
     pair_dtype = torch.promote_types(x.dtype, lora_a.dtype)
     with launching("segmented_rank_product"):
         _segmented_rank_kernel[(n_tiles,)](
             x, lora_a, h, rows, tiles,
-            x.shape[1],
+            x.shape[1], n_tiles,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-            h.stride(0), h.stride(1), tiles.stride(0),
+            h.stride(0), h.stride(1),
             BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
             UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(pair_dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -287,6 +287,11 @@ def test_mixed_batch_lora_linear_matches_float64_per_row(backend, x_dtype, adapt
     assert_matches_oracle(y, expected, x_dtype, "mixed batch y")
 
 
+def test_mixed_batch_rank_limit_is_the_kernels():
+    from lorakern.kernels.segmented_lora import MAX_SEGMENT_RANK
+    assert multi_adapter.MAX_MIXED_RANK == MAX_SEGMENT_RANK
+
+
 def test_mixed_batch_lora_linear_refuses_bad_calls_before_any_kernel():
     lora_As, lora_Bs = _stack([3, 2], 8, 6, torch.float32)
     lora_A, lora_B, scale = multi_adapter.stack_adapters(lora_As, lora_Bs, [1.0, 2.0])

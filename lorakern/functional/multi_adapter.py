@@ -104,6 +104,11 @@ class StackCache:
             self._key = self._value = None
 
 
+# the widest adapter the segmented rank pass takes (kernels/segmented_lora.py's
+# MAX_SEGMENT_RANK; the kernels are imported on first use only)
+MAX_MIXED_RANK = 128
+
+
 def _check_row_adapters(x, ranks, row_adapters):
     if x.dim() < 2 or len(row_adapters) != x.shape[0]:
         raise ValueError(f"mixed_batch_lora_linear: {len(row_adapters)} adapter indices for "
@@ -171,7 +176,7 @@ def _mixed_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
     x2 = unit_rows(flatten(x), "x")
     base = DenseWeight(weight)
     rows_per_item = x2.shape[0] // max(x.shape[0], 1)
-    cfg = kernels.segment_config()
+    cfg = kernels.segment_config(max(ranks, default=1))
     rows, tiles = kernels.segment_tiles(row_adapters, rows_per_item, _first_rows(ranks),
                                         list(ranks), cfg.block_m)
     h = torch.zeros((x2.shape[0], lora_A.shape[0]), dtype=lora_compute_dtype(x, lora_A, lora_B),

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..functional.embedding import lora_embedding
 from ..functional.linear import lora_linear
-from ..functional.multi_adapter import StackCache, mixed_batch_lora_linear, stack_reason
+from ..functional.multi_adapter import (MAX_MIXED_RANK, StackCache, mixed_batch_lora_linear,
+                                        stack_reason)
 from ..layers.linear import conv1d_class
 from .fallback import fallbacks, forget_fallbacks, peft_forward as _peft_forward
 from .fallback import peft_forward_instead
@@ -244,6 +245,9 @@ def _mixed_batch_reason(module, present):
     reason = stack_reason(lora_As, lora_Bs, [_dropout_p(module, a) for a in present])
     if reason:
         return "in a mixed-adapter batch, " + reason
+    widest = max(a.shape[0] for a in lora_As)
+    if widest > MAX_MIXED_RANK:
+        return f"a mixed-adapter batch with an adapter of rank {widest} (over {MAX_MIXED_RANK})"
     tensors = [*lora_As, *lora_Bs, *module.get_base_layer().parameters()]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return ("mixed-adapter batches (adapter_names) are fused for inference only: "
