@@ -18,11 +18,14 @@ R = 64, N = K = 4096).
 
 Segmented, as SGMV kernels are: the launcher sorts the rows by adapter and cuts
 each adapter's rows into tiles of BLOCK_M rows; one program per tile gathers its
-rows of x and multiplies them by its adapter's A only (``tiles``: per tile the
-first and last-plus-one position in ``rows``, the adapter's first row o_a in A
-and its rank r_a). Rows without adapter belong to no tile. h is zeroed by the
-launcher; each program writes its rows' block only, rounded once on store to
-h's dtype (fp32 with fp32 adapters, else x's, as the layer's rank pass).
+rows of x and multiplies them by its adapter's A only (per tile the first and
+last-plus-one position in the sorted rows, the adapter's first row o_a in A and
+its rank r_a; rows without adapter last, in tiles of rank 0 that skip the
+product). Each program writes its rows of h whole: the block rounded once on
+store to h's dtype (fp32 with fp32 adapters, else x's, as the layer's rank
+pass), zeros in every other column, so h needs no memset. The segments (rows
+and tiles, int32) are built on the host from the batch's adapter list and reach
+the GPU in one copy.
 Inference only: no dropout, no backward.
 """
 from dataclasses import dataclass
@@ -31,16 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, launching, mma, promote_pair, rank_block
-from ._common import to_storage
+from ._common import (INTERPRET, dot_precision, empty, launching, mma, promote_pair,
+                      rank_block, to_storage)
 
 
 @triton.jit
 def _segmented_rank_kernel(
     # pointers
-    x_ptr, a_ptr, h_ptr, rows_ptr, tiles_ptr,
-    # sizes (tiles is (4, n_tiles), contiguous)
-    K, n_tiles,
+    x_ptr, a_ptr, h_ptr, segments_ptr,
+    # sizes (segments: the M positions of rows, then the tiles' four columns)
+    M, K, R, n_tiles,
     # strides
     stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
     # meta-parameters
@@ -48,6 +51,7 @@ def _segmented_rank_kernel(
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
+    tiles_ptr = segments_ptr + M
     start = tl.load(tiles_ptr + tile)
     end = tl.load(tiles_ptr + n_tiles + tile)
     first_rank_row = tl.load(tiles_ptr + 2 * n_tiles + tile)
@@ -56,14 +60,15 @@ def _segmented_rank_kernel(
     # ---- gather the tile's rows and its adapter's rows of A
     offs = start + tl.arange(0, BLOCK_M)
     in_m = offs < end
-    rows = tl.load(rows_ptr + offs, mask=in_m, other=0).to(tl.int64)
+    rows = tl.load(segments_ptr + offs, mask=in_m, other=0).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     in_r = offs_r < rank
     a_rows = (first_rank_row + offs_r).to(tl.int64)
 
-    # ---- h block = x[rows] A_a^T over K
+    # ---- h block = x[rows] A_a^T over K (no trips for a tile without adapter)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
+    k_end = tl.where(rank > 0, K, 0)
+    for k0 in tl.range(0, k_end, BLOCK_K):
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         in_k = ks < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
@@ -73,7 +78,16 @@ def _segmented_rank_kernel(
         x, a_t = promote_pair(x, a_t)
         acc = mma(x, a_t, acc, UPCAST_DOT, DOT_PRECISION)
 
-    tl.store(h_ptr + rows[:, None] * stride_hm + a_rows[None, :] * stride_hr,
+    # ---- the whole row of h: zeros outside the adapter's columns, so that h
+    # needs no memset
+    h_rows = h_ptr + rows[:, None] * stride_hm
+    zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=h_ptr.dtype.element_ty)
+    for c0 in tl.range(0, R, BLOCK_R):
+        cols = c0 + offs_r
+        outside = (cols < R) & ((cols < first_rank_row) | (cols >= first_rank_row + rank))
+        tl.store(h_rows + cols.to(tl.int64)[None, :] * stride_hr, zeros,
+                 mask=in_m[:, None] & outside[None, :])
+    tl.store(h_rows + a_rows[None, :] * stride_hr,
              to_storage(acc, h_ptr.dtype.element_ty, UPCAST_DOT),
              mask=in_m[:, None] & in_r[None, :])
 
@@ -104,55 +118,58 @@ def segment_config(max_rank=16):
 
 
 def segment_tiles(row_adapters, rows_per_item, first_rank_rows, ranks, block_m):
-    """(rows, tiles) of a batch, built on the host from the batch's adapter list.
+    """The int32 segments of a batch, built on the host from its adapter list: one
+    tensor, so that it reaches the GPU in one copy.
 
     Args:
         row_adapters: per batch item, the index of its adapter, or -1 for none.
         rows_per_item: rows of x per batch item (the sequence length; 1 for 2-D x).
         first_rank_rows, ranks: per adapter, its first row in the stacked A and r.
     Returns:
-        rows: int32 positions of x's rows sorted by adapter (rows without one left
-        out); tiles: int32 (4, T), per tile its start and end in ``rows``, o_a, r_a.
+        (segments, n_tiles): segments holds the M row positions sorted by adapter
+        (rows without one last), then four columns of n_tiles: per tile its start
+        and end in those positions, o_a and r_a (0 and 0 for rows without adapter:
+        their tiles only write zeros).
     """
     by_adapter = {}
     for item, adapter in enumerate(row_adapters):
-        if adapter >= 0:
-            by_adapter.setdefault(adapter, []).append(item)
+        by_adapter.setdefault(adapter, []).append(item)
     rows, columns = [], []
-    for adapter in sorted(by_adapter):
+    for adapter in sorted(by_adapter, key=lambda a: (a < 0, a)):
         first = len(rows)
         for item in by_adapter[adapter]:
             rows.extend(range(item * rows_per_item, (item + 1) * rows_per_item))
+        first_row, rank = (first_rank_rows[adapter], ranks[adapter]) if adapter >= 0 else (0, 0)
         for start in range(first, len(rows), block_m):
-            columns.append((start, min(start + block_m, len(rows)),
-                            first_rank_rows[adapter], ranks[adapter]))
-    tiles = torch.tensor(columns, dtype=torch.int32).reshape(-1, 4).t().contiguous()
-    return torch.tensor(rows, dtype=torch.int32), tiles
+            columns.append((start, min(start + block_m, len(rows)), first_row, rank))
+    tiles = [value for column in zip(*columns) for value in column] if columns else []
+    return torch.tensor(rows + tiles, dtype=torch.int32), len(columns)
 
 
-def segmented_rank_product(x, lora_a, h, rows, tiles, max_rank, config=None):
-    """Fill ``h`` (M, R), zeroed, with each listed row's x A_a^T in its adapter's columns.
+def segmented_rank_product(x, lora_a, segments, n_tiles, max_rank, out_dtype, config=None):
+    """h (M, R) in ``out_dtype``: each row's x A_a^T in its adapter's columns, zeros
+    elsewhere (every column of a row without adapter).
 
-    x (M, K) and lora_a (R, K) any strides; rows and tiles from ``segment_tiles``
-    (on x's device), built with ``config.block_m``; ``max_rank``: the largest r_a.
+    x (M, K) and lora_a (R, K) any strides; ``segments`` and ``n_tiles`` from
+    ``segment_tiles`` (segments on x's device), built with ``config.block_m``;
+    ``max_rank``: the largest r_a.
     """
     cfg = config or segment_config(max_rank)
-    tiles = tiles.contiguous()
-    n_tiles = tiles.shape[1]
-    if n_tiles == 0 or x.shape[1] == 0:
-        return h
     if max_rank > MAX_SEGMENT_RANK:
         raise ValueError(f"segmented_rank_product: adapter rank {max_rank} over "
                          f"{MAX_SEGMENT_RANK}")
-    block_r = rank_block(max_rank)
+    m, r = x.shape[0], lora_a.shape[0]
+    h = empty((m, r), out_dtype, x.device)
+    if n_tiles == 0 or r == 0:
+        return h.zero_()
     pair_dtype = torch.promote_types(x.dtype, lora_a.dtype)
     with launching("segmented_rank_product"):
         _segmented_rank_kernel[(n_tiles,)](
-            x, lora_a, h, rows, tiles,
-            x.shape[1], n_tiles,
+            x, lora_a, h, segments,
+            m, x.shape[1], r, n_tiles,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
             h.stride(0), h.stride(1),
-            BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
+            BLOCK_M=cfg.block_m, BLOCK_R=rank_block(max_rank), BLOCK_K=cfg.block_k,
             UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(pair_dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

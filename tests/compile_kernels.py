@@ -534,7 +534,7 @@ def segmented_jobs():
                     meta = dict(BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
                                 UPCAST_DOT=False, DOT_PRECISION=precision)
                     pointers = dict(x_ptr=x, a_ptr=adapter, h_ptr=_promoted(x, adapter),
-                                    rows_ptr="i32", tiles_ptr="i32")
+                                    segments_ptr="i32")
                     jobs.append(_job("_segmented_rank_kernel", meta, pointers, cfg, [],
                                      SEGMENTED_UNIT_STRIDES))
     cfg = segment_config(16)

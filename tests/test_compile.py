@@ -194,7 +194,7 @@ def test_compile_plan_holds_the_segmented_rank_pass_for_every_dtype_pair(compile
     for x, adapter in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"),
                        ("fp32", "fp32")):
         h = x if x == adapter else "fp32"
-        pointers = f"x:{x} a:{adapter} h:{h} rows:i32 tiles:i32"
+        pointers = f"x:{x} a:{adapter} h:{h} segments:i32"
         for block_r in (16, MAX_SEGMENT_RANK):
             assert (pointers, block_r, segment_config(block_r).block_k) in built, (
                 pointers, block_r)

@@ -177,11 +177,10 @@ def _mixed_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
     base = DenseWeight(weight)
     rows_per_item = x2.shape[0] // max(x.shape[0], 1)
     cfg = kernels.segment_config(max(ranks, default=1))
-    rows, tiles = kernels.segment_tiles(row_adapters, rows_per_item, _first_rows(ranks),
-                                        list(ranks), cfg.block_m)
-    h = torch.zeros((x2.shape[0], lora_A.shape[0]), dtype=lora_compute_dtype(x, lora_A, lora_B),
-                    device=x.device)
-    kernels.segmented_rank_product(x2, lora_A, h, rows.to(x.device), tiles.to(x.device),
-                                   max(ranks, default=1), config=cfg)
+    segments, n_tiles = kernels.segment_tiles(row_adapters, rows_per_item, _first_rows(ranks),
+                                              list(ranks), cfg.block_m)
+    h = kernels.segmented_rank_product(x2, lora_A, segments.to(x.device), n_tiles,
+                                       max(ranks, default=1), lora_compute_dtype(x, lora_A, lora_B),
+                                       config=cfg)
     y = kernels.lora_gemm(x2, base.kernel_operand().t(), h, lora_B.t(), bias, scale)
     return y.reshape(*x.shape[:-1], base.shape[0])
