@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=_list(int), help="token counts M, e.g. 16,2048,8192")
     p.add_argument("--ranks", type=_list(int), help="LoRA ranks, e.g. 16,64,128")
     p.add_argument("--dropout", type=_list(float), help="dropout probabilities, e.g. 0,0.1")
+    p.add_argument("--adapters", type=int, help="also N adapters of rank r: a mixed batch "
+                   "(rows split evenly, eval) and N stacked active adapters (bench.static_multi)")
     p.add_argument("--json", help="write the kernels and records to this JSON file")
     p.add_argument("--no-embedding", action="store_true",
                    help="leave out the LoRA embedding case (vocab 49152, dim 2048, 8192 tokens)")
@@ -90,6 +92,10 @@ def run(args):
     machine = roofline.MACHINES[arch]
     kernel_reports, launch_log = {}, []
     records = static_linear.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
+    if getattr(args, "adapters", None):
+        from . import static_multi
+        records += static_multi.run(arch, machine, kernel_reports, selected_cases(args),
+                                    launch_log, args.adapters)
     if not getattr(args, "no_embedding", False):
         records += static_embedding.run(arch, machine, kernel_reports)
     result = {"assumptions": assumptions(arch, machine),
@@ -149,6 +155,9 @@ def format_tables(result):
                       if rec["provider"] in EMBEDDING_PROVIDERS.values()]
     if embedding_rows:
         lines.append(format_table(embedding_rows))
+    if any("adapters" in rec for rec in result["records"]):
+        from .static_multi import format_table as format_multi
+        lines.append(format_multi(result["records"]))
     return "\n".join(lines)
 
 

@@ -38,8 +38,8 @@ from .grad_output import grad_output
 from .lora_embedding import lora_embedding_backward, lora_embedding_forward
 from .lora_gemm import lora_gemm
 from .lora_grad_weights import tn_matmul
-from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_grad_input,
-                         lora_grad_output)
+from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_forward_with_h,
+                         lora_grad_input, lora_grad_output)
 from .lora_term import lora_term
 from .rank_product import rank_product
 from .segmented_lora import segment_config, segment_tiles, segmented_rank_product
@@ -47,5 +47,5 @@ from .segmented_lora import segment_config, segment_tiles, segmented_rank_produc
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
            "keep_scale", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
            "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
-           "lora_grad_input", "lora_grad_output", "tn_matmul", "STRATEGIES", "Plan",
+           "lora_forward_with_h", "lora_grad_input", "lora_grad_output", "tn_matmul", "STRATEGIES", "Plan",
            "layer_plans", "segment_config", "segment_tiles", "segmented_rank_product"]

@@ -7,7 +7,8 @@ R = r_1 + ... + r_n (adapter i at rows o_i .. o_i + r_i - 1); h (M, R):
     h[m, j]               = 0                 every other column (and every column
                                               of a row without adapter, ``__base__``)
 
-The layer is then one GEMM with the LoRA term in its epilogue (lora_gemm.py):
+The layer is then one GEMM with the LoRA term (lora_layer.lora_forward_with_h:
+in the GEMM's epilogue, lora_gemm.py, or as cuBLAS's C, lora_term.py):
 
     y = x W^T + b + s h B^T,    B = [c_1 B_1, ..., c_n B_n] (N, R)
 
@@ -20,8 +21,8 @@ Segmented, as SGMV kernels are: the launcher sorts the rows by adapter and cuts
 each adapter's rows into tiles of BLOCK_M rows; one program per tile gathers its
 rows of x and multiplies them by its adapter's A only (per tile the first and
 last-plus-one position in the sorted rows, the adapter's first row o_a in A and
-its rank r_a; rows without adapter last, in tiles of rank 0 that skip the
-product). Each program writes its rows of h whole: the block rounded once on
+its rank r_a; rows without adapter last, in tiles of rank 0 whose loads are
+masked off). Each program writes its rows of h whole: the block rounded once on
 store to h's dtype (fp32 with fp32 adapters, else x's, as the layer's rank
 pass), zeros in every other column, so h needs no memset. The segments (rows
 and tiles, int32) are built on the host from the batch's adapter list and reach
@@ -65,14 +66,14 @@ def _segmented_rank_kernel(
     in_r = offs_r < rank
     a_rows = (first_rank_row + offs_r).to(tl.int64)
 
-    # ---- h block = x[rows] A_a^T over K (no trips for a tile without adapter)
+    # ---- h block = x[rows] A_a^T over K (a tile without adapter loads nothing)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    k_end = tl.where(rank > 0, K, 0)
-    for k0 in tl.range(0, k_end, BLOCK_K):
+    in_product = in_m & (rank > 0)
+    for k0 in tl.range(0, K, BLOCK_K):
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         in_k = ks < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)
+                    mask=in_product[:, None] & in_k[None, :], other=0.0)
         a_t = tl.load(a_ptr + a_rows[None, :] * stride_ar + ks[:, None] * stride_ak,
                       mask=in_k[:, None] & in_r[None, :], other=0.0)
         x, a_t = promote_pair(x, a_t)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .base_weight import DenseWeight
-from .dispatch import load_kernels, select_backend
+from .dispatch import choose_plan, load_kernels, select_backend
 from .layouts import flatten, unit_rows
 from .validation import check_base_dtypes, check_tensors, lora_compute_dtype
 
@@ -153,7 +153,7 @@ def mixed_batch_lora_linear(x, weight, lora_A, lora_B, scale, ranks, row_adapter
                          "(run it under torch.no_grad())")
     if select_backend(x, weight, lora_A, lora_B, bias) == "reference":
         return _mixed_reference(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias)
-    return _mixed_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias)
+    return mixed_batch_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias)
 
 
 def _mixed_reference(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
@@ -171,7 +171,8 @@ def _mixed_reference(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias
     return y
 
 
-def _mixed_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
+def mixed_batch_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
+    """The kernels' launch sequence of ``mixed_batch_lora_linear``, arguments checked."""
     kernels = load_kernels(x.device)
     x2 = unit_rows(flatten(x), "x")
     base = DenseWeight(weight)
@@ -182,5 +183,11 @@ def _mixed_kernels(x, weight, lora_A, lora_B, scale, ranks, row_adapters, bias):
     h = kernels.segmented_rank_product(x2, lora_A, segments.to(x.device), n_tiles,
                                        max(ranks, default=1), lora_compute_dtype(x, lora_A, lora_B),
                                        config=cfg)
-    y = kernels.lora_gemm(x2, base.kernel_operand().t(), h, lora_B.t(), bias, scale)
+    w = base.kernel_operand()
+
+    def run(plan):
+        return kernels.lora_forward_with_h(x2, w, h, lora_B, bias, scale, plan)
+
+    # the strategy and config of a single forward at rank R: the same GEMM and epilogue
+    y = run(choose_plan("forward", kernels, x2, w, lora_A, lora_B, 0.0, run))
     return y.reshape(*x.shape[:-1], base.shape[0])
