@@ -29,14 +29,13 @@ and tiles, int32) are built on the host from the batch's adapter list and reach
 the GPU in one copy.
 Inference only: no dropout, no backward.
 """
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, dot_precision, empty, launching, mma, promote_pair,
                       rank_block, to_storage)
+from .rank_product import RankConfig  # the same fields: rows, K step, warps, stages
 
 
 @triton.jit
@@ -93,22 +92,14 @@ def _segmented_rank_kernel(
              mask=in_m[:, None] & in_r[None, :])
 
 
-@dataclass(frozen=True)
-class SegmentConfig:
-    block_m: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-SEGMENT_INTERPRET = SegmentConfig(16, 32, num_warps=1, num_stages=1)
+SEGMENT_INTERPRET = RankConfig(16, 32, num_warps=1, num_stages=1)
 # 16-row tiles: M = 2048 gives 128 programs (the tiles are the grid; a wider tile
 # would leave most SMs idle on a pass that streams x once), A re-read per tile
 # from L2; 128-wide K steps, three stages in flight
-SEGMENT_GPU = SegmentConfig(16, 128, num_warps=4, num_stages=3)
+SEGMENT_GPU = RankConfig(16, 128, num_warps=4, num_stages=3)
 # wide rank blocks: narrower K steps keep the A tiles (and the fp32 operands'
 # registers) small enough that nothing spills to the stack
-SEGMENT_GPU_WIDE = SegmentConfig(16, 32, num_warps=4, num_stages=3)
+SEGMENT_GPU_WIDE = RankConfig(16, 32, num_warps=4, num_stages=3)
 MAX_SEGMENT_RANK = 128  # the widest rank block compiled (tests/compile_kernels.py)
 
 
