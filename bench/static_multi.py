@@ -11,8 +11,10 @@ Per linear case (M tokens, K x N, rank r), with N adapters of rank r:
 - ``peft:adapter_names`` (eval forward): PEFT's ``_mixed_batch_forward`` priced
   op by op (``peft_mixed_ops``).
 - ``lorakern:stacked`` (fwd and bwd, training): N adapters active at once, one
-  term of rank N r: the layer at rank N r plus building the stack (``torch.cat``
-  of the A's and of the B's; under no_grad the stack is cached and costs nothing).
+  term of rank N r: the layer at rank N r. The stack is cached (built again only
+  after a parameter changes, once per optimizer step: 2 R (K + N) elements moved,
+  left out here) and enters autograd as views; with equal scales (as here) its
+  backward only slices the stack's gradients.
 - ``lorakern:rank-Nr``: one adapter of rank N r, the stacked target's reference.
 
 Every record carries ``"adapters": N``; the single-adapter ``lorakern`` rows of the
@@ -81,12 +83,6 @@ def peft_mixed_ops(case, adapters):
     return ops
 
 
-def stack_ops(case, adapters):
-    """Building the stack of N adapters with grad enabled: two torch.cat."""
-    r, k, n, e = case.rank * adapters, case.d_in, case.d_out, 2
-    return [("cat A", "elementwise", (2 * r * k * e,)), ("cat B", "elementwise", (2 * n * r * e,))]
-
-
 def run(arch, machine, kernel_reports, cases, launch_log, adapters):
     """The several-adapter records of the static report."""
     from dataclasses import replace
@@ -112,12 +108,7 @@ def run(arch, machine, kernel_reports, cases, launch_log, adapters):
         one_term = fastest(*by_strategy)
         records += predicted.records(_fields(case, adapters, wide.rank), "lorakern:rank-Nr",
                                      one_term)
-        cat = [roofline.predict_op(machine, kind, args) for _, kind, args in
-               stack_ops(case, adapters)]
-        cat_s = sum(t for t, _ in cat)
-        stacked = {"fwd": (one_term["fwd"][0] + cat_s, one_term["fwd"][1]),
-                   "bwd": one_term["bwd"]}
-        records += predicted.records(fields, "lorakern:stacked", stacked)
+        records += predicted.records(fields, "lorakern:stacked", one_term)
     return records
 
 

@@ -140,6 +140,8 @@ def test_equal_scales_stack_unscaled_and_the_stack_follows_parameter_updates():
                 m.base_model.model.proj.lora_B["second"].weight.mul_(-3.0)
             y = model(ids, x)
         assert len(builds) == 3, "a parameter update did not rebuild the stack"
+        model(ids, x).sum().backward()  # with grad: the same cached stacks, as views
+        assert len(builds) == 3, "a call with grad rebuilt an unchanged stack"
     finally:
         multi_adapter.stack_adapters = real
     with torch.no_grad():

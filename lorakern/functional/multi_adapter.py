@@ -10,9 +10,12 @@ with s = s_1 and c_i = 1 when every s_i is equal (B is then not rounded by a
 fold), else s = 1 and c_i = s_i. Gradients of the stack split back by the same
 slices: dA_i = the rows of dA for adapter i, dB_i = c_i * its columns of dB.
 With grad enabled the stack is built by ``torch.cat`` (autograd routes each
-slice to its adapter's parameters; the copy is R * (in + out) elements, small
-beside the layer's M * in * out products); without grad it is cached and rebuilt
-only when a parameter's version, storage, shape, dtype or a scale changes.
+The stack is cached and rebuilt only when a parameter's version, storage, shape,
+dtype or a scale changes (an optimizer step or ``load_state_dict`` bumps the
+version; a write through ``.data`` does not, and is not seen). With grad enabled
+the cached stack enters the graph through ``_StackedAdapters``, whose backward
+splits the stack's gradients back: no copy per call, and each adapter's
+gradients land in its own parameters.
 
 One term means one dropout mask for all n adapters, so a stack is only built for
 adapters without active dropout (``stack_reason`` says why not otherwise).
@@ -75,12 +78,31 @@ def stack_reason(lora_As, lora_Bs, dropout_ps):
     return None
 
 
-class StackCache:
-    """The last stack built for a layer's adapters, reused while nothing changed.
+class _StackedAdapters(torch.autograd.Function):
+    """The cached stack (A, B) as a function of the adapters' parameters:
+    forward hands out views of it, backward slices dA by rows and dB by columns
+    (times each fold c_i)."""
 
-    ``get`` builds through autograd (no cache) when grad is enabled and any
-    adapter parameter requires grad, so that gradients reach each adapter.
-    """
+    @staticmethod
+    def forward(ctx, stacked_a, stacked_b, folds, *params):
+        ctx.ranks = [a.shape[0] for a in params[:len(params) // 2]]
+        ctx.folds = folds
+        return stacked_a.view_as(stacked_a), stacked_b.view_as(stacked_b)
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        grads_a, grads_b, first = [], [], 0
+        for r, fold in zip(ctx.ranks, ctx.folds):
+            grads_a.append(None if grad_a is None else grad_a[first:first + r])
+            part = None if grad_b is None else grad_b[:, first:first + r]
+            grads_b.append(part if part is None or fold == 1.0 else part * fold)
+            first += r
+        return (None, None, None, *grads_a, *grads_b)
+
+
+class StackCache:
+    """The last stack built for a layer's adapters, reused while nothing changed;
+    with grad enabled, differentiable in each adapter's parameters."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -89,15 +111,17 @@ class StackCache:
 
     def get(self, lora_As, lora_Bs, scales):
         tensors = (*lora_As, *lora_Bs)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return stack_adapters(lora_As, lora_Bs, scales)
         key = (tuple(_parameter_key(t) for t in tensors), tuple(float(s) for s in scales))
         with self._lock:
             if key != self._key:
                 with torch.no_grad():
                     self._value = stack_adapters(lora_As, lora_Bs, scales)
                 self._key = key
-            return self._value
+            stacked_a, stacked_b, scale = self._value
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            folds = [1.0] * len(scales) if _common_scale(scales) is not None else list(scales)
+            stacked_a, stacked_b = _StackedAdapters.apply(stacked_a, stacked_b, folds, *tensors)
+        return stacked_a, stacked_b, scale
 
     def clear(self):
         with self._lock:
