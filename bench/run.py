@@ -80,6 +80,9 @@ def parse_args(argv):
                    "(bench/dora_providers.py); layers only")
     p.add_argument("--modes", type=_list(), help=f"subset of {','.join(MODES)}")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
+    p.add_argument("--adapters", type=int, help="also N adapters per case: a mixed batch "
+                   "(rows split evenly) and N stacked active adapters, PEFT against "
+                   "lorakern (bench/multi.py)")
     p.add_argument("--no-layers", action="store_true", help="skip the layer benchmarks")
     p.add_argument("--no-e2e", action="store_true", help="skip the training-step benchmark")
     p.add_argument("--no-embedding", action="store_true",
@@ -153,6 +156,7 @@ def plan(args):
             embedding.CUDA_CASE if cuda else embedding.CPU_CASE),
         e2e_providers=_check(e2e_providers, list(e2e.PROVIDERS), "e2e provider"),
         e2e_steps=args.e2e_steps or (10 if cuda else 5),
+        adapters=args.adapters,
     )
 
 
@@ -181,6 +185,12 @@ def measure(todo, env):
         print(f"[embedding] {todo['embedding']}", flush=True)
         embedding_records = embedding.run_embedding(todo["embedding"], device, env,
                                                     todo["timing"])
+    if todo.get("adapters"):
+        from . import multi
+        for case in todo["cases"]:
+            print(f"[adapters={todo['adapters']}] {case}", flush=True)
+            todo["adapter_records"] = todo.get("adapter_records", []) + multi.run_case(
+                case, todo["adapters"], device, todo["timing"], env)
     return layer_records, e2e_records, embedding_records
 
 
@@ -220,6 +230,10 @@ def main(argv=None):
         "seconds": round(time.perf_counter() - start, 1),
         "layer": layer_records, "e2e": e2e_records, "embedding": embedding_records,
     }
+    if todo.get("adapter_records"):
+        doc["adapters"] = todo["adapter_records"]
+        from .multi import table
+        print(f"== several adapters (N={todo['adapters']}) ==\n{table(doc['adapters'])}\n")
     _print_tables(doc)
     paths, why = report.write(doc, report.output_stem(args.out, env))
     print("wrote " + ", ".join(map(str, paths)))
@@ -227,7 +241,7 @@ def main(argv=None):
         print(why)
     if device.type != "cuda":
         print("Reminder: " + label)
-    records = layer_records + e2e_records + embedding_records
+    records = layer_records + e2e_records + embedding_records + doc.get("adapters", [])
     return 1 if any(r["status"] == "error" for r in records) else 0
 
 

@@ -50,6 +50,8 @@ def parse_args(argv=None):
                    help="dora: lorakern DoRA, lorakern LoRA, nn.Linear and PEFT DoRA, "
                    "fp32 adapters (bench/static_dora.py)")
     add_adapter_dtype_argument(p)
+    p.add_argument("--adapters", type=int, help="also N adapters of rank r: a mixed batch "
+                   "(rows split evenly, eval) and N stacked active adapters (bench.static_multi)")
     p.add_argument("--json", help="write the kernels and records to this JSON file")
     p.add_argument("--no-embedding", action="store_true",
                    help="leave out the LoRA embedding case (vocab 49152, dim 2048, 8192 tokens)")
@@ -127,6 +129,10 @@ def run(args):
     variant = getattr(args, "variant", "lora")
     layer = static_dora if variant == "dora" else static_linear
     records = layer.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
+    if getattr(args, "adapters", None):
+        from . import static_multi
+        records += static_multi.run(arch, machine, kernel_reports, selected_cases(args),
+                                    launch_log, args.adapters)
     if not getattr(args, "no_embedding", False) and variant == "lora":
         records += static_embedding.run(arch, machine, kernel_reports)
     for record in records:
@@ -195,6 +201,9 @@ def format_tables(result):
                       if rec["provider"] in EMBEDDING_PROVIDERS.values()]
     if embedding_rows:
         lines.append(format_table(embedding_rows))
+    if any("adapters" in rec for rec in result["records"]):
+        from .static_multi import format_table as format_multi
+        lines.append(format_multi(result["records"]))
     return "\n".join(lines)
 
 

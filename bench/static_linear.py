@@ -17,31 +17,37 @@ PHASES = ("fwd", "bwd")
 def predict_lorakern(case, arch, machine, kernel_reports, launch_log=None, strategy=None):
     """{'fwd': (seconds, bound), 'bwd': ...} from the captured launches of
     ``strategy``; each launch's terms are appended to ``launch_log`` when given."""
+    from . import capture
+
+    return {phase: price_items(items, case, strategy, phase, arch, machine, kernel_reports,
+                               launch_log)
+            for phase, items in capture.capture_case(case, arch, strategy).items()}
+
+
+def price_items(items, case, strategy, phase, arch, machine, kernel_reports, launch_log=None):
+    """(seconds, bound of the slowest) of captured launches and torch ops, in order."""
     from . import capture, roofline, sass
 
-    result = {}
-    for phase, items in capture.capture_case(case, arch, strategy).items():
-        total, slowest = 0.0, (0.0, "none")
-        for item in items:
-            if isinstance(item, capture.KernelLaunch):
-                report = sass.compile_launch(item, arch)
-                kernel_reports.setdefault(item.compile_key(), report)
-                all_trips = sass.loop_trips(report.ttir, item.ints)
-                trips = all_trips[0] if all_trips else None
-                work = roofline.kernel_work(report, item, trips, all_trips[1:])
-                seconds, bound, details = roofline.predict_kernel(machine, work)
-                details.update(grid=item.grid, trips=trips, later_trips=all_trips[1:],
-                               report=report)
-            else:
-                seconds, bound = roofline.torch_op(machine, item.name, item.shapes,
-                                                   item.read_bytes, item.write_bytes)
-                details = {"bytes": item.read_bytes + item.write_bytes}
-            if launch_log is not None:
-                launch_log.append((case, strategy, phase, item, seconds, bound, details))
-            total += seconds
-            slowest = max(slowest, (seconds, bound))
-        result[phase] = (total, slowest[1])
-    return result
+    total, slowest = 0.0, (0.0, "none")
+    for item in items:
+        if isinstance(item, capture.KernelLaunch):
+            report = sass.compile_launch(item, arch)
+            kernel_reports.setdefault(item.compile_key(), report)
+            all_trips = sass.loop_trips(report.ttir, item.ints)
+            trips = all_trips[0] if all_trips else None
+            work = roofline.kernel_work(report, item, trips, all_trips[1:])
+            seconds, bound, details = roofline.predict_kernel(machine, work)
+            details.update(grid=item.grid, trips=trips, later_trips=all_trips[1:],
+                           report=report)
+        else:
+            seconds, bound = roofline.torch_op(machine, item.name, item.shapes,
+                                               item.read_bytes, item.write_bytes)
+            details = {"bytes": item.read_bytes + item.write_bytes}
+        if launch_log is not None:
+            launch_log.append((case, strategy, phase, item, seconds, bound, details))
+        total += seconds
+        slowest = max(slowest, (seconds, bound))
+    return total, slowest[1]
 
 
 def predict_ops(ops, machine):

@@ -26,6 +26,9 @@ reset themselves, so no memset launch goes with them.
 
 dequant_bnb.py dequantises bitsandbytes' 4-bit and 8-bit weights into a buffer
 of the compute dtype, bit-exact with bitsandbytes (QLoRA bases).
+A mixed-adapter batch (inference) makes h with each row's own adapter's A
+(segmented_lora.py: zero outside that adapter's columns of the stacked A) and
+runs lora_gemm once with the stacked B.
 
 No kernel forms the N x K product A B. h and G are fp32 when the adapters are
 (PEFT's default on a 16-bit base), else in x's dtype.
@@ -39,13 +42,15 @@ from .grad_output import grad_output
 from .lora_embedding import lora_embedding_backward, lora_embedding_forward
 from .lora_gemm import lora_gemm
 from .lora_grad_weights import tn_matmul
-from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_grad_input,
-                         lora_grad_output)
+from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_forward_with_h,
+                         lora_grad_input, lora_grad_output)
 from .lora_term import lora_term
 from .rank_product import rank_product
+from .segmented_lora import segment_config, segment_tiles, segmented_rank_product
 
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
            "keep_scale", "dora_weight_norm", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
            "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
-           "lora_grad_input", "lora_grad_output", "tn_matmul", "STRATEGIES", "Plan",
-           "layer_plans", "dequantize_4bit", "dequantize_int8"]
+           "lora_forward_with_h", "lora_grad_input", "lora_grad_output", "tn_matmul",
+           "STRATEGIES", "Plan", "layer_plans", "dequantize_4bit", "dequantize_int8",
+           "segment_config", "segment_tiles", "segmented_rank_product"]

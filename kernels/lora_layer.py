@@ -111,6 +111,12 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=N
     return y, h
 
 
+def lora_forward_with_h(x, weight, h, lora_b, bias, scale, plan):
+    """y = x W^T + b + s h B^T for an h already made (a mixed-adapter batch's,
+    segmented_lora.py), by ``plan``'s strategy."""
+    return _with_lora_term(plan, x, weight.t(), h, lora_b.t(), bias, scale)
+
+
 def _with_lora_term(plan, lhs, rhs_t, p, q, bias, lora_scale, dropout_p=0.0, seed=0):
     """lhs @ rhs_t + bias + lora_scale * (p @ q) * m, by ``plan``'s strategy."""
     if plan.strategy == "cublas":

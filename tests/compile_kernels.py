@@ -80,7 +80,8 @@ PRECISION_GROUPS = {  # group -> (x dtype, DOT_PRECISION as the launchers pass i
     "fp32-ieee": ("fp32", "ieee"),
     "fp32-tf32": ("fp32", "tf32"),
 }
-GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask", "embedding", "dora_norm", "dequant_bnb")
+GROUPS = tuple(PRECISION_GROUPS) + ("dropout_mask", "embedding", "dora_norm", "dequant_bnb",
+                                         "segmented")
 DIVISIBLE_16 = [["tt.divisibility", 16]]
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # the precision of an fp32 product when torch's allow_tf32 is off, its default
@@ -122,7 +123,8 @@ KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "
                   "_lora_embedding_forward_kernel": "lora_embedding",
                   "_lora_embedding_grad_kernel": "lora_embedding",
                   "_dequant_4bit_kernel": "dequant_bnb",
-                  "_dequant_int8_kernel": "dequant_bnb"}
+                  "_dequant_int8_kernel": "dequant_bnb",
+                  "_segmented_rank_kernel": "segmented_lora"}
 EMBEDDING_FORWARD_UNIT_STRIDES = {"stride_ids", "stride_ed", "stride_av", "stride_br",
                                   "stride_yd"}                      # ids, E, A, B, y
 EMBEDDING_GRAD_UNIT_STRIDES = {"stride_dyd", "stride_br", "stride_dav", "stride_ded"}
@@ -588,12 +590,44 @@ def dequant_bnb_jobs():
     return jobs
 
 
+SEGMENTED_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_hr"}  # x, stacked A, h
+SEGMENTED_RANK_BLOCKS = (16, 128)  # the narrowest tile and a wide one (r_a up to 128)
+
+
+def segmented_jobs():
+    """The mixed batch's segmented rank pass: every x dtype with adapters of its dtype
+    and fp32 (h in the promoted dtype; fp32 products IEEE, and TF32 once), at the
+    narrowest and a wide rank block; the generic specialization once."""
+    from lorakern.kernels.segmented_lora import segment_config
+
+    jobs = []
+    for x in ("bf16", "fp16", "fp32"):
+        for adapter in sorted({x, "fp32"}):
+            precisions = ["ieee", "tf32"] if _promoted(x, adapter) == "fp32" else ["tf32"]
+            for block_r in SEGMENTED_RANK_BLOCKS:
+                cfg = segment_config(block_r)
+                for precision in precisions[:1 if block_r != SEGMENTED_RANK_BLOCKS[-1] else 2]:
+                    meta = dict(BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
+                                UPCAST_DOT=False, DOT_PRECISION=precision)
+                    pointers = dict(x_ptr=x, a_ptr=adapter, h_ptr=_promoted(x, adapter),
+                                    segments_ptr="i32")
+                    jobs.append(_job("_segmented_rank_kernel", meta, pointers, cfg, [],
+                                     SEGMENTED_UNIT_STRIDES))
+    cfg = segment_config(16)
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_R=16, BLOCK_K=cfg.block_k, UPCAST_DOT=False,
+                DOT_PRECISION="ieee")
+    jobs.append(_job("_segmented_rank_kernel", meta, pointers, cfg, [], None))
+    return jobs
+
+
 def plan(group):
     """The deduplicated compile jobs of one group (arch independent)."""
     if group == "dora_norm":
         jobs = dora_norm_jobs()
     elif group == "dropout_mask":
         jobs = dropout_mask_jobs()
+    elif group == "segmented":
+        jobs = segmented_jobs()
     elif group == "embedding":
         jobs = embedding_jobs()
     elif group == "dequant_bnb":

@@ -34,7 +34,7 @@ MAX_WORKERS = 2  # CI has two cores
 GROUP_TIMEOUT_S = 1800  # a safety net: one group takes 1-4 min on two idle cores
 # Slowest first, so that the two workers finish close together.
 GROUPS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16", "dropout_mask", "embedding", "dora_norm",
-          "dequant_bnb")
+          "dequant_bnb", "segmented")
 ARCH_GROUPS = [(arch, group) for group in GROUPS for arch in ARCHS]
 COMPILE_TEST = "test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory"
 FLAGS = ("HAS_BIAS", "HAS_DROPOUT", "HAS_COLSUM", "NEED_G", "SPLIT_M")
@@ -183,6 +183,22 @@ def test_compile_plan_holds_the_embedding_kernels_for_every_table_dtype(compile_
                            for e in grad), (table, adapter, block_r)
     assert {e["signature"]["ids_ptr"] for e in forward} == {"*i64", "*i32"}
     assert not all(e["aligned"] for e in forward) and not all(e["aligned"] for e in grad)
+
+
+def test_compile_plan_holds_the_segmented_rank_pass_for_every_dtype_pair(compile_plans):
+    """The mixed batch's rank pass at the rank blocks and configs its launcher picks:
+    16 and the widest it takes, for every x dtype with adapters of its dtype and fp32."""
+    from lorakern.kernels.segmented_lora import MAX_SEGMENT_RANK, segment_config
+    plan = [e for e in compile_plans["segmented"] if "generic" not in e["label"]]
+    built = {(e["label"].split(", ")[1], e["constexprs"]["BLOCK_R"], e["constexprs"]["BLOCK_K"])
+             for e in plan}
+    for x, adapter in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"),
+                       ("fp32", "fp32")):
+        h = x if x == adapter else "fp32"
+        pointers = f"x:{x} a:{adapter} h:{h} segments:i32"
+        for block_r in (16, MAX_SEGMENT_RANK):
+            assert (pointers, block_r, segment_config(block_r).block_k) in built, (
+                pointers, block_r)
 
 
 def test_compile_plan_holds_both_passes_flags_off_and_generic_builds(compile_plans):

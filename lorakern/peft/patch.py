@@ -12,7 +12,9 @@ needs it, never by ``import lorakern``.
 """
 import functools
 import logging
+import threading
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -20,10 +22,14 @@ from torch import nn
 
 from ..functional.embedding import lora_embedding
 from ..functional.linear import lora_linear
+from ..functional.multi_adapter import (MAX_MIXED_RANK, StackCache, mixed_batch_lora_linear,
+                                        stack_reason)
 from ..layers.linear import conv1d_class
 from . import sharded
 from .dora import dora_refusal, fused_dora_forward, is_dora
 from .bnb import bnb_base_reason, fused_bnb_forward, is_peft_bnb_layer
+from .fallback import fallbacks, forget_fallbacks, peft_forward as _peft_forward
+from .fallback import peft_forward_instead
 
 log = logging.getLogger("lorakern")
 
@@ -134,13 +140,30 @@ def _state_reason(module):
     if module.merged:
         return (f"adapter(s) {list(module.merged_adapters)} are merged into its base weight "
                 f"(unmerge_adapter() first)")
-    active = _active_here(module)
+    return _adapters_reason(module, _active_here(module))
+
+
+def _adapters_reason(module, active):
+    """Why the active adapters ``active`` of the module cannot run fused, or None."""
+    for adapter in active:
+        reason = _adapter_reason(module, adapter)
+        if reason:
+            return reason
     if len(active) > 1:
-        return (f"several adapters are active at once ({active}); lorakern fuses one adapter "
-                f"per layer")
-    if active:
-        return _adapter_reason(module, active[0])
+        doras = [a for a in active if is_dora(module, a)]
+        if doras:
+            return (f"several active adapters {active}, DoRA among them ({doras}): "
+                    f"stacked DoRA adapters are not fused")
+        return stack_reason(*_adapter_tensors(module, active), [0.0])
     return None
+
+
+def _adapter_tensors(module, active):
+    """(lora_A weights, lora_B weights) of the adapters ``active``, in PEFT's layout."""
+    if _is_peft_embedding(module):
+        return ([module.lora_embedding_A[a] for a in active],
+                [module.lora_embedding_B[a] for a in active])
+    return ([module.lora_A[a].weight for a in active], [module.lora_B[a].weight for a in active])
 
 
 def _unservable(module, fused_classes, shards_gathered=False):
@@ -161,72 +184,147 @@ def _unservable(module, fused_classes, shards_gathered=False):
     return reason or _state_reason(module)
 
 
-def _peft_forward(module, x, *args, **kwargs):
-    """PEFT's own forward of the module's class."""
-    return type(module).forward(module, x, *args, **kwargs)
+def _dropout_p(module, adapter):
+    """The adapter's dropout probability as nn.Dropout applies it now (0 in eval mode)."""
+    dropout = module.lora_dropout[adapter]
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _call_reason(module, active):
+    """Why this call, on the module as it is now, cannot run fused, or None."""
+    if _is_peft_embedding(module):
+        reason = _embedding_base_reason(module.get_base_layer())
+    else:
+        _, reason = _base_weight_and_bias(module.get_base_layer())
+    reason = reason or _adapters_reason(module, active)
+    if reason or len(active) == 1 or _is_peft_embedding(module):
+        return reason
+    return stack_reason(*_adapter_tensors(module, active),
+                        [_dropout_p(module, a) for a in active])
+
+
+# per module, outside it: a lock does not pickle or deepcopy with the model
+_STACKS = weakref.WeakKeyDictionary()
+_STACKS_LOCK = threading.Lock()
+
+
+def _adapter_term(module, active):
+    """(A, B, scale) of the LoRA term of the adapters ``active``: one adapter's own
+    tensors, or several stacked (``multi_adapter.py``, cached per module)."""
+    lora_As, lora_Bs = _adapter_tensors(module, active)
+    if len(active) == 1:
+        return lora_As[0], lora_Bs[0], module.scaling[active[0]]
+    with _STACKS_LOCK:
+        cache = _STACKS.setdefault(module, StackCache())
+    return cache.get(lora_As, lora_Bs, [module.scaling[a] for a in active])
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    """PEFT's ``Linear.forward`` for one plain LoRA adapter, as one ``lora_linear`` call.
+    """PEFT's ``Linear.forward`` (``Embedding.forward``) as one ``lora_linear``
+    (``lora_embedding``) call, for one plain LoRA adapter or several stacked.
 
     States without a LoRA term (adapters disabled, merged, or none active on this
-    layer) run PEFT's own forward, which is the base layer alone. States the fused
-    path cannot reproduce raise ValueError naming the module.
+    layer) run PEFT's own forward, which is the base layer alone. Calls the fused
+    path cannot reproduce run PEFT's forward too, and say so (``fallback.py``).
     """
-    name = self._lorakern_name
-    if kwargs.get("adapter_names") is not None:
-        raise ValueError(f"lorakern-patched PEFT module '{name}': mixed-adapter batches "
-                         f"(adapter_names=...) are not fused; unpatch_peft() the model first")
-    if any(kwargs.get(k) is not None for k in ("alora_offsets",)):
-        raise ValueError(f"lorakern-patched PEFT module '{name}': aLoRA offsets are not fused")
-    kwargs.pop("adapter_names", None)
-    kwargs.pop("alora_offsets", None)
-    if args or kwargs:
-        raise ValueError(f"lorakern-patched PEFT module '{name}': extra forward arguments "
-                         f"{len(args)} positional, {sorted(kwargs)} keyword are not supported")
+    if kwargs.get("adapter_names") is not None and not args and not any(
+            v is not None for k, v in kwargs.items() if k != "adapter_names"):
+        return _mixed_batch(self, x, kwargs["adapter_names"])
+    extra = sorted(k for k, v in kwargs.items() if v is not None)
+    if args or extra:
+        return peft_forward_instead(self, f"forward arguments beyond x ({len(args)} "
+                                    f"positional, keyword {extra}) are not fused",
+                                    x, *args, **kwargs)
     active = _active_here(self)
     if self.disable_adapters or self.merged or not active:
         return _peft_forward(self, x)
-    if _is_peft_embedding(self):
-        return _fused_embedding(self, x, active)
+    name = self._lorakern_name
+    if _is_peft_embedding(self) and sharded.zero3_registered(self.get_base_layer()):
+        _say_once(f"lorakern: PEFT LoRA embedding '{name}' runs PEFT's forward "
+                  f"under DeepSpeed ZeRO-3, not the fused kernel")
+        return _peft_forward(self, x)
     if is_peft_bnb_layer(self):
-        reason = bnb_base_reason(self, name) or _state_reason(self)
+        reason = bnb_base_reason(self, name) or _adapters_reason(self, active)
+        if not reason and len(active) > 1:
+            reason = "several active adapters on a quantised base are not fused"
         if reason:
-            raise ValueError(f"lorakern-patched PEFT module '{name}' cannot run fused: "
-                             f"{reason}; unpatch_peft() the model to use PEFT's forward")
+            return peft_forward_instead(self, reason, x)
         return fused_bnb_forward(self, name, x, active[0])
-    weight_bias, reason = _base_weight_and_bias(self.get_base_layer())
-    reason = reason or _state_reason(self)
+    reason = _call_reason(self, active)
     if reason:
-        raise ValueError(f"lorakern-patched PEFT module '{name}' cannot run fused: {reason}; "
-                         f"unpatch_peft() the model to use PEFT's forward")
-    weight, bias = weight_bias
-    adapter = active[0]
-    if is_dora(self, adapter):
-        return fused_dora_forward(self, x, adapter, weight, bias)
-    dropout = self.lora_dropout[adapter]
-    dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return peft_forward_instead(self, reason, x)
+    if is_dora(self, active[0]):  # one adapter: _adapters_reason refuses DoRA stacks
+        (weight, bias), _ = _base_weight_and_bias(self.get_base_layer())
+        return fused_dora_forward(self, x, active[0], weight, bias)
+    lora_A, lora_B, scale = _adapter_term(self, active)
+    if _is_peft_embedding(self):
+        base = self.get_base_layer()
+        return lora_embedding(x, base.weight, lora_A, lora_B, scale, base.padding_idx)
+    (weight, bias), _ = _base_weight_and_bias(self.get_base_layer())
+    dropout_p = _dropout_p(self, active[0]) if len(active) == 1 else 0.0
     # PEFT casts x to the adapter dtype for the LoRA term only; lora_linear takes x in
     # the base dtype and computes the rank product in the promoted dtype of x, A, B
-    return lora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                       scale=self.scaling[adapter], bias=bias, dropout_p=dropout_p)
+    return lora_linear(x, weight, lora_A, lora_B, scale=scale, bias=bias, dropout_p=dropout_p)
 
 
-def _fused_embedding(self, ids, active):
-    """PEFT's ``Embedding.forward`` for one plain LoRA adapter, as one ``lora_embedding``."""
-    base = self.get_base_layer()
-    if sharded.zero3_registered(base):
-        _say_once(f"lorakern: PEFT LoRA embedding '{self._lorakern_name}' runs PEFT's forward "
-                  f"under DeepSpeed ZeRO-3, not the fused kernel")
-        return _peft_forward(self, ids)
-    reason = _embedding_base_reason(base) or _state_reason(self)
+def _mixed_batch_reason(module, present):
+    """Why this mixed-adapter batch, with the adapters ``present`` on this layer,
+    cannot run fused, or None."""
+    if _is_peft_embedding(module):
+        return "mixed-adapter batches (adapter_names) on embeddings are not fused"
+    if is_peft_bnb_layer(module):
+        return "mixed-adapter batches (adapter_names) on quantised bases are not fused"
+    if any(is_dora(module, a) for a in present):
+        return "mixed-adapter batches (adapter_names) with DoRA adapters are not fused"
+    _, reason = _base_weight_and_bias(module.get_base_layer())
+    reason = reason or _adapters_reason(module, present)
     if reason:
-        raise ValueError(f"lorakern-patched PEFT module '{self._lorakern_name}' cannot run "
-                         f"fused: {reason}; unpatch_peft() the model to use PEFT's forward")
-    adapter = active[0]
-    return lora_embedding(ids, base.weight, self.lora_embedding_A[adapter],
-                          self.lora_embedding_B[adapter], self.scaling[adapter],
-                          base.padding_idx)
+        return reason
+    lora_As, lora_Bs = _adapter_tensors(module, present)
+    reason = stack_reason(lora_As, lora_Bs, [_dropout_p(module, a) for a in present])
+    if reason:
+        return "in a mixed-adapter batch, " + reason
+    widest = max(a.shape[0] for a in lora_As)
+    if widest > MAX_MIXED_RANK:
+        return f"a mixed-adapter batch with an adapter of rank {widest} (over {MAX_MIXED_RANK})"
+    tensors = [*lora_As, *lora_Bs, *module.get_base_layer().parameters()]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return ("mixed-adapter batches (adapter_names) are fused for inference only: "
+                "grad is enabled (run under torch.no_grad() or torch.inference_mode())")
+    return None
+
+
+def _mixed_input_reason(x):
+    if x.dim() < 2:
+        return f"a mixed-adapter batch of a {x.dim()}-D x is not fused"
+    if x.requires_grad and torch.is_grad_enabled():
+        return "mixed-adapter batches are fused for inference only: x requires grad"
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except (TypeError, RuntimeError):  # older torch, or a device type autocast lacks
+        autocast = False
+    if autocast:
+        return "mixed-adapter batches under autocast are not fused"
+    return None
+
+
+def _mixed_batch(self, x, adapter_names):
+    """PEFT's ``_mixed_batch_forward``: item b of x through adapter adapter_names[b]
+    (``__base__``, or an adapter this layer lacks: the base layer alone), fused
+    (``mixed_batch_lora_linear``). PEFT's own checks run first, raising its errors."""
+    self._check_forward_args(x, adapter_names=adapter_names)
+    present = [a for a in dict.fromkeys(adapter_names) if a in _adapters_of(self)]
+    if self.disable_adapters or not present:
+        return _peft_forward(self, x, adapter_names=adapter_names)
+    reason = _mixed_batch_reason(self, present) or _mixed_input_reason(x)
+    if reason:
+        return peft_forward_instead(self, reason, x, adapter_names=adapter_names)
+    lora_A, lora_B, scale = _adapter_term(self, present)
+    index = {adapter: i for i, adapter in enumerate(present)}
+    ranks = [self.lora_A[a].weight.shape[0] for a in present]
+    (weight, bias), _ = _base_weight_and_bias(self.get_base_layer())
+    return mixed_batch_lora_linear(x, weight, lora_A, lora_B, scale, ranks,
+                                   [index.get(name, -1) for name in adapter_names], bias)
 
 
 _SAID = set()
@@ -254,9 +352,16 @@ def patch_peft(peft_model, strict=True):
     scaling and dropout probability (dropout only while the dropout module is in
     training mode, as nn.Dropout). Each ``peft.tuners.lora.layer.Embedding`` on an
     ``nn.Embedding`` calls ``lorakern.lora_embedding(ids, E, lora_embedding_A,
-    lora_embedding_B, scaling, padding_idx)`` (PEFT applies no dropout there). Parameters, state dict, saving, merging and
-    adapter switching stay PEFT's; PEFT's forward runs whenever there is no LoRA
-    term (adapters disabled or merged, or no active adapter on the layer).
+    lora_embedding_B, scaling, padding_idx)`` (PEFT applies no dropout there).
+    Several active adapters (``set_adapter([...])``) run as one LoRA term of rank
+    r_1 + r_2 + ... (``lorakern.functional.multi_adapter``). Parameters, state
+    dict, saving, merging and adapter switching stay PEFT's; PEFT's forward runs
+    whenever there is no LoRA term (adapters disabled or merged, or no active
+    adapter on the layer), and for any call the fused path does not reproduce
+    (mixed-adapter batches, a state changed after patching, dropout active on
+    several adapters): such a call is logged once per module and reason and
+    reported by ``patch_summary`` (``lorakern.peft.fallback``); where PEFT raises,
+    PEFT's forward raises.
 
     Args:
         peft_model: a ``peft.PeftModel``, ``LoraModel``, or any module holding PEFT
@@ -264,7 +369,7 @@ def patch_peft(peft_model, strict=True):
         strict: if True (default), any PEFT LoRA layer that cannot run fused raises
             ValueError naming it and why: a LoRA variant (DoRA on Linear layers
             is fused, by ``lorakern.dora_linear``; on embeddings it is refused),
-            ``lora_bias``, several active adapters, merged or disabled adapters,
+            ``lora_bias``, active adapters of different dtypes, merged or disabled adapters,
             LoRA on convolutions/attention, scaled or max_norm embeddings,
             quantized or hooked base layers. If False, such layers keep PEFT's forward and a warning lists
             them.
@@ -328,10 +433,13 @@ class PatchSummary(NamedTuple):
 
     ``fused``: names of the modules on lorakern's kernels (``patched_modules``).
     ``left_to_peft``: {name: reason} for every other PEFT LoRA layer.
+    ``fell_back``: {name: {reason: calls}} for the patched modules that ran PEFT's
+    forward on some call since patching (``lorakern.peft.fallback``).
     ``str()`` gives one line: the counts, then the modules left to PEFT.
     """
     fused: list
     left_to_peft: dict
+    fell_back: dict
 
     def __str__(self):
         line = (f"{len(self.fused)} PEFT LoRA module(s) on the fused kernels, "
@@ -341,6 +449,11 @@ class PatchSummary(NamedTuple):
             line += ": " + "; ".join(f"'{name}' ({reason})" for name, reason in shown)
             if len(self.left_to_peft) > _SHOWN:
                 line += f"; ... ({len(self.left_to_peft)} in all)"
+        if self.fell_back:
+            shown = list(self.fell_back.items())[:_SHOWN]
+            line += (f"; {len(self.fell_back)} patched module(s) ran PEFT's forward on some "
+                     f"calls: " + "; ".join(f"'{name}' ({', '.join(reasons)})"
+                                            for name, reasons in shown))
         return line
 
 
@@ -348,15 +461,17 @@ def patch_summary(model):
     """The ``PatchSummary`` of ``model`` as it is now (after ``patch_peft``,
     ``unpatch_peft`` or adapter changes): computed from the modules, never stored."""
     fused_classes, lora_layer_cls = _peft_lora_classes()
-    fused, left = [], {}
+    fused, left, fell_back = [], {}, {}
     gathered = sharded.fsdp2_gathered_modules(model)
     for name, module in model.named_modules():
         if _is_patched(module):
             fused.append(name)
+            if fallbacks(module):
+                fell_back[name] = fallbacks(module)
         elif isinstance(module, lora_layer_cls):
             left[name] = (_unservable(module, fused_classes, id(module) in gathered)
                           or "fusable, not patched (patch_peft patches it)")
-    return PatchSummary(fused, left)
+    return PatchSummary(fused, left, fell_back)
 
 
 def unpatch_peft(peft_model):
@@ -371,5 +486,7 @@ def unpatch_peft(peft_model):
             del module.forward
             del module._lorakern_name
             sharded.unmark_zero3_leaf(module)
+            forget_fallbacks(module)
+            _STACKS.pop(module, None)
             restored += 1
     return restored
