@@ -67,7 +67,9 @@ def _segmented_rank_kernel(
 
     # ---- h block = x[rows] A_a^T over K (a tile without adapter loads nothing)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    in_product = in_m & (rank > 0)
+    # a tile without adapter loads no x: its rows end where they start (a scalar
+    # bound, not a scalar in the mask, which triton 3.9's interpreter refuses)
+    in_product = offs < tl.where(rank > 0, end, start)
     for k0 in tl.range(0, K, BLOCK_K):
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         in_k = ks < K
