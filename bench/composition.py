@@ -19,6 +19,22 @@ def keep_mask(shape, dropout_p, device):
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - dropout_p)
 
 
+
+def _addmm_forward(x, weight_of, lora_A, lora_B, bias, scale, dropout_p):
+    """(x2, h, mask, s, y) of the composition's forward: x W^T + b by addmm, then
+    s h B^T added onto it; ``weight_of()`` gives W (a buffer dropped on return
+    when it is dequantised)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    mask = keep_mask(x2.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    s = scale / (1.0 - dropout_p)
+    h = (x2 if mask is None else x2 * mask) @ A.t()
+    weight = weight_of()
+    y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+    y.addmm_(h, B.t(), alpha=s)
+    return x2, h, mask, s, y
+
+
 class AddmmLoRA(torch.autograd.Function):
     """``AddmmLoRA.apply(x, weight, lora_A, lora_B, bias, scale, dropout_p)``.
 
@@ -29,13 +45,8 @@ class AddmmLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scale, dropout_p):
-        x2 = x.reshape(-1, x.shape[-1])
-        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        mask = keep_mask(x2.shape, dropout_p, x.device) if dropout_p > 0.0 else None
-        s = scale / (1.0 - dropout_p)
-        h = (x2 if mask is None else x2 * mask) @ A.t()
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(h, B.t(), alpha=s)
+        x2, h, mask, s, y = _addmm_forward(x, lambda: weight, lora_A, lora_B, bias, scale,
+                                           dropout_p)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, h, mask)
         ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -90,15 +101,8 @@ class DequantAddmmLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dequantize, lora_A, lora_B, bias, scale, dropout_p):
-        x2 = x.reshape(-1, x.shape[-1])
-        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        mask = keep_mask(x2.shape, dropout_p, x.device) if dropout_p > 0.0 else None
-        s = scale / (1.0 - dropout_p)
-        h = (x2 if mask is None else x2 * mask) @ A.t()
-        weight = dequantize()
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        del weight
-        y.addmm_(h, B.t(), alpha=s)
+        x2, h, mask, s, y = _addmm_forward(x, dequantize, lora_A, lora_B, bias, scale,
+                                           dropout_p)
         ctx.save_for_backward(x2, lora_A, lora_B, h, mask)
         ctx.dequantize, ctx.s, ctx.x_shape = dequantize, s, x.shape
         ctx.has_bias = bias is not None

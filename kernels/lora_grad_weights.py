@@ -175,11 +175,12 @@ def _split_rows(m, block_m, tiles, device):
 
 
 def tn_precision(lhs_dtype, rhs_dtype, block_q):
-    """``mixed_precision``, but IEEE for a split past 32 columns: the fp32 operand's
+    """``mixed_precision``, but IEEE for a split past 16 columns: the fp32 operand's
     three parts of a 64- to 256-wide Q tile keep registers in the stack frame
-    (80-320 bytes a thread, sm_80 and sm_90); dA and dB at ranks up to 32 split."""
+    (80-320 bytes a thread, sm_80 and sm_90), and of a 32-wide one 8 bytes on sm_80
+    (with dropout and the column sum); dA and dB at ranks up to 16 split."""
     precision = mixed_precision(lhs_dtype, rhs_dtype)
-    return "ieee" if precision == "split" and block_q > 32 else precision
+    return "ieee" if precision == "split" and block_q > 16 else precision
 
 
 def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,

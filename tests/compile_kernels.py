@@ -443,7 +443,7 @@ def tn_jobs(x, precision):
         for cfg in tn_configs_compiled(4):
             if cfg == tn_config_gpu(None, 4):
                 continue
-            mixed = MIXED_PRECISION if cfg.block_q <= 32 else FP32_DEFAULT_PRECISION
+            mixed = MIXED_PRECISION if cfg.block_q <= 16 else FP32_DEFAULT_PRECISION
             jobs.append(tn_job(cfg, mixed, x, "fp32", "fp32", x, True, True,
                                ["fp32 adapters"]))
             jobs.append(tn_job(cfg, mixed, x, "fp32", "fp32", "fp32", True,

@@ -133,19 +133,21 @@ def test_the_precision_follows_torchs_switches(monkeypatch):
     fp32 matmul precision is set to "ieee"; fp32 with fp32 stays IEEE by default."""
     bf16, f32 = torch.bfloat16, torch.float32
     matmul = torch.backends.cuda.matmul
-    monkeypatch.setattr(_common, "tf32_allowed", lambda: False)
-    assert _common.mixed_precision(bf16, f32) == "split"
-    assert _common.mixed_precision(f32, f32) == "ieee"
-    assert _common.mixed_precision(bf16, bf16) == "tf32"  # unused by 16-bit dots
-    assert _common.term_precision(f32, bf16) == "tf32x3"
-    assert _common.term_precision(f32, bf16, block_r=32) == "ieee"  # no stack frame
-    assert _common.term_precision(f32, f32) == "ieee"
-    monkeypatch.setattr(_common, "tf32_allowed", lambda: True)
-    assert _common.mixed_precision(bf16, f32) == "tf32"
-    assert _common.term_precision(f32, bf16) == "tf32"
-    monkeypatch.undo()
+    # torch's default; an earlier `allow_tf32 = False` anywhere leaves "ieee" behind
     before = matmul.fp32_precision
     try:
+        matmul.fp32_precision = "none"
+        monkeypatch.setattr(_common, "tf32_allowed", lambda: False)
+        assert _common.mixed_precision(bf16, f32) == "split"
+        assert _common.mixed_precision(f32, f32) == "ieee"
+        assert _common.mixed_precision(bf16, bf16) == "tf32"  # unused by 16-bit dots
+        assert _common.term_precision(f32, bf16) == "tf32x3"
+        assert _common.term_precision(f32, bf16, block_r=32) == "ieee"  # no stack frame
+        assert _common.term_precision(f32, f32) == "ieee"
+        monkeypatch.setattr(_common, "tf32_allowed", lambda: True)
+        assert _common.mixed_precision(bf16, f32) == "tf32"
+        assert _common.term_precision(f32, bf16) == "tf32"
+        monkeypatch.undo()
         for precision, mixed, same in (("ieee", "ieee", "ieee"), ("tf32", "tf32", "tf32")):
             matmul.fp32_precision = precision
             assert _common.mixed_precision(bf16, f32) == mixed
