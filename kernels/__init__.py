@@ -25,7 +25,9 @@ the launch: deterministic, no float atomics; int32 counters that the kernels
 reset themselves, so no memset launch goes with them.
 
 dequant_bnb.py dequantises bitsandbytes' 4-bit and 8-bit weights into a buffer
-of the compute dtype, bit-exact with bitsandbytes (QLoRA bases).
+of the compute dtype, bit-exact with bitsandbytes (QLoRA bases, the cublas
+strategy); qlora_gemm.py is lora_gemm with that dequantisation in its main
+loop (the fused strategy: 4 or 8 bits read a weight, no buffer).
 A mixed-adapter batch (inference) makes h with each row's own adapter's A
 (segmented_lora.py: zero outside that adapter's columns of the stacked A) and
 runs lora_gemm once with the stacked B.
@@ -45,6 +47,7 @@ from .lora_grad_weights import tn_matmul
 from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_forward_with_h,
                          lora_grad_input, lora_grad_output)
 from .lora_term import lora_term
+from .qlora_gemm import QuantizedOperand
 from .rank_product import rank_product
 from .segmented_lora import segment_config, segment_tiles, segmented_rank_product
 
@@ -53,4 +56,4 @@ __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effectiv
            "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
            "lora_forward_with_h", "lora_grad_input", "lora_grad_output", "tn_matmul",
            "STRATEGIES", "Plan", "layer_plans", "dequantize_4bit", "dequantize_int8",
-           "segment_config", "segment_tiles", "segmented_rank_product"]
+           "segment_config", "segment_tiles", "segmented_rank_product", "QuantizedOperand"]

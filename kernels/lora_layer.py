@@ -35,7 +35,10 @@ h and G are in the promoted dtype of x and the adapters: fp32 with fp32
 adapters, else x's dtype. The mask is generated once per element of x in the
 forward (in the rank pass) and once per element of dX in the backward (in the
 GEMM's epilogue); the GEMMs' main loops carry neither mask nor rank work.
-``launch_counts`` counts these sequences ("lora_forward", "lora_grad_input":
+W may be a ``QuantizedOperand`` (qlora_gemm.py: a bitsandbytes 4-bit or 8-bit
+base): ``fused`` then runs qlora_gemm, which dequantises W's tiles in its main
+loop, and ``cublas`` dequantises W into a buffer for the one addmm that reads
+it, freed when it returns. ``launch_counts`` counts these sequences ("lora_forward", "lora_grad_input":
 dX given G) as well as each kernel.
 """
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ from .grad_output import grad_output
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
                         lora_gemm_tuning_configs, rank_in_kernel, tma_operands)
 from .lora_term import lora_term
+from .qlora_gemm import QuantizedOperand, qlora_gemm, qlora_gemm_config
 from .rank_product import rank_product
 
 STRATEGIES = ("fused", "cublas")
@@ -74,6 +78,10 @@ def layer_plans(m, x, lora_a, lora_b, weight=None):
     the GEMM's left operand is x or dY, of one dtype), the table's choice first.
     With ``weight`` given, the fused GEMM's TMA builds lead where the GPU has
     TMA and x (or dY) and W can be read through descriptors."""
+    cublas = [Plan("cublas")]
+    if isinstance(weight, QuantizedOperand):
+        fused = [Plan("fused", qlora_gemm_config(m))]
+        return cublas + fused if m >= CUBLAS_FROM_M else fused + cublas
     pq_bytes = lora_dtype(x, lora_a, lora_b).itemsize
     block_r = epilogue_rank_block(lora_a.shape[0], pq_bytes)
     tma = (weight is not None and _common.tma_supported(x.device)
@@ -82,12 +90,14 @@ def layer_plans(m, x, lora_a, lora_b, weight=None):
     fused = [Plan("fused", cfg)
              for cfg in lora_gemm_tuning_configs(m, x.element_size(), block_r, pq_bytes, tma,
                                                  ieee)]
-    cublas = [Plan("cublas")]
     return cublas + fused if m >= CUBLAS_FROM_M else fused + cublas
 
 
 def _base_plus(c, lhs, rhs_t):
-    """c += lhs @ rhs_t by torch's matmul (cuBLAS on CUDA), c read once as the C operand."""
+    """c += lhs @ rhs_t by torch's matmul (cuBLAS on CUDA), c read once as the C operand;
+    a quantised rhs_t dequantised into a buffer that lives for this product only."""
+    if isinstance(rhs_t, QuantizedOperand):
+        rhs_t = rhs_t.dense()
     return c.addmm_(lhs, rhs_t)
 
 
@@ -100,9 +110,10 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=N
                                                    lora_a.shape[0], rank_dtype.itemsize):
         # decode: the GEMM fills h itself, one launch in all
         h = empty((x.shape[0], lora_a.shape[0]), rank_dtype, x.device)
-        y = lora_gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm,
-                      rank_rt=lora_a.t(), rank_scale=keep_scale(dropout_p),
-                      rank_dropout_p=dropout_p, seed=seed)
+        gemm = qlora_gemm if isinstance(weight, QuantizedOperand) else lora_gemm
+        y = gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm,
+                 rank_rt=lora_a.t(), rank_scale=keep_scale(dropout_p),
+                 rank_dropout_p=dropout_p, seed=seed)
     else:
         h = rank_product(x, lora_a.t(), rank_dtype, keep_scale(dropout_p),
                          dropout_p=dropout_p, seed=seed)
@@ -122,8 +133,9 @@ def _with_lora_term(plan, lhs, rhs_t, p, q, bias, lora_scale, dropout_p=0.0, see
     if plan.strategy == "cublas":
         c = lora_term(p, q, bias, lora_scale, lhs.dtype, dropout_p=dropout_p, seed=seed)
         return _base_plus(c, lhs, rhs_t)
-    return lora_gemm(lhs, rhs_t, p, q, bias, lora_scale, dropout_p=dropout_p, seed=seed,
-                     config=plan.gemm)
+    gemm = qlora_gemm if isinstance(rhs_t, QuantizedOperand) else lora_gemm
+    return gemm(lhs, rhs_t, p, q, bias, lora_scale, dropout_p=dropout_p, seed=seed,
+                config=plan.gemm)
 
 
 def lora_grad_output(grad_y, lora_a, lora_b, h, scale, grad_b, grad_bias, need_g):

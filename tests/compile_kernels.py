@@ -94,7 +94,7 @@ MIXED_TERM_PRECISION = "tf32x3"
 
 # Scalar arguments typed fp32; every other non-pointer, non-constexpr argument
 # is an i32 size, stride, threshold or seed.
-FLOAT_ARGS = {"scale", "lora_scale"}
+FLOAT_ARGS = {"scale", "lora_scale", "rank_scale"}
 # The aligned specialization: sizes that are multiples of 16 (feature sizes and
 # rank; not the token count M), and per launch the strides that are 1 on
 # contiguous tensors.
@@ -124,6 +124,7 @@ KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "
                   "_lora_embedding_grad_kernel": "lora_embedding",
                   "_dequant_4bit_kernel": "dequant_bnb",
                   "_dequant_int8_kernel": "dequant_bnb",
+                  "_qlora_gemm_kernel": "qlora_gemm",
                   "_segmented_rank_kernel": "segmented_lora"}
 EMBEDDING_FORWARD_UNIT_STRIDES = {"stride_ids", "stride_ed", "stride_av", "stride_br",
                                   "stride_yd"}                      # ids, E, A, B, y
@@ -585,9 +586,43 @@ def dequant_bnb_jobs():
                                                             out_ptr=out), cfg, [], set()))
     jobs.append(_job("_dequant_int8_kernel", meta, dict(cb_ptr="i8", scb_ptr="fp32",
                                                         out_ptr=out), cfg, [], None))
+    jobs += qlora_gemm_jobs()
     for job in jobs:
         job["options"]["enable_fp_fusion"] = False
     return jobs
+
+
+QLORA_Y_UNIT_STRIDES = {"stride_lk", "stride_pr", "stride_qr", "stride_bias", "stride_on"}
+QLORA_DX_UNIT_STRIDES = {"stride_lk", "stride_pr", "stride_qn", "stride_on"}
+
+
+def qlora_gemm_jobs():
+    """The GEMM that dequantises W in its main loop, as QLoRA runs it (bf16 x, fp32
+    adapters): NF4 with nested absmax at both tiles, the decode forward that makes h,
+    the forward and grad-input with the mask; int8 likewise; an fp16 base once."""
+    from lorakern.kernels.qlora_gemm import QLORA_DECODE, QLORA_SMALL_M
+
+    def job(cfg, x, adapter, fmt, pass_):
+        in_kernel, dx = pass_ == "y+h", pass_ == "dX"
+        pq = _promoted(x, adapter)
+        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                    BLOCK_R=16, GROUP_M=cfg.group_m, FORMAT=fmt, TRANSPOSED=not dx,
+                    BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=fmt == "4bit", STATE=x,
+                    HAS_BIAS=not dx, HAS_DROPOUT=dx, UPCAST_DOT=False,
+                    DOT_PRECISION="tf32", RANK_DOT_PRECISION="ieee" if pq == "fp32" else "tf32",
+                    RANK_IN_KERNEL=in_kernel, RANK_DROPOUT=in_kernel)
+        w, scales = ("u8", "u8") if fmt == "4bit" else ("i8", "fp32")
+        pointers = dict(l_ptr=x, w_ptr=w, scale_ptr=scales, code_ptr="fp32",
+                        absmax2_ptr="fp32", code2_ptr="fp32", offset_ptr="fp32", p_ptr=pq,
+                        q_ptr=adapter, pr_ptr=adapter, bias_ptr=x, out_ptr=x)
+        strides = (QLORA_DX_UNIT_STRIDES if dx else
+                   QLORA_Y_UNIT_STRIDES | ({"stride_prk"} if in_kernel else set()))
+        return _job("_qlora_gemm_kernel", meta, pointers, cfg, [f"pass {pass_}", fmt], strides)
+
+    return [job(cfg, "bf16", "fp32", fmt, pass_) for fmt in ("4bit", "int8")
+            for cfg, pass_ in ((QLORA_DECODE, "y+h"), (QLORA_SMALL_M, "y"),
+                               (QLORA_SMALL_M, "dX"))] + [
+        job(QLORA_DECODE, "fp16", "fp16", "4bit", "y+h")]
 
 
 SEGMENTED_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_hr"}  # x, stacked A, h

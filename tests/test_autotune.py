@@ -348,9 +348,20 @@ def test_tuning_key_for_cpu_tensors():
     assert key == {"direction": "forward", "device": "cpu", "torch": torch.__version__,
                    "triton": key["triton"], "x_dtype": "torch.bfloat16",
                    "adapter_dtype": "torch.float32", "m_bucket": 128, "n": 32, "k": 64,
-                   "rank_block": 16, "dropout": False, "tma": False, "tf32": False}
+                   "rank_block": 16, "dropout": False, "tma": False, "base": "dense",
+                   "tf32": False}
     assert isinstance(key["triton"], str) and key["triton"]
     json.dumps(key)  # every value is JSON
+
+
+def test_tuning_key_names_a_quantised_base():
+    from lorakern.kernels import QuantizedOperand
+
+    x, weight, lora_A, lora_B = tensors()
+    operand = QuantizedOperand("nf4", (weight,), tuple(weight.shape), torch.bfloat16,
+                               torch.bfloat16, blocksize=64)
+    key = autotune.tuning_key("forward", x, operand, lora_A, lora_B, 0.0)
+    assert key["base"] == "nf4" and (key["n"], key["k"]) == tuple(weight.shape)
 
 
 def test_tuning_key_swaps_n_and_k_for_grad_input():

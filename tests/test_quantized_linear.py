@@ -48,13 +48,24 @@ def adapters(rank, in_features, out_features, dtype, seed=7):
     return lora_A, lora_B
 
 
+# the kernels each strategy runs for W: its tiles dequantised in the GEMM, or a buffer
+STRATEGY_KERNELS = {"fused": ("qlora_gemm", "dequant"), "cublas": ("dequant", "qlora_gemm")}
+
+
 def run_and_check(base, dense, x, lora_A, lora_B, bias, scale, dropout_p, compute_dtype,
-                  monkeypatch):
+                  monkeypatch, strategy="fused"):
     monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
+    monkeypatch.setenv("LORAKERN_STRATEGY", strategy)
+    before = dict(kernels.launch_counts)
     y = quantized_lora_linear(x, base, lora_A, lora_B, scale, bias, dropout_p)
     gen = torch.Generator().manual_seed(8)
     grad_y = torch.randn(y.shape, generator=gen).to(y.dtype)
     y.backward(grad_y)
+    launched = {name for name, count in kernels.launch_counts.items()
+                if count > before.get(name, 0)}
+    runs, not_run = STRATEGY_KERNELS[strategy]
+    assert any(name.startswith(runs) for name in launched), (strategy, launched)
+    assert not any(name.startswith(not_run) for name in launched), (strategy, launched)
     keep = None
     if dropout_p > 0:
         m = x.shape[:-1].numel()
@@ -70,26 +81,69 @@ def run_and_check(base, dense, x, lora_A, lora_B, bias, scale, dropout_p, comput
             assert_matches_oracle(tensor.grad, grads[name], compute_dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
 @pytest.mark.parametrize("quant_type,nested,rank,dropout_p", [
     ("nf4", True, 3, 0.1),    # QLoRA's default, a rank below 16, dropout
     ("fp4", False, 20, 0.0),  # a rank over 16, no dropout
 ])
 def test_4bit_base_with_fp32_adapters_every_gradient(quant_type, nested, rank, dropout_p,
-                                                     monkeypatch):
+                                                     strategy, monkeypatch):
     # bf16 compute, fp32 adapters (PEFT's QLoRA), a 3-D x, odd sizes, a bias
     base, dense = base_4bit(40, 64, torch.bfloat16, quant_type, nested)
     lora_A, lora_B = adapters(rank, 64, 40, torch.float32)
     x = torch.randn(2, 9, 64).bfloat16().requires_grad_()
     bias = torch.randn(40).bfloat16().requires_grad_()
     run_and_check(base, dense, x, lora_A, lora_B, bias, 0.5, dropout_p, torch.bfloat16,
-                  monkeypatch)
+                  monkeypatch, strategy)
 
 
-def test_4bit_base_fp16_adapters_strided_x(monkeypatch):
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+def test_4bit_base_fp16_adapters_strided_x(strategy, monkeypatch):
     base, dense = base_4bit(24, 64, torch.float16, "nf4", True, blocksize=32)
     lora_A, lora_B = adapters(8, 64, 24, torch.float16)
     x = torch.randn(64, 11).half().t().requires_grad_()  # (11, 64), stride 11 along K
-    run_and_check(base, dense, x, lora_A, lora_B, None, 2.0, 0.2, torch.float16, monkeypatch)
+    run_and_check(base, dense, x, lora_A, lora_B, None, 2.0, 0.2, torch.float16, monkeypatch,
+                  strategy)
+
+
+def test_fused_gemm_past_decode_with_blocks_across_rows_and_a_16_bit_storage(monkeypatch):
+    # 40 tokens (the GEMM's rank term from a rank pass, not made in the kernel), K = 72
+    # not a multiple of the blocksize (absmax blocks cross rows), codes held in a bf16
+    # quant_storage (FSDP), the state in fp16 and the compute dtype bf16 (two roundings,
+    # as the dequantised buffer and its cast): the oracle's W is our reference
+    # dequantiser, since bitsandbytes' CPU dequantisation is wrong for such K
+    from lorakern.functional.quantized_weight import reference_dequantize_4bit
+
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(30, 72, generator=gen).half()
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                 compress_statistics=True,
+                                                 quant_storage=torch.bfloat16)
+    base = Bnb4bitWeight("layers.1.up_proj", packed, state, torch.bfloat16)
+    dense = reference_dequantize_4bit(
+        packed, state.absmax, state.code, 64, state.shape, torch.float16,
+        absmax2=state.state2.absmax, code2=state.state2.code,
+        blocksize2=state.state2.blocksize, offset=state.offset).bfloat16()
+    torch.testing.assert_close(base.kernel_operand().dense(), dense, rtol=0, atol=0)
+    lora_A, lora_B = adapters(5, 72, 30, torch.float32)
+    x = torch.randn(40, 72).bfloat16().requires_grad_()
+    bias = torch.randn(30).bfloat16().requires_grad_()
+    run_and_check(base, dense, x, lora_A, lora_B, bias, 0.75, 0.1, torch.bfloat16,
+                  monkeypatch, "fused")
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_fused_and_cublas_strategies_agree_on_an_8bit_base(tokens, monkeypatch):
+    base, _ = base_8bit(33, 40, torch.bfloat16)
+    lora_A, lora_B = adapters(5, 40, 33, torch.float32)
+    x = torch.randn(tokens, 40).bfloat16()
+    outputs = {}
+    for strategy in ("fused", "cublas"):
+        monkeypatch.setenv("LORAKERN_STRATEGY", strategy)
+        outputs[strategy] = quantized_lora_linear(x, base, lora_A, lora_B, 0.5)
+    # the same dequantised values and the same rounded term: only fp32 summation
+    # order differs, far below one bf16 rounding of the output
+    assert_matches_oracle(outputs["fused"], outputs["cublas"].double(), torch.bfloat16, "y")
 
 
 def test_fp32_x_on_a_bf16_compute_dtype_is_cast_as_bitsandbytes_casts(monkeypatch):
@@ -106,12 +160,13 @@ def test_fp32_x_on_a_bf16_compute_dtype_is_cast_as_bitsandbytes_casts(monkeypatc
     assert x.grad.dtype == torch.float32 and lora_A.grad is not None
 
 
-def test_8bit_base_every_gradient(monkeypatch):
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+def test_8bit_base_every_gradient(strategy, monkeypatch):
     base, dense = base_8bit(33, 40, torch.bfloat16)
     lora_A, lora_B = adapters(5, 40, 33, torch.float32)
     x = torch.randn(7, 40).bfloat16().requires_grad_()
     run_and_check(base, dense, x, lora_A, lora_B, None, 0.25, 0.1, torch.bfloat16,
-                  monkeypatch)
+                  monkeypatch, strategy)
 
 
 def test_nothing_of_the_base_weight_is_saved_for_backward():
@@ -205,3 +260,40 @@ def test_the_dequantise_then_addmm_composition_keeps_no_weight_and_matches_addmm
     addmm_lora(x, weight, lora_A, lora_B, 0.5).sum().backward()
     for got, t in zip(grads, (x, lora_A, lora_B)):
         torch.testing.assert_close(got, t.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("quant_type,nested,blocksize,storage,state_dtype,compute_dtype", [
+    ("nf4", True, 64, torch.uint8, torch.bfloat16, torch.bfloat16),  # QLoRA's default
+    ("fp4", True, 32, torch.float16, torch.float16, torch.bfloat16),  # two roundings
+    ("nf4", False, 128, torch.float32, torch.float32, torch.float16),  # blocks across rows
+])
+def test_the_fused_gemm_dequantises_each_weight_bit_for_bit(quant_type, nested, blocksize,
+                                                           storage, state_dtype,
+                                                           compute_dtype):
+    # I @ deq(W)^T and I @ deq(W) with a zero LoRA term hold each dequantised weight
+    # once, exactly: the tiles the main loop builds equal the dequantised buffer bit for bit
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(20, 72, generator=gen).to(state_dtype)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                 compress_statistics=nested,
+                                                 quant_storage=storage)
+    operand = Bnb4bitWeight("layers.2.down_proj", packed, state, compute_dtype).kernel_operand()
+    _check_fused_reads_the_buffer(operand, compute_dtype)
+
+
+def test_the_fused_gemm_dequantises_each_int8_weight_bit_for_bit():
+    base, _ = base_8bit(20, 72, torch.float16)
+    _check_fused_reads_the_buffer(base.kernel_operand(), torch.float16)
+
+
+def _check_fused_reads_the_buffer(operand, compute_dtype):
+    from lorakern.kernels.qlora_gemm import qlora_gemm
+
+    buffer = operand.dense()  # (out, in), the cublas strategy's
+    for rhs, expected in ((operand.t(), buffer.t()), (operand, buffer)):
+        k, n = rhs.shape
+        eye = torch.eye(k, dtype=compute_dtype)
+        p, q = torch.zeros(k, 1, dtype=compute_dtype), torch.zeros(1, n, dtype=compute_dtype)
+        out = qlora_gemm(eye, rhs, p, q, None, 1.0)
+        assert torch.equal(out.view(torch.int16), expected.contiguous().view(torch.int16)), \
+            (out - expected).abs().max()

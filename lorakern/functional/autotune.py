@@ -136,6 +136,8 @@ def tuning_key(direction, x, weight, lora_A, lora_B, dropout_p, *, rank_block=No
         "rank_block": int(rank_block),
         "dropout": bool(dropout_p > 0),
         "tma": bool(tma),
+        # a quantised base (kernels.QuantizedOperand) is timed apart from a dense one
+        "base": getattr(weight, "base_kind", "dense"),
         # fp32 products run on the tensor cores (TF32) or the FMA pipes (IEEE), for
         # cuBLAS and the Triton GEMMs alike, and the GEMMs' tiles differ between them
         "tf32": x.dtype == torch.float32 and _tf32_allowed(),

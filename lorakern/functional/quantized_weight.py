@@ -2,15 +2,23 @@
 
     y = x W^T + b + s * (drop(x) A^T) B^T,    W = dequant(packed W, its scales)
 
-The base is read through a ``QuantizedWeight`` (a ``BaseWeight``): each call
-that needs W (the forward, and the backward for dX only) dequantises it into a
-transient buffer of the compute dtype with the Triton kernels of
-``kernels/dequant_bnb.py`` (bit-exact with bitsandbytes), hands it to the
-launch sequence's ``cublas`` strategy (torch's matmul with the LoRA term as
-its C operand, ``kernels/lora_layer.py``), and drops it when that call
-returns. Nothing of W in 16 bits is saved for the backward: the autograd
-Function keeps x, A, B, h as for a 16-bit base, and a reference to the
-quantised storage. dW is never computed (the base is frozen).
+The base is read through a ``QuantizedWeight`` (a ``BaseWeight``), whose
+``kernel_operand`` is a ``kernels.QuantizedOperand`` (the packed storage and its
+scales, nothing dequantised). The launch sequence serves it by either strategy
+(``kernels/lora_layer.py``), chosen per call as for a 16-bit base (the table by
+token count, the tuner on CUDA, or ``LORAKERN_STRATEGY``):
+
+- ``fused``: ``kernels/qlora_gemm.py``, lora_gemm with W's tiles dequantised in
+  its main loop: 4 (or 8) bits read a weight and no buffer, which wins at decode;
+- ``cublas``: W dequantised by ``kernels/dequant_bnb.py`` into a transient
+  buffer of the compute dtype, torch's matmul with the LoRA term as its C
+  operand, the buffer dropped when that product returns; it wins at large M,
+  where each program of the fused GEMM would dequantise its slice of W again.
+
+Both dequantise bit-exactly as bitsandbytes does. Nothing of W in 16 bits is
+saved for the backward: the autograd Function keeps x, A, B, h as for a 16-bit
+base, and a reference to the quantised storage. dW is never computed (the base
+is frozen).
 
 Compute dtype. As bitsandbytes' ``Linear4bit``: x is cast to the layer's
 ``compute_dtype`` (else the quant state's dtype), W dequantised in the quant
@@ -38,7 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from .base_weight import BaseWeight
-from .dispatch import load_kernels, requested_strategy, say_once, select_backend
+from .dispatch import load_kernels, select_backend
 from . import fused_linear
 from .fused_linear import fused_backward, fused_forward
 from .validation import check_scalars
@@ -48,8 +56,6 @@ INT8_INVERSE_SCALE = 7.874015718698502e-3  # bitsandbytes' 1/127, as it multipli
 
 class QuantizedWeight(BaseWeight):
     """A frozen quantised W, dequantised on demand into the compute dtype."""
-
-    strategy = "cublas"  # the GEMM reads a dequantised buffer; see the module docstring
 
     def __init__(self, name, shape, compute_dtype, device):
         self.name = name
@@ -70,7 +76,12 @@ class QuantizedWeight(BaseWeight):
         return self._device
 
     def kernel_operand(self):
-        return self.dequantize(load_kernels(self.device))
+        """A ``kernels.QuantizedOperand``: the GEMMs dequantise it as they read it
+        (``fused``) or into a buffer for one product (``cublas``)."""
+        return load_kernels(self.device).QuantizedOperand(**self._operand_fields())
+
+    def _operand_fields(self):
+        raise NotImplementedError
 
     def grad_buffer(self, empty):
         raise TypeError(f"{self.name}: a quantised base weight is frozen; it has no gradient")
@@ -87,18 +98,28 @@ class Bnb4bitWeight(QuantizedWeight):
         super().__init__(name, state.shape, compute_dtype, packed.device)
         self.packed, self.state = packed, state
 
+    def _operand_fields(self):
+        state = self.state
+        tensors = (self.packed, state.absmax, state.code)
+        blocksize2 = 0
+        if state.nested:
+            tensors += (state.state2.absmax, state.state2.code, state.offset)
+            blocksize2 = state.state2.blocksize
+        kind = "nf4" if state.quant_type == "nf4" else "fp4"
+        return dict(base_kind=kind, tensors=tensors, weight_shape=tuple(state.shape),
+                    state_dtype=state.dtype, dtype=self.dtype, blocksize=state.blocksize,
+                    blocksize2=blocksize2)
+
     def dequantize(self, kernels=None):
+        if kernels is not None:
+            return self.kernel_operand().dense()
         state = self.state
         nested = {}
         if state.nested:
             nested = dict(absmax2=state.state2.absmax, code2=state.state2.code,
                           blocksize2=state.state2.blocksize, offset=state.offset)
-        if kernels is None:
-            w = reference_dequantize_4bit(self.packed, state.absmax, state.code, state.blocksize,
-                                          state.shape, state.dtype, **nested)
-        else:
-            w = kernels.dequantize_4bit(self.packed, state.absmax, state.code, state.blocksize,
-                                        state.shape, state.dtype, **nested)
+        w = reference_dequantize_4bit(self.packed, state.absmax, state.code, state.blocksize,
+                                      state.shape, state.dtype, **nested)
         return w if w.dtype == self.dtype else w.to(self.dtype)
 
 
@@ -109,11 +130,16 @@ class Bnb8bitWeight(QuantizedWeight):
         super().__init__(name, cb.shape, compute_dtype, cb.device)
         self.cb, self.scb = cb, scb
 
+    def _operand_fields(self):
+        return dict(base_kind="int8", tensors=(self.cb, self.scb),
+                    weight_shape=tuple(self.cb.shape), state_dtype=torch.float32,
+                    dtype=self.dtype)
+
     def dequantize(self, kernels=None):
         if kernels is None:
             return ((self.cb.to(torch.float32) * self.scb.view(-1, 1)) * INT8_INVERSE_SCALE
                     ).to(self.dtype)
-        return kernels.dequantize_int8(self.cb, self.scb, self.dtype)
+        return self.kernel_operand().dense()
 
 
 def reference_dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, *, absmax2=None,
@@ -208,9 +234,6 @@ def quantized_lora_linear(x, base, lora_A, lora_B, scale=1.0, bias=None, dropout
     """
     _check_call(x, base, lora_A, lora_B, bias)
     scale, dropout_p = check_scalars(scale, dropout_p)
-    if requested_strategy() == "fused":
-        say_once("lorakern: LORAKERN_STRATEGY=fused applies to 16-bit bases; a quantised base "
-                 "runs the cublas strategy (dequantise into a buffer, then torch's matmul)")
     x_dtype = x.dtype
     xc = x.to(base.dtype)
     bias = None if bias is None else bias.to(base.dtype)
