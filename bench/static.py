@@ -4,6 +4,7 @@
     python -m bench.static --arch sm_80 --set llama-mlp --json out.json
     python -m bench.static --shapes 4096x4096 --tokens 8192 --ranks 16,64 --dropout 0.1
     python -m bench.static --adapter-dtype base    # adapters in the base dtype (bf16)
+    python -m bench.static --base nf4 --tokens 16,8192 --dropout 0.1   # QLoRA bases
 
 No GPU is needed. For every case, the forward and the training backward (W
 frozen, bias trained: dX, dA, dB, db) run on meta tensors with every Triton
@@ -15,7 +16,8 @@ and eager PEFT are priced op by op with the same constants. Every time is a
 *prediction*; ``python -m bench.run`` measures on a GPU.
 
 This is the driver: each layer type's predictions are in its own module
-(``static_linear.py``, ``static_embedding.py``), as its timed path is
+(``static_linear.py``, ``static_embedding.py``, ``static_dora.py``,
+``static_qlora.py`` for bitsandbytes bases), as its timed path is
 (``linear.py``, ``embedding.py``) under ``bench.run``.
 
 Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
@@ -50,6 +52,7 @@ def parse_args(argv=None):
                    help="dora: lorakern DoRA, lorakern LoRA, nn.Linear and PEFT DoRA, "
                    "fp32 adapters (bench/static_dora.py)")
     add_adapter_dtype_argument(p)
+    add_base_argument(p)
     p.add_argument("--adapters", type=int, help="also N adapters of rank r: a mixed batch "
                    "(rows split evenly, eval) and N stacked active adapters (bench.static_multi)")
     p.add_argument("--json", help="write the kernels and records to this JSON file")
@@ -69,6 +72,27 @@ def add_adapter_dtype_argument(parser):
         help="fp32 (PEFT's default: fp32 adapters on the 16-bit base), base (adapters in "
              "the base dtype) or fp32,base; default: fp32 with a custom grid, the preset's "
              "(quick: both) with none")
+
+
+BASES = ("bf16", "nf4", "fp4", "int8")
+
+
+def add_base_argument(parser):
+    """--base bf16|nf4|fp4|int8[,...] (bench.static and bench.run)."""
+    parser.add_argument(
+        "--base", dest="bases", type=_bases, default=("bf16",),
+        help="the base weight: bf16, or a bitsandbytes base (nf4, fp4: 4-bit with double "
+             "quantisation, QLoRA's default; int8: LLM.int8()), comma-separated; "
+             "default bf16")
+
+
+def _bases(text):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in BASES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(BASES)}, "
+                                         f"comma-separated")
+    return tuple(dict.fromkeys(values))
 
 
 def _adapter_dtypes(text):
@@ -121,22 +145,33 @@ def assumptions(arch, machine):
 
 
 def run(args):
-    from . import roofline, static_dora, static_embedding, static_linear
+    from . import roofline, static_dora, static_embedding, static_linear, static_qlora
 
     arch = ARCHS[args.arch]
     machine = roofline.MACHINES[arch]
     kernel_reports, launch_log = {}, []
     variant = getattr(args, "variant", "lora")
     layer = static_dora if variant == "dora" else static_linear
-    records = layer.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
+    bases = tuple(getattr(args, "bases", None) or ("bf16",))
+    quantised = [base for base in bases if base != "bf16"]
+    if quantised and variant != "lora":
+        raise SystemExit(f"--base {','.join(quantised)} prices LoRA over a quantised base; "
+                         f"--variant {variant} has no quantised form")
+    records = []
+    if "bf16" in bases:
+        records += layer.run(arch, machine, kernel_reports, selected_cases(args), launch_log)
+    if quantised:
+        records += static_qlora.run(arch, machine, kernel_reports, selected_cases(args),
+                                    launch_log, quantised)
     if getattr(args, "adapters", None):
         from . import static_multi
         records += static_multi.run(arch, machine, kernel_reports, selected_cases(args),
                                     launch_log, args.adapters)
-    if not getattr(args, "no_embedding", False) and variant == "lora":
+    if not getattr(args, "no_embedding", False) and variant == "lora" and "bf16" in bases:
         records += static_embedding.run(arch, machine, kernel_reports)
     for record in records:
         record.setdefault("variant", variant)
+        record.setdefault("base", "bf16")
     result = {"assumptions": {**assumptions(arch, machine), "variant": variant},
               "kernels": [r.as_json() for r in kernel_reports.values()],
               "records": records}
@@ -176,26 +211,20 @@ def format_tables(result):
                      f"{k['num_warps']:>5} {k['num_stages']:>6} {str(k['wgmma']):>5} "
                      f"{str(k['tma']):>4} {loop.get('total', 0):>5} {mma:>4} "
                      f"{loop.get('imad_hi', 0):>7}")
-    lines += ["", "(loop: main-loop SASS instructions; mma and IMAD.HI: in the main loop)", "",
-              f"{'shape':>11} {'M':>6} {'r':>4} {'p':>4} {'adapt':>5}  " + "  ".join(
-                  f"{p:>28}" for p in _providers(result))]
-    groups = {}
-    for rec in result["records"]:
-        if rec["provider"] not in _providers(result):
-            continue
-        key = (rec["K"], rec["N"], rec["M"], rec["r"], rec["dropout"], rec["adapter_dtype"])
-        groups.setdefault(key, {})[(rec["provider"], rec["mode"])] = rec
-    for (k, n, m, r, p, adapters), recs in groups.items():
-        cells = []
-        for provider in _providers(result):
-            f, b, fb = (recs[(provider, mode)] for mode in ("fwd", "bwd", "fwd+bwd"))
-            cells.append(f"{f['predicted_ms']:.3f}+{b['predicted_ms']:.3f}="
-                         f"{fb['predicted_ms']:.3f} {fb['bound'][:5]:>5}")
-        lines.append(f"{f'{k}x{n}':>11} {m:>6} {r:>4} {p:>4g} {adapters:>5}  " + "  ".join(
-            f"{c:>28}" for c in cells))
-    lines.append("(cells: fwd + bwd = fwd+bwd predicted ms, and the bound of the slowest launch;"
-                 " adapt: the adapters' dtype, fp32 = PEFT's default on a bf16 base)")
-    lines += format_ratios(result["records"], _providers(result))
+    lines += ["", "(loop: main-loop SASS instructions; mma and IMAD.HI: in the main loop)"]
+    dense = [rec for rec in result["records"] if rec.get("base", "bf16") == "bf16"]
+    if any(rec["provider"] in _providers(result) for rec in dense):
+        lines += _provider_table(dense, _providers(result))
+        lines += format_ratios(dense, _providers(result))
+    quantised = [rec for rec in result["records"] if rec.get("base", "bf16") != "bf16"]
+    if quantised:
+        from .static_qlora import PROVIDERS as QLORA_PROVIDERS, format_targets
+        for base in dict.fromkeys(rec["base"] for rec in quantised):
+            lines += ["", f"base {base} (bitsandbytes):"]
+            lines += _provider_table([rec for rec in quantised if rec["base"] == base],
+                                     QLORA_PROVIDERS + ("lorakern QLoRA:fused",
+                                                        "lorakern QLoRA:cublas"))
+        lines += format_targets(quantised)
     from .static_embedding import PROVIDERS as EMBEDDING_PROVIDERS, format_table
     embedding_rows = [rec for rec in result["records"]
                       if rec["provider"] in EMBEDDING_PROVIDERS.values()]
@@ -205,6 +234,29 @@ def format_tables(result):
         from .static_multi import format_table as format_multi
         lines.append(format_multi(result["records"]))
     return "\n".join(lines)
+
+
+def _provider_table(records, providers):
+    """One row per case, one cell per provider: fwd + bwd = fwd+bwd and the bound."""
+    lines = ["", f"{'shape':>11} {'M':>6} {'r':>4} {'p':>4} {'adapt':>5}  " + "  ".join(
+        f"{p:>28}" for p in providers)]
+    groups = {}
+    for rec in records:
+        if rec["provider"] not in providers:
+            continue
+        key = (rec["K"], rec["N"], rec["M"], rec["r"], rec["dropout"], rec["adapter_dtype"])
+        groups.setdefault(key, {})[(rec["provider"], rec["mode"])] = rec
+    for (k, n, m, r, p, adapters), recs in groups.items():
+        cells = []
+        for provider in providers:
+            f, b, fb = (recs[(provider, mode)] for mode in ("fwd", "bwd", "fwd+bwd"))
+            cells.append(f"{f['predicted_ms']:.3f}+{b['predicted_ms']:.3f}="
+                         f"{fb['predicted_ms']:.3f} {fb['bound'][:5]:>5}")
+        lines.append(f"{f'{k}x{n}':>11} {m:>6} {r:>4} {p:>4g} {adapters:>5}  " + "  ".join(
+            f"{c:>28}" for c in cells))
+    lines.append("(cells: fwd + bwd = fwd+bwd predicted ms, and the bound of the slowest launch;"
+                 " adapt: the adapters' dtype, fp32 = PEFT's default on a bf16 base)")
+    return lines
 
 
 RATIOS = {  # per variant: (ours, the floor, PEFT as built by default)

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, dot_precision, empty, grouped_tile, launching, mma, to_storage
-from .dequant_bnb import (INT8_INVERSE_SCALE, as_bytes, dequant_4bit_at, dequant_int8_at,
-                          dequantize_4bit, dequantize_int8)
+from .dequant_bnb import (INT8_INVERSE_SCALE, absmax_of, as_bytes, dequant_4bit_at,
+                          dequant_int8_at, dequantize_4bit, dequantize_int8)
 from .dropout import dropout_threshold
 from .lora_gemm import GemmConfig, _rank_term_in_kernel
 from .lora_term import epilogue_rank_block, lora_term_tile, store_base_plus_term
@@ -130,6 +130,43 @@ def _dequant_tile(w_rows, w_cols, mask, w_ptr, scale_ptr, code_ptr, absmax2_ptr,
 
 
 @triton.jit
+def _paired_forward_loop(acc, l_ptr, w_ptr, scale_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                         offset_ptr, K, rows, cols, in_m, in_n, stride_lm, stride_lk,
+                         BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                         BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, STATE: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The forward's main loop over a 4-bit W whose rows hold whole absmax blocks
+    (K a multiple of the blocksize, BLOCK_K dividing it): each byte holds W[n, 2j]
+    (high nibble) and W[n, 2j + 1] (low), so the tile is read as bytes, unpacked
+    into the even and the odd k, and multiplied by x's even and odd columns: two
+    products, no interleaving. A tile lies in one absmax block per row of W, so
+    its scales are BLOCK_N values, not one per element."""
+    PAIRS: tl.constexpr = BLOCK_K // 2
+    offs_j = tl.arange(0, PAIRS)
+    row_bytes = K // 2
+    for k0 in range(0, K, BLOCK_K):
+        js = (k0 // 2 + offs_j).to(tl.int64)
+        in_j = js < row_bytes
+        x_mask = in_m[:, None] & in_j[None, :]
+        x_even = tl.load(l_ptr + rows[:, None] * stride_lm + (2 * js)[None, :] * stride_lk,
+                         mask=x_mask, other=0.0)
+        x_odd = tl.load(l_ptr + rows[:, None] * stride_lm + (2 * js + 1)[None, :] * stride_lk,
+                        mask=x_mask, other=0.0)
+        byte = tl.load(w_ptr + cols[None, :] * row_bytes + js[:, None],
+                       mask=in_j[:, None] & in_n[None, :], other=0).to(tl.int32)
+        scale = absmax_of((cols * K + k0) // BLOCKSIZE, scale_ptr, absmax2_ptr, code2_ptr,
+                          offset_ptr, in_n, BLOCKSIZE2, NESTED)
+        w_even = tl.load(code_ptr + (byte >> 4)) * scale[None, :]
+        w_odd = tl.load(code_ptr + (byte & 0xF)) * scale[None, :]
+        compute = l_ptr.dtype.element_ty
+        acc = mma(x_even, _as_compute(w_even, STATE, compute, UPCAST_DOT), acc, UPCAST_DOT,
+                  DOT_PRECISION)
+        acc = mma(x_odd, _as_compute(w_odd, STATE, compute, UPCAST_DOT), acc, UPCAST_DOT,
+                  DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _qlora_gemm_kernel(
     # pointers: L; W's storage (codes or CB), its scales (absmax or SCB), the
     # 4-bit code and the nested absmax's (absmax2, code2, offset); the epilogue's
@@ -145,8 +182,8 @@ def _qlora_gemm_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    FORMAT: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, STATE: tl.constexpr,
+    FORMAT: tl.constexpr, TRANSPOSED: tl.constexpr, PAIRED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, STATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RANK_DOT_PRECISION: tl.constexpr,
     RANK_IN_KERNEL: tl.constexpr, RANK_DROPOUT: tl.constexpr,
@@ -163,22 +200,28 @@ def _qlora_gemm_kernel(
 
     # ---- main loop: L @ deq(W)^T (forward) or L @ deq(W) (dX)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = (k0 + offs_k).to(tl.int64)
-        in_k = ks < K
-        lhs = tl.load(l_ptr + rows[:, None] * stride_lm + ks[None, :] * stride_lk,
-                      mask=in_m[:, None] & in_k[None, :], other=0.0)
-        if TRANSPOSED:  # rhs[k, n] = W[n, k]
-            w_rows = cols[None, :]
-            w_cols = ks[:, None]
-        else:  # rhs[k, n] = W[k, n]
-            w_rows = ks[:, None]
-            w_cols = cols[None, :]
-        value = _dequant_tile(w_rows, w_cols, in_k[:, None] & in_n[None, :], w_ptr, scale_ptr,
-                              code_ptr, absmax2_ptr, code2_ptr, offset_ptr, in_features,
-                              stride_cn, FORMAT, BLOCKSIZE, BLOCKSIZE2, NESTED)
-        rhs = _as_compute(value, STATE, l_ptr.dtype.element_ty, UPCAST_DOT)
-        acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
+    if PAIRED:
+        acc = _paired_forward_loop(acc, l_ptr, w_ptr, scale_ptr, code_ptr, absmax2_ptr,
+                                   code2_ptr, offset_ptr, K, rows, cols, in_m, in_n,
+                                   stride_lm, stride_lk, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                                   STATE, UPCAST_DOT, DOT_PRECISION)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = (k0 + offs_k).to(tl.int64)
+            in_k = ks < K
+            lhs = tl.load(l_ptr + rows[:, None] * stride_lm + ks[None, :] * stride_lk,
+                          mask=in_m[:, None] & in_k[None, :], other=0.0)
+            if TRANSPOSED:  # rhs[k, n] = W[n, k]
+                w_rows = cols[None, :]
+                w_cols = ks[:, None]
+            else:  # rhs[k, n] = W[k, n]
+                w_rows = ks[:, None]
+                w_cols = cols[None, :]
+            value = _dequant_tile(w_rows, w_cols, in_k[:, None] & in_n[None, :], w_ptr,
+                                  scale_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                  in_features, stride_cn, FORMAT, BLOCKSIZE, BLOCKSIZE2, NESTED)
+            rhs = _as_compute(value, STATE, l_ptr.dtype.element_ty, UPCAST_DOT)
+            acc = mma(lhs, rhs, acc, UPCAST_DOT, DOT_PRECISION)
 
     # ---- epilogue: lora_gemm's
     if RANK_IN_KERNEL:
@@ -198,9 +241,11 @@ def _qlora_gemm_kernel(
 
 QLORA_INTERPRET = GemmConfig(16, 32, 32, num_warps=1, num_stages=1, group_m=2)
 # Decode reads W once: 32 output columns a program gives N / 32 programs (128
-# for N = 4096, about one per SM), each streaming its slice of W over all of K;
-# 8 warps, as 4 keep 16 bytes a thread in the stack frame (fp16, sm_80)
-QLORA_DECODE = GemmConfig(16, 32, 128, num_warps=8, num_stages=3)
+# for N = 4096, about one per SM), each streaming its slice of W over all of K.
+# The element-wise (generic) loop at 8 warps: at 4 it keeps 16 bytes a thread in
+# the stack frame (fp16, sm_80); the byte-pair loop needs a quarter of its registers
+QLORA_DECODE = GemmConfig(16, 32, 128, num_warps=4, num_stages=3)
+QLORA_DECODE_GENERIC = replace(QLORA_DECODE, num_warps=8)
 # Past decode one tile: W's tile is built from gathered loads in registers beside
 # the accumulators, and wider tiles keep 40-280 bytes a thread in the stack frame
 # on sm_90 (128 x 128 x 32 at 8 warps, 128 x 64 and 64 x 128 at 4; bench/NOTES.md)
@@ -217,7 +262,7 @@ def qlora_gemm_config(m):
 
 def qlora_gemm_candidates():
     """Every config the launcher can pick on a GPU."""
-    return [QLORA_DECODE, QLORA_SMALL_M]
+    return [QLORA_DECODE, QLORA_DECODE_GENERIC, QLORA_SMALL_M]
 
 
 def _check(lhs, operand, p, q):
@@ -252,6 +297,14 @@ def _storage_args(operand):
     return as_bytes(packed), absmax, code, absmax, absmax, absmax, 0
 
 
+def _paired(operand):
+    """Whether the forward reads W by bytes (``_paired_forward_loop``): 4-bit, rows of
+    whole absmax blocks (the tile depth is then cut to fit inside one block)."""
+    # blocksizes and tile depths are powers of two: the smaller divides the larger
+    return (operand.transposed and operand.base_kind != "int8" and operand.blocksize >= 32
+            and operand.weight_shape[1] % operand.blocksize == 0)
+
+
 def qlora_gemm(lhs, operand, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, config=None,
                rank_rt=None, rank_scale=1.0, rank_dropout_p=0.0):
     """``lora_gemm``'s contract with the base operand a ``QuantizedOperand``
@@ -275,6 +328,11 @@ def qlora_gemm(lhs, operand, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, c
     if in_kernel and block_r < r:
         raise ValueError(f"rank {r} does not fit one epilogue chunk of {block_r}")
     cfg = config or qlora_gemm_config(m)
+    paired = _paired(operand)
+    if paired:
+        cfg = replace(cfg, block_k=min(cfg.block_k, operand.blocksize))
+    elif cfg == QLORA_DECODE:
+        cfg = QLORA_DECODE_GENERIC
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     has_bias = bias is not None
     threshold = dropout_threshold(max(dropout_p, rank_dropout_p))
@@ -291,7 +349,8 @@ def qlora_gemm(lhs, operand, p, q, bias, lora_scale, *, dropout_p=0.0, seed=0, c
             float(lora_scale), float(rank_scale), threshold, seed,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             GROUP_M=cfg.group_m, FORMAT="int8" if operand.base_kind == "int8" else "4bit",
-            TRANSPOSED=operand.transposed, BLOCKSIZE=max(operand.blocksize, 1),
+            TRANSPOSED=operand.transposed, PAIRED=paired,
+            BLOCKSIZE=max(operand.blocksize, 1),
             BLOCKSIZE2=max(operand.blocksize2, 1), NESTED=operand.nested,
             STATE=_STATE_DTYPES[operand.state_dtype],
             HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0,

@@ -63,6 +63,7 @@ compile that raises is recorded and the script goes on. With --list only the
 plan is printed. ``--dump DIR`` also writes each cubin to DIR (for nvdisasm).
 """
 import argparse
+from dataclasses import replace
 import importlib
 import inspect
 import json
@@ -599,14 +600,22 @@ QLORA_DX_UNIT_STRIDES = {"stride_lk", "stride_pr", "stride_qn", "stride_on"}
 def qlora_gemm_jobs():
     """The GEMM that dequantises W in its main loop, as QLoRA runs it (bf16 x, fp32
     adapters): NF4 with nested absmax at both tiles, the decode forward that makes h,
-    the forward and grad-input with the mask; int8 likewise; an fp16 base once."""
-    from lorakern.kernels.qlora_gemm import QLORA_DECODE, QLORA_SMALL_M
+    the forward (by byte pairs, blocksize 64) and grad-input with the mask; int8
+    likewise; an fp16 base once; the generic forward loop (absmax blocks across rows)
+    at decode."""
+    from lorakern.kernels.qlora_gemm import QLORA_DECODE, QLORA_DECODE_GENERIC, QLORA_SMALL_M
 
-    def job(cfg, x, adapter, fmt, pass_):
+    def job(cfg, x, adapter, fmt, pass_, paired=True):
         in_kernel, dx = pass_ == "y+h", pass_ == "dX"
+        paired = paired and fmt == "4bit" and not dx
+        if paired:  # the byte-pair forward, one 64-block deep
+            cfg = replace(cfg, block_k=min(cfg.block_k, 64))
+        elif cfg == QLORA_DECODE:  # as the launcher takes it
+            cfg = QLORA_DECODE_GENERIC
         pq = _promoted(x, adapter)
         meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                     BLOCK_R=16, GROUP_M=cfg.group_m, FORMAT=fmt, TRANSPOSED=not dx,
+                    PAIRED=paired,
                     BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=fmt == "4bit", STATE=x,
                     HAS_BIAS=not dx, HAS_DROPOUT=dx, UPCAST_DOT=False,
                     DOT_PRECISION="tf32", RANK_DOT_PRECISION="ieee" if pq == "fp32" else "tf32",
@@ -617,12 +626,15 @@ def qlora_gemm_jobs():
                         q_ptr=adapter, pr_ptr=adapter, bias_ptr=x, out_ptr=x)
         strides = (QLORA_DX_UNIT_STRIDES if dx else
                    QLORA_Y_UNIT_STRIDES | ({"stride_prk"} if in_kernel else set()))
-        return _job("_qlora_gemm_kernel", meta, pointers, cfg, [f"pass {pass_}", fmt], strides)
+        words = [f"pass {pass_}", fmt] + ([] if paired or fmt != "4bit" or dx else ["generic"])
+        return _job("_qlora_gemm_kernel", meta, pointers, cfg, words, strides)
 
     return [job(cfg, "bf16", "fp32", fmt, pass_) for fmt in ("4bit", "int8")
             for cfg, pass_ in ((QLORA_DECODE, "y+h"), (QLORA_SMALL_M, "y"),
                                (QLORA_SMALL_M, "dX"))] + [
-        job(QLORA_DECODE, "fp16", "fp16", "4bit", "y+h")]
+        job(QLORA_DECODE, "fp16", "fp16", "4bit", "y+h"),
+        job(QLORA_DECODE, "bf16", "fp32", "4bit", "y+h", paired=False),
+        job(QLORA_DECODE, "fp16", "fp16", "4bit", "y+h", paired=False)]
 
 
 SEGMENTED_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_hr"}  # x, stacked A, h

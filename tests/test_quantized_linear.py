@@ -262,18 +262,23 @@ def test_the_dequantise_then_addmm_composition_keeps_no_weight_and_matches_addmm
         torch.testing.assert_close(got, t.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("quant_type,nested,blocksize,storage,state_dtype,compute_dtype", [
-    ("nf4", True, 64, torch.uint8, torch.bfloat16, torch.bfloat16),  # QLoRA's default
-    ("fp4", True, 32, torch.float16, torch.float16, torch.bfloat16),  # two roundings
-    ("nf4", False, 128, torch.float32, torch.float32, torch.float16),  # blocks across rows
+@pytest.mark.parametrize("quant_type,nested,blocksize,storage,state_dtype,compute_dtype,"
+                         "in_features", [
+    ("nf4", True, 64, torch.uint8, torch.bfloat16, torch.bfloat16, 72),  # QLoRA's default
+    ("fp4", True, 32, torch.float16, torch.float16, torch.bfloat16, 72),  # two roundings
+    ("nf4", False, 128, torch.float32, torch.float32, torch.float16, 72),
+    ("nf4", True, 32, torch.uint8, torch.bfloat16, torch.bfloat16, 96),  # whole blocks a row
+    ("fp4", True, 64, torch.float16, torch.float16, torch.bfloat16, 128),  # 2 roundings too
 ])
 def test_the_fused_gemm_dequantises_each_weight_bit_for_bit(quant_type, nested, blocksize,
                                                            storage, state_dtype,
-                                                           compute_dtype):
+                                                           compute_dtype, in_features):
     # I @ deq(W)^T and I @ deq(W) with a zero LoRA term hold each dequantised weight
-    # once, exactly: the tiles the main loop builds equal the dequantised buffer bit for bit
+    # once, exactly: the tiles the main loop builds equal the dequantised buffer bit for
+    # bit. K = 72 leaves absmax blocks across rows (the generic loop); K a multiple of
+    # the blocksize takes the forward's byte-pair loop
     gen = torch.Generator().manual_seed(12)
-    w = torch.randn(20, 72, generator=gen).to(state_dtype)
+    w = torch.randn(20, in_features, generator=gen).to(state_dtype)
     packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                                  compress_statistics=nested,
                                                  quant_storage=storage)
