@@ -77,7 +77,7 @@ def test_report_json_has_the_documented_schema(static_run):
         assert set(kernel) == kernel_keys, kernel["name"]
         assert kernel["arch"] == "sm_90" and kernel["regs"] > 0 and kernel["shared_bytes"] > 0
     record_keys = {"M", "K", "N", "r", "dtype", "adapter_dtype", "dropout", "provider", "mode",
-                   "predicted_ms", "bound", "variant"}
+                   "predicted_ms", "bound", "variant", "base"}
     combos = Counter()
     linear = [r for r in report["records"] if r["provider"] in LINEAR_PROVIDERS]
     for record in linear:
@@ -86,7 +86,7 @@ def test_report_json_has_the_documented_schema(static_run):
                 record["adapter_dtype"]) == (8192, 4096, 4096, 16, "bf16", "fp32")
         assert record["predicted_ms"] > 0
         assert record["bound"] in ("tensor", "issue", "hbm", "l2")
-        assert record["variant"] == "lora"
+        assert record["variant"] == "lora" and record["base"] == "bf16"
         combos[(record["provider"], record["mode"], record["dropout"])] += 1
     assert set(combos) == {(p, m, d) for p in LINEAR_PROVIDERS
                            for m in ("fwd", "bwd", "fwd+bwd") for d in (0.0, 0.1)}
@@ -473,3 +473,74 @@ def test_fp32_adapter_rank_products_run_on_the_tensor_cores_and_take_two_passes(
             clocks = (row["main_loop_instructions"] * row["trips"] * row["kernel"]["num_warps"]
                       / roofline.MACHINES[90].schedulers_per_sm)
             assert row["terms_us"]["issue"] >= 0.99 * clocks / 1.83e9 * 1e6, name
+
+
+# ---- QLoRA bases (--base)
+
+QLORA_PROVIDERS = ("lorakern QLoRA", "lorakern QLoRA:fused", "lorakern QLoRA:cublas",
+                   "dequant+cuBLAS", "nn.Linear", "peft QLoRA")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static_qlora") / "report.json"
+    command = [sys.executable, "-m", "bench.static", "--base", "nf4", "--shapes", "4096x4096",
+               "--tokens", "16,8192", "--ranks", "16", "--dropout", "0.1", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, env=_compile_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"stdout": done.stdout, "report": json.loads(out.read_text())}
+
+
+def _qlora_ms(report, provider, m, mode):
+    (ms,) = [r["predicted_ms"] for r in report["records"]
+             if r["provider"] == provider and r["M"] == m and r["mode"] == mode]
+    return ms
+
+
+def test_a_quantised_base_is_priced_for_every_provider_with_its_base_recorded(qlora_run):
+    records = qlora_run["report"]["records"]
+    assert {r["provider"] for r in records} == set(QLORA_PROVIDERS)
+    assert all(r["base"] == "nf4" and r["adapter_dtype"] == "fp32" for r in records)
+    for m in (16, 8192):
+        for provider in QLORA_PROVIDERS:
+            fwd, bwd, total = (_qlora_ms(qlora_run["report"], provider, m, mode)
+                               for mode in ("fwd", "bwd", "fwd+bwd"))
+            assert total == pytest.approx(fwd + bwd, abs=2e-4) and fwd > 0  # 4 digits
+    assert "QLoRA ratios (predicted)" in qlora_run["stdout"]
+    assert "base nf4 (bitsandbytes):" in qlora_run["stdout"]
+
+
+def test_the_quantised_strategies_are_the_dequantising_gemm_and_a_buffer(qlora_run):
+    kernels = {k["name"] for k in qlora_run["report"]["kernels"]}
+    assert {"_qlora_gemm_kernel", "_dequant_4bit_kernel"} <= kernels
+    report = qlora_run["report"]
+    # the tuned figure is the faster strategy per phase: fused at decode, the
+    # buffer and cuBLAS at M = 8192 (each program would dequantise its slice again)
+    for m, faster in ((16, "lorakern QLoRA:fused"), (8192, "lorakern QLoRA:cublas")):
+        assert _qlora_ms(report, "lorakern QLoRA", m, "fwd") == _qlora_ms(report, faster, m,
+                                                                           "fwd")
+    # PEFT QLoRA dequantises W in both directions, as the buffer strategy does, and
+    # runs its fp32 LoRA branch: slower than lorakern at both token counts
+    for m in (16, 8192):
+        assert _qlora_ms(report, "peft QLoRA", m, "fwd+bwd") > \
+            _qlora_ms(report, "lorakern QLoRA", m, "fwd+bwd")
+
+
+def test_peft_qlora_pricing_dequantises_in_each_direction():
+    from bench.cases import make_cases
+    from bench.static_qlora import peft_qlora_ops
+
+    (case,) = make_cases(shapes=("4096x4096",), tokens=(8192,), ranks=(16,), dropout=(0.1,),
+                         dtypes=("bf16",), adapter_dtypes=("fp32",))
+    for base in ("nf4", "int8"):
+        ops = peft_qlora_ops(case, base)
+        names = {phase: [name for name, _, _ in phase_ops] for phase, phase_ops in ops.items()}
+        if base == "nf4":
+            assert names["fwd"].count("dequantize_4bit") == 1
+            assert "addmm x W^T + b" in names["fwd"]
+        else:
+            assert "int8 GEMM (int32 out)" in names["fwd"]
+        assert "mm dX = dY W" in names["bwd"]
+        assert any(name.startswith(("dequantize_4bit", "CB.mul_")) for name in names["bwd"])
+        assert "mm h = drop(x) A^T (fp32)" in names["fwd"]  # PEFT's fp32 LoRA branch
