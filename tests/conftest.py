@@ -47,3 +47,11 @@ def cache_dir(tmp_path, monkeypatch):
     autotune.reset()
     yield tmp_path
     autotune.reset()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A one-layer bf16 Llama checkpoint (tests/tiny_llama.py) for the QLoRA tests."""
+    from tiny_llama import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))

@@ -16,17 +16,7 @@ peft = pytest.importorskip("peft")
 import lorakern  # noqa: E402
 from oracle import TOLERANCE  # noqa: E402
 
-TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
-    model.to(torch.bfloat16).save_pretrained(path)
-    return path
+from tiny_llama import NF4_DOUBLE_QUANT, TINY  # noqa: E402
 
 
 def qlora_model(path, **quantization):
@@ -55,10 +45,6 @@ def assert_close_to_bf16(actual, expected, name):
     allowed = TOLERANCE[torch.bfloat16] * expected.abs().max().item()
     error = (actual.float() - expected.float()).abs().max().item()
     assert error <= allowed, f"{name}: max abs error {error:.3e}, allowed {allowed:.3e}"
-
-
-NF4_DOUBLE_QUANT = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 # 4-bit: to bf16 rounding; 8-bit: LLM.int8() rounds the activations to 8 bits where

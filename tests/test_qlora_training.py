@@ -17,19 +17,7 @@ peft = pytest.importorskip("peft")
 import lorakern  # noqa: E402
 from oracle import TOLERANCE  # noqa: E402
 
-TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-NF4_DOUBLE_QUANT = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-training")
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
-    model.to(torch.bfloat16).save_pretrained(path)
-    return path
+from tiny_llama import NF4_DOUBLE_QUANT, TINY  # noqa: E402
 
 
 def qlora_model(path, checkpointing, patched):
