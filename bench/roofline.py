@@ -292,4 +292,14 @@ def predict_op(machine, kind, args):
         return gemm(machine, m, n, k, extra_bytes=extra)
     if kind == "gemm32":
         return gemm_fp32(machine, *args)
+    if kind == "gemm_int8":
+        return gemm_int8(machine, *args)
     return elementwise(machine, *args)
+
+
+def gemm_int8(machine, m, n, k):
+    """cuBLAS int8 x int8 -> int32 GEMM (LLM.int8()): twice the bf16 tensor peak, as
+    H100 and A100 publish for dense int8; 1-byte operands, a 4-byte output."""
+    tensor = 2.0 * m * n * k / (2 * machine.tensor_peak * machine.cublas_efficiency)
+    memory = (m * k + k * n + 4 * m * n) / machine.hbm_bytes_per_s
+    return max(tensor, memory) + machine.launch_s, ("tensor" if tensor >= memory else "hbm")

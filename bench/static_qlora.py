@@ -143,23 +143,6 @@ def composition_ops(case, base):
     return {"fwd": fwd, "bwd": bwd}
 
 
-def _predict(ops, machine):
-    result = {}
-    for phase, phase_ops in ops.items():
-        timed = [_predict_op(machine, kind, args) for _, kind, args in phase_ops]
-        result[phase] = (sum(t for t, _ in timed), max(timed)[1])
-    return result
-
-
-def _predict_op(machine, kind, args):
-    if kind == "gemm_int8":
-        m, n, k = args
-        tensor = 2.0 * m * n * k / (2 * machine.tensor_peak * machine.cublas_efficiency)
-        memory = (m * k + k * n + 4 * m * n) / machine.hbm_bytes_per_s
-        return max(tensor, memory) + machine.launch_s, ("tensor" if tensor >= memory else "hbm")
-    return roofline.predict_op(machine, kind, args)
-
-
 def _records(case, base, provider, phases):
     fields = {"M": case.tokens, "K": case.d_in, "N": case.d_out, "r": case.rank,
               "dtype": case.dtype, "adapter_dtype": case.adapter_label, "dropout": case.dropout,
@@ -184,11 +167,11 @@ def run(arch, machine, kernel_reports, cases, launch_log, bases):
             for strategy, phases in by_strategy.items():
                 records += _records(case, base, f"lorakern QLoRA:{strategy}", phases)
             records += _records(case, base, "dequant+cuBLAS",
-                                _predict(composition_ops(case, base), machine))
+                                predict_ops(composition_ops(case, base), machine))
             records += _records(case, base, "nn.Linear",
                                 predict_ops(roofline.linear_ops(case), machine))
             records += _records(case, base, "peft QLoRA",
-                                _predict(peft_qlora_ops(case, base), machine))
+                                predict_ops(peft_qlora_ops(case, base), machine))
     return records
 
 

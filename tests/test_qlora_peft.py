@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lorakern  # noqa: E402
-from oracle import TOLERANCE  # noqa: E402
 
-from tiny_llama import NF4_DOUBLE_QUANT, TINY  # noqa: E402
+from tiny_llama import (NF4_DOUBLE_QUANT, TINY, assert_close_to_bf16,  # noqa: E402
+                        assert_lora_grads_match)
 
 
 def qlora_model(path, **quantization):
@@ -41,12 +41,6 @@ def logits_and_lora_grads(model, ids):
     return logits.detach(), grads
 
 
-def assert_close_to_bf16(actual, expected, name):
-    allowed = TOLERANCE[torch.bfloat16] * expected.abs().max().item()
-    error = (actual.float() - expected.float()).abs().max().item()
-    assert error <= allowed, f"{name}: max abs error {error:.3e}, allowed {allowed:.3e}"
-
-
 # 4-bit: to bf16 rounding; 8-bit: LLM.int8() rounds the activations to 8 bits where
 # the fused path does not, a rounding of the same order (on this CPU backend
 # bitsandbytes 0.50.2 agrees far closer, about 1e-7 relative)
@@ -61,10 +55,7 @@ def test_qlora_model_patched_matches_peft(tiny_checkpoint, quantization):
     assert len(lorakern.patched_modules(model)) == 7  # q k v o gate up down
     patched_logits, patched_grads = logits_and_lora_grads(model, ids)
     assert_close_to_bf16(patched_logits, logits, "logits")
-    assert grads and set(grads) == set(patched_grads)
-    for name, grad in grads.items():
-        assert grad.abs().max() > 0, name
-        assert_close_to_bf16(patched_grads[name], grad, name)
+    assert_lora_grads_match(patched_grads, grads)
 
 
 def test_a_qlora_layer_with_a_broken_base_is_refused_by_name(tiny_checkpoint):
