@@ -35,7 +35,14 @@ from ._common import INTERPRET, empty, launching, to_storage
 
 # bitsandbytes multiplies by this float (1/127 rounded as its source writes it)
 INT8_INVERSE_SCALE = 7.874015718698502e-3
-DEQUANT_BLOCK = 1024  # elements per program
+DEQUANT_BYTES = 1024  # packed bytes a program: whole absmax blocks, at least one
+
+
+def dequant_4bit_blocks(blocksize):
+    """(absmax blocks a program, bytes a block padded to a power of two) of the
+    4-bit dequantisation for this blocksize."""
+    half = triton.next_power_of_2(blocksize // 2)
+    return max(1, DEQUANT_BYTES // half), half
 
 
 @triton.jit
@@ -69,17 +76,30 @@ def _dequant_4bit_kernel(
     # pointers
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
     # sizes
-    numel,
+    numel, blocks,
     # meta-parameters
-    BLOCK: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-    NESTED: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCKS: tl.constexpr, HALF: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = flat < numel
-    value = dequant_4bit_at(flat, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                            offset_ptr, mask, BLOCKSIZE, BLOCKSIZE2, NESTED)
+    """BLOCKS whole absmax blocks a program, read as bytes: each byte's two codes
+    are looked up and scaled by their block's one absmax, and written as the
+    adjacent pair (2j, 2j + 1). HALF is BLOCKSIZE / 2 (bytes a block) rounded up
+    to a power of two."""
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    offs_byte = tl.arange(0, HALF)
+    byte_index = block[:, None] * (BLOCKSIZE // 2) + offs_byte[None, :]
+    load_mask = (offs_byte[None, :] < BLOCKSIZE // 2) & (byte_index * 2 < numel)
+    byte = tl.load(packed_ptr + byte_index, mask=load_mask, other=0).to(tl.int32)
+    scale = absmax_of(block, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block < blocks,
+                      BLOCKSIZE2, NESTED)[:, None]
+    high = tl.load(code_ptr + (byte >> 4), mask=load_mask, other=0.0) * scale
+    low = tl.load(code_ptr + (byte & 0xF), mask=load_mask, other=0.0) * scale
+    value = tl.reshape(tl.join(high, low), (BLOCKS, 2 * HALF))
+    offs_element = tl.arange(0, 2 * HALF)
+    flat = block[:, None] * BLOCKSIZE + offs_element[None, :]
+    store_mask = (offs_element[None, :] < BLOCKSIZE) & (flat < numel)
     tl.store(out_ptr + flat, to_storage(value, out_ptr.dtype.element_ty, INTERPRETED),
-             mask=mask)
+             mask=store_mask)
 
 
 @triton.jit
@@ -128,6 +148,9 @@ def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, *, absmax2=No
     ``blocksize2`` and the 0-d fp32 ``offset``). ``out``: a contiguous buffer of
     ``shape`` and ``dtype`` to write (else one is allocated).
     """
+    if blocksize < 2 or blocksize % 2:
+        raise ValueError(f"dequantize_4bit: blocksize {blocksize} must be even (a block is "
+                         "whole bytes of two codes), as bitsandbytes' blocksizes are")
     nested = absmax2 is not None
     numel = 1
     for size in shape:
@@ -140,10 +163,12 @@ def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, *, absmax2=No
         extra = (absmax2, code2, offset.reshape(1))
     else:
         extra = (absmax, absmax, absmax)  # not read: NESTED is off
-    grid = (triton.cdiv(numel, DEQUANT_BLOCK),)
+    blocks_per_program, half = dequant_4bit_blocks(blocksize)
+    blocks = triton.cdiv(numel, blocksize)
+    grid = (triton.cdiv(blocks, blocks_per_program),)
     with launching("dequant_4bit"):
-        _dequant_4bit_kernel[grid](as_bytes(packed), absmax, code, *extra, out, numel,
-                                   BLOCK=DEQUANT_BLOCK, BLOCKSIZE=blocksize,
+        _dequant_4bit_kernel[grid](as_bytes(packed), absmax, code, *extra, out, numel, blocks,
+                                   BLOCKS=blocks_per_program, HALF=half, BLOCKSIZE=blocksize,
                                    BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,
                                    INTERPRETED=INTERPRET, enable_fp_fusion=False)
     return out

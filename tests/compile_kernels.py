@@ -564,9 +564,10 @@ def dora_norm_jobs():
 
 def dequant_bnb_jobs():
     """bitsandbytes' dequantisation into each compute dtype: 4-bit with plain and nested
-    absmax at the smallest and largest blocksize (the blocksize only changes an integer
-    divisor), and 8-bit rows; floating-point contraction off, as the launchers ask."""
-    from lorakern.kernels.dequant_bnb import DEQUANT_BLOCK, INT8_BLOCK_K, INT8_BLOCK_N
+    absmax at the smallest and largest blocksize (the tile of whole absmax blocks a
+    program reads: 64 blocks of 16 bytes, or one of 2048), and 8-bit rows;
+    floating-point contraction off, as the launchers ask."""
+    from lorakern.kernels.dequant_bnb import INT8_BLOCK_K, INT8_BLOCK_N, dequant_4bit_blocks
     from lorakern.kernels.dequant_bnb import INT8_INVERSE_SCALE
     from lorakern.kernels.rank_product import RankConfig
 
@@ -574,7 +575,8 @@ def dequant_bnb_jobs():
     jobs = []
     for out in ("bf16", "fp16", "fp32"):
         for nested, blocksize in ((False, 32), (False, 4096), (True, 32), (True, 4096)):
-            meta = dict(BLOCK=DEQUANT_BLOCK, BLOCKSIZE=blocksize,
+            blocks, half = dequant_4bit_blocks(blocksize)
+            meta = dict(BLOCKS=blocks, HALF=half, BLOCKSIZE=blocksize,
                         BLOCKSIZE2=256 if nested else 1, NESTED=nested, INTERPRETED=False)
             pointers = dict(packed_ptr="u8", absmax_ptr="u8" if nested else "fp32",
                             code_ptr="fp32", absmax2_ptr="fp32", code2_ptr="fp32",

@@ -125,9 +125,15 @@ def test_4bit_fp16_fp32_and_16_bit_storages_are_bitsandbytes_bit_for_bit():
 
 def test_nested_absmax_over_several_second_level_blocks():
     # 10240 elements / 32 = 320 absmax blocks: two of the second level's 256, and
-    # ten kernel programs
+    # five kernel programs of 64 blocks
     check_4bit((64, 160), torch.bfloat16, "nf4", True, 32)
     check_4bit((64, 160), torch.float16, "fp4", True, 32)
+
+
+def test_an_odd_blocksize_is_refused_by_name():
+    packed, state = quantised((4, 32), torch.bfloat16, "nf4", False, 64)
+    with pytest.raises(ValueError, match="blocksize 63 must be even"):
+        dequantize_4bit(packed, state.absmax, state.code, 63, state.shape, state.dtype)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
