@@ -105,15 +105,19 @@ def rank_product_config(m, block_r, l_bytes, rt_bytes):
 
 
 def rank_product_config_gpu(m, block_r, l_bytes, rt_bytes):
-    """Row blocks of 32: M = 8192 gives 256 programs for 132 SMs, and decode
-    (M <= 16) is one program per 32 rows either way. BLOCK_K is the largest
+    """Row blocks of 64 for a 16-bit L with fp32 Rt up to rank block 32 (one
+    warpgroup's rows, so that sm_90 runs the product as wgmma; M = 8192 gives 128
+    programs for 132 SMs; with 32 rows the masked pass with fp32 adapters was
+    issue-bound on mma.sync). Row blocks of 32 otherwise: 64 rows of an fp32 L,
+    of rank block 64 and more, or of a 16-bit Rt (128 deep, unaligned) keep
+    16-1480 bytes a thread in the stack frame (masked builds). BLOCK_K is the largest
     (of 128, 64, 32) whose Rt tile stays within 32 KiB, so that 3 or 4 stages
     fit; the accumulator is 32 x BLOCK_R fp32: from rank block 128, 8 warps
     (32 registers a thread at 256), as 4 put the masked builds in the stack
     frame (8-168 bytes a thread on sm_90). fp32 x at rank block 256 steps 16
     deep (the FMA product holds its operands in registers: 32 deep keeps 8
     bytes a thread on the stack, on sm_80 and sm_90)."""
-    block_m = 32
+    block_m = 64 if l_bytes == 2 and rt_bytes > l_bytes and block_r <= 32 else 32
     block_k = 128
     while block_k > 32 and block_k * block_r * rt_bytes > 32 * 1024:
         block_k //= 2
