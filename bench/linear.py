@@ -118,7 +118,8 @@ def _provider_records(provider, sets, case, modes, device, timing, base):
         error = _relative_error(layers[0], sets[0], case) if provider.adapter else None
         t = sets[0]
         saved = None if modes == ["forward"] else metrics.saved_bytes(
-            lambda: layers[0].forward(t.x), [t.x, t.weight, t.lora_A, t.lora_B])
+            lambda: layers[0].forward(t.x),
+            [t.x, t.weight, t.lora_A, t.lora_B] + layers[0].inputs)
     except Exception as exc:  # recorded; the run's exit status says so
         return _failures(base, modes, exc)
     records = []

@@ -31,6 +31,8 @@ class Layer:
     trainable: List[torch.Tensor] = field(default_factory=list)  # .grad reset between calls
     # the fp32 output the forward is checked against; None: lorakern's LoRA reference
     reference: Optional[Callable[[], torch.Tensor]] = None
+    # tensors alive anyway beside the inputs (a quantised base): not saved-tensor bytes
+    inputs: List[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

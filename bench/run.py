@@ -13,6 +13,7 @@ Examples:
         --dtypes bf16,fp16,fp32 --dropout 0,0.1 --providers peft,lorakern --modes fwd+bwd
     python -m bench.run --no-e2e                     # layers only
     python -m bench.run --adapter-dtype base --bias off   # bf16 adapters, no bias
+    python -m bench.run --base nf4,int8 --no-e2e     # LoRA over bitsandbytes bases
     python -m bench.run --e2e-only --e2e-config llama3-8b-4layers
 """
 import argparse
@@ -27,7 +28,8 @@ from . import e2e, embedding, linear, metrics, report
 from .cases import MODES, PRESETS, make_cases
 from .dora_providers import PROVIDERS as DORA_PROVIDERS
 from .providers import PROVIDERS, lorakern_path
-from .static import add_adapter_dtype_argument, grid_adapter_dtypes
+from .qlora_providers import PROVIDER_NAMES as QLORA_PROVIDERS, providers as qlora_providers
+from .static import add_adapter_dtype_argument, add_base_argument, grid_adapter_dtypes
 
 CPU_PATHS = {"reference": "lorakern's PyTorch reference path (not its Triton kernels)",
              "triton-interpreter": "lorakern's Triton kernels in Triton's CPU interpreter"}
@@ -40,6 +42,7 @@ def cpu_label(path):
 
 
 CPU_PROVIDERS = ("linear", "peft", "addmm", "merged", "lorakern")  # no compile: minutes on CPU
+CPU_QLORA_PROVIDERS = ("linear", "peft-qlora", "dequant-addmm", "lorakern")
 METHOD_CUDA = ("Timing: per-call CUDA events, calls back to back after a warm-up, median "
                "(p20–p80) in ms; inputs (x, W, A, B, dY) rotated over enough sets to "
                "overflow the L2 cache. TFLOP/s from the median and the FLOPs the math "
@@ -71,10 +74,12 @@ def parse_args(argv):
     p.add_argument("--dtypes", type=_list(), help="bf16,fp16,fp32")
     p.add_argument("--dropout", type=_list(float), help="dropout probabilities, e.g. 0,0.1")
     add_adapter_dtype_argument(p)
+    add_base_argument(p)
     p.add_argument("--bias", choices=("on", "off"), default="on",
                    help="the layer cases' trained bias, as the headline case has (default on)")
     p.add_argument("--providers", type=_list(), help=f"subset of {','.join(PROVIDERS)} "
-                   f"(--variant dora: of {','.join(DORA_PROVIDERS)})")
+                   f"(--variant dora: of {','.join(DORA_PROVIDERS)}; a bitsandbytes --base: "
+                   f"of {','.join(QLORA_PROVIDERS)})")
     p.add_argument("--variant", choices=("lora", "dora"), default="lora",
                    help="dora: PEFT DoRA, lorakern DoRA, lorakern LoRA and nn.Linear "
                    "(bench/dora_providers.py); layers only")
@@ -134,16 +139,32 @@ def plan(args):
     known = DORA_PROVIDERS if getattr(args, "variant", "lora") == "dora" else PROVIDERS
     providers = args.providers or (list(known) if cuda or known is DORA_PROVIDERS
                                    else list(CPU_PROVIDERS))
+    bases = tuple(getattr(args, "bases", None) or ("bf16",))
+    quantised = [base for base in bases if base != "bf16"]
+    if quantised and known is DORA_PROVIDERS:
+        raise SystemExit(f"--variant dora with --base {','.join(quantised)}: DoRA over a "
+                         f"quantised base is not benchmarked")
     e2e_providers = args.e2e_providers or [p for p in e2e.PROVIDERS
                                            if cuda or p != "peft-compile"]
     try:
         cases = make_cases(**preset)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    provider_sets = []  # (base, providers) in the order of --base
+    for base in bases:
+        if base == "bf16":
+            provider_sets.append((base, [known[n] for n in
+                                         _check(providers, list(known), "provider")]))
+        else:
+            table = qlora_providers(base)
+            names = args.providers or (list(table) if cuda else list(CPU_QLORA_PROVIDERS))
+            provider_sets.append((base, [table[n] for n in
+                                         _check(names, list(table), f"--base {base} provider")]))
     return dict(
         device=torch.device("cuda" if cuda else "cpu"),
         cases=cases,
-        providers=[known[n] for n in _check(providers, list(known), "provider")],
+        providers=dict(provider_sets).get("bf16", []),
+        provider_sets=provider_sets,
         modes=_check(args.modes or list(MODES), list(MODES), "mode"),
         timing=linear.Timing(warmup_ms=args.warmup_ms or (25.0 if cuda else 5.0),
                              rep_ms=args.rep_ms or (100.0 if cuda else 30.0),
@@ -172,10 +193,17 @@ def measure(todo, env):
     """(layer records, e2e records, embedding records) for the plan."""
     device, layer_records, e2e_records, embedding_records = todo["device"], [], [], []
     if todo["layers"]:
-        for i, case in enumerate(todo["cases"], 1):
-            print(f"[{i}/{len(todo['cases'])}] {case}", flush=True)
-            layer_records += linear.run_case(case, todo["providers"], todo["modes"], device,
-                                             todo["timing"], env, bias=todo["bias"])
+        provider_sets = todo.get("provider_sets") or [("bf16", todo["providers"])]
+        for base, providers in provider_sets:
+            for i, case in enumerate(todo["cases"], 1):
+                print(f"[{i}/{len(todo['cases'])}] {case} base={base}", flush=True)
+                records = linear.run_case(case, providers, todo["modes"], device,
+                                          todo["timing"], {**env, "base": base},
+                                          bias=todo["bias"])
+                if base != "bf16":  # its own rows in the tables
+                    for record in records:
+                        record["case"] += f" base={base}"
+                layer_records += records
     if todo["e2e"] is not None:
         print(f"[e2e] {todo['e2e']}", flush=True)
         e2e_records = e2e.run_e2e(todo["e2e"], todo["e2e_providers"], device, env,
@@ -225,7 +253,9 @@ def main(argv=None):
     doc = {
         "schema": "lorakern-bench/1", "environment": env, "label": label,
         "command": " ".join(["python -m bench.run"] + [shlex.quote(a) for a in argv]),
-        "providers": {p.name: p.description for p in todo["providers"]},
+        "providers": {p.name if base == "bf16" else f"{p.name} (--base {base})":
+                      p.description for base, providers in todo["provider_sets"]
+                      for p in providers},
         "method": METHOD_CUDA if device.type == "cuda" else METHOD_CPU,
         "seconds": round(time.perf_counter() - start, 1),
         "layer": layer_records, "e2e": e2e_records, "embedding": embedding_records,

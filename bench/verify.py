@@ -13,6 +13,10 @@ It runs, each step with its own time limit (the sum stays under 8 minutes):
    times of nn.Linear, PEFT as ``get_peft_model`` builds it by default, and lorakern
    (tuned and each strategy). peft-compile is left out (inductor compiles each case
    anew, minutes in all);
+4. QLoRA: ``bench.static`` (beside the others) and ``bench.run`` with ``--base nf4``
+   (NF4 double quantisation, fp32 adapters, dropout 0.1) at 4096 x 4096, r = 16,
+   decode (M = 16) and M = 8192: nn.Linear, PEFT QLoRA, the dequantise-then-cuBLAS
+   composition and lorakern over the same bitsandbytes base;
 
 and writes ``bench/results/verify-<device>-<date>.{json,md}``: every case with measured
 beside predicted and measured / predicted, plus device, versions and commit. The
@@ -35,11 +39,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_LIMITS_S = {"tests": 150, "static": 420, "run": 300}  # tests and run in sequence: 450
+# tests, run and run-qlora in sequence (450 s); the two static steps beside them
+STEP_LIMITS_S = {"tests": 150, "static": 420, "static-qlora": 420, "run": 240,
+                 "run-qlora": 60}
+SEQUENTIAL_STEPS = ("tests", "run", "run-qlora")
+BACKGROUND_STEPS = ("static", "static-qlora")
 RUN_PROVIDERS = ("linear", "peft", "lorakern", "lorakern:fused", "lorakern:cublas")
-# bench.run's provider and mode names -> bench.static's
+QLORA_PROVIDERS = ("linear", "peft-qlora", "dequant-addmm", "lorakern", "lorakern:fused",
+                   "lorakern:cublas")
+QLORA_CASE = ["--shapes", "4096x4096", "--tokens", "16,8192", "--ranks", "16",
+              "--dropout", "0.1", "--adapter-dtype", "fp32"]
+# bench.run's provider and mode names -> bench.static's, per base
 PREDICTED_PROVIDER = {"linear": "nn.Linear", "peft": "peft", "lorakern": "lorakern",
                       "lorakern:fused": "lorakern:fused", "lorakern:cublas": "lorakern:cublas"}
+PREDICTED_QLORA_PROVIDER = {"linear": "nn.Linear", "peft-qlora": "peft QLoRA",
+                            "dequant-addmm": "dequant+cuBLAS", "lorakern": "lorakern QLoRA",
+                            "lorakern:fused": "lorakern QLoRA:fused",
+                            "lorakern:cublas": "lorakern QLoRA:cublas"}
 PREDICTED_MODE = {"forward": "fwd", "backward": "bwd", "fwd+bwd": "fwd+bwd"}
 ARCHS = {9: "sm_90", 8: "sm_80"}  # compute capability major -> bench.static --arch
 
@@ -56,7 +72,7 @@ def parse_args(argv=None):
 
 
 def commands(work, arch):
-    """The three steps' commands (argument lists), by step name."""
+    """The steps' commands (argument lists), by step name."""
     python = sys.executable
     return {
         "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
@@ -68,6 +84,13 @@ def commands(work, arch):
                 "--bias", "on", "--providers", ",".join(RUN_PROVIDERS), "--no-e2e",
                 "--no-embedding", "--warmup-ms", "10", "--rep-ms", "40",
                 "--out", str(work / "measured")],
+        "static-qlora": [python, "-m", "bench.static", "--arch", arch, "--base", "nf4",
+                         *QLORA_CASE, "--json", str(work / "predicted-qlora.json")],
+        "run-qlora": [python, "-m", "bench.run", "--base", "nf4", *QLORA_CASE, "--dtypes", "bf16",
+                      "--bias", "on",
+                      "--providers", ",".join(QLORA_PROVIDERS), "--no-e2e", "--no-embedding",
+                      "--warmup-ms", "10", "--rep-ms", "40",
+                      "--out", str(work / "measured-qlora")],
     }
 
 
@@ -78,7 +101,8 @@ def _static_env():
 
 
 def plan_lines(cmds, stem):
-    lines = ["bench.verify would run (limits in seconds; static runs beside the other two):"]
+    lines = [f"bench.verify would run (limits in seconds; {' and '.join(BACKGROUND_STEPS)} "
+             f"beside {', '.join(SEQUENTIAL_STEPS)}):"]
     for name, cmd in cmds.items():
         lines.append(f"  [{name}, {STEP_LIMITS_S[name]} s] " + " ".join(cmd))
     lines.append(f"  then write {stem}.json and {stem}.md: measured beside predicted, "
@@ -106,17 +130,19 @@ def _run_step(cmd, limit, env=None):
 
 def join(measured, predicted):
     """One row per measured layer record that bench.static predicts: measured median,
-    predicted, and measured / predicted."""
-    by = {(r["K"], r["N"], r["M"], r["r"], r["dropout"], r["adapter_dtype"], r["provider"],
-           r["mode"]): r for r in predicted}
+    predicted, and measured / predicted (records without a base are bf16's)."""
+    by = {(r["K"], r["N"], r["M"], r["r"], r["dropout"], r["adapter_dtype"],
+           r.get("base", "bf16"), r["provider"], r["mode"]): r for r in predicted}
     rows = []
     for m in measured:
-        if m.get("status") != "ok" or m["provider"] not in PREDICTED_PROVIDER:
+        base = m.get("base", "bf16")
+        names = PREDICTED_PROVIDER if base == "bf16" else PREDICTED_QLORA_PROVIDER
+        if m.get("status") != "ok" or m["provider"] not in names:
             continue
         key = (m["d_in"], m["d_out"], m["tokens"], m["rank"], m["dropout"], m["adapter_dtype"],
-               PREDICTED_PROVIDER[m["provider"]], PREDICTED_MODE[m["mode"]])
+               base, names[m["provider"]], PREDICTED_MODE[m["mode"]])
         p = by.get(key)
-        rows.append({"case": m["case"], "adapter_dtype": m["adapter_dtype"],
+        rows.append({"case": m["case"], "adapter_dtype": m["adapter_dtype"], "base": base,
                      "provider": m["provider"], "mode": m["mode"],
                      "measured_ms": m["median_ms"],
                      "predicted_ms": p["predicted_ms"] if p else None,
@@ -158,28 +184,36 @@ def verify(args, arch):
     work = Path(tempfile.mkdtemp(prefix="lorakern-verify-"))
     cmds = commands(work, arch)
     print("\n".join(plan_lines(cmds, stem)), flush=True)
-    static = subprocess.Popen(cmds["static"], cwd=ROOT, env=_static_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    background = {name: subprocess.Popen(cmds[name], cwd=ROOT, env=_static_env(),
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+                  for name in BACKGROUND_STEPS}
     start, steps = time.perf_counter(), {}
-    for name in ("tests", "run"):
+    for name in SEQUENTIAL_STEPS:
         code, seconds, tail = _run_step(cmds[name], STEP_LIMITS_S[name])
         steps[name] = {"exit": code, "seconds": seconds, "tail": tail}
         print(f"[{name}] exit {code} in {seconds} s\n{tail}", flush=True)
-    try:
-        out, _ = static.communicate(timeout=max(1.0, STEP_LIMITS_S["static"]
-                                                - (time.perf_counter() - start)))
-        code = static.returncode
-    except subprocess.TimeoutExpired:
-        static.kill()
-        out, code = static.communicate()[0], "timeout"
-    steps["static"] = {"exit": code, "seconds": round(time.perf_counter() - start, 1),
+    for name, process in background.items():
+        try:
+            out, _ = process.communicate(timeout=max(1.0, STEP_LIMITS_S[name]
+                                                     - (time.perf_counter() - start)))
+            code = process.returncode
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, code = process.communicate()[0], "timeout"
+        steps[name] = {"exit": code, "seconds": round(time.perf_counter() - start, 1),
                        "tail": "\n".join((out or "").splitlines()[-30:])}
-    print(f"[static] exit {code}", flush=True)
-    predicted_path = work / "predicted.json"
-    predicted = json.loads(predicted_path.read_text()) if predicted_path.exists() else {}
+        print(f"[{name}] exit {code}", flush=True)
+    predicted = {"records": [], "assumptions": None}
+    for path in (work / "predicted.json", work / "predicted-qlora.json"):
+        if path.exists():
+            loaded = json.loads(path.read_text())
+            predicted["records"] += loaded.get("records", [])
+            predicted["assumptions"] = predicted["assumptions"] or loaded.get("assumptions")
     measured = []
-    for path in sorted((work / "measured").glob("*.json")):
-        measured += json.loads(path.read_text()).get("layer", [])
+    for folder in ("measured", "measured-qlora"):
+        for path in sorted((work / folder).glob("*.json")):
+            measured += json.loads(path.read_text()).get("layer", [])
     from .roofline import MACHINES
     doc = {"schema": "lorakern-verify/1", "date": date, "environment": env, "arch": arch,
            "machine": MACHINES[int(arch[3:])].name, "steps": steps,

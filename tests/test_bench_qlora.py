@@ -40,3 +40,33 @@ def test_lorakern_saves_no_dequantised_weight():
     assert saved, "nothing saved for the backward"
     w_shaped = [s for s in saved if s[0] in ((n, k), (k, n)) and s[1] == x.dtype]
     assert not w_shaped, f"a dequantised W was saved: {w_shaped}"
+
+
+def test_bench_run_base_times_every_qlora_provider_on_one_bitsandbytes_base(tmp_path):
+    """``bench.run --base nf4,int8``: each base's records carry it, every provider is
+    timed on the same quantised W, lorakern's forward matches the LoRA over the weight
+    bitsandbytes dequantises, and the quantised W is not counted as saved."""
+    import json
+
+    from bench import run
+
+    code = run.main(["--device", "cpu", "--base", "bf16,nf4,int8", "--shapes", "128x64",
+                     "--tokens", "16", "--ranks", "5", "--dtypes", "bf16", "--dropout", "0",
+                     "--modes", "fwd+bwd", "--no-e2e", "--no-embedding", "--warmup-ms", "1",
+                     "--rep-ms", "2", "--out", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("*.json")
+    records = json.loads(path.read_text())["layer"]
+    by = {(r["base"], r["provider"]): r for r in records}
+    assert set(by) == {("bf16", p) for p in run.CPU_PROVIDERS if p != "merged"} | {
+        (base, p) for base in ("nf4", "int8") for p in run.CPU_QLORA_PROVIDERS}
+    for (base, provider), record in by.items():
+        assert record["status"] == "ok", record
+        assert record["case"].endswith("" if base == "bf16" else f" base={base}")
+        if provider != "linear":
+            assert record["max_rel_err"] < 2e-2, record  # bf16 rounding, not quantisation
+    for base in ("nf4", "int8"):
+        lorakern = by[base, "lorakern"]
+        assert set(lorakern["speedup_vs"]) == {"linear", "peft-qlora", "dequant-addmm"}
+        # x is excluded, W is quantised: nothing of out x in is saved
+        assert lorakern["saved_bytes"] < 64 * 128 * 2

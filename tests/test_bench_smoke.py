@@ -241,9 +241,11 @@ def test_verify_dry_run_says_what_it_would_run_and_exits_0(capsys):
     out = capsys.readouterr().out
     assert "pytest -m gpu" in out and "bench.static" in out and "bench.run" in out
     assert "verify-<device>-" in out and "--adapter-dtype fp32,base" in out
+    assert "--base nf4" in out
     cmds = verify.commands(Path("/tmp/verify"), "sm_90")
-    assert sum(verify.STEP_LIMITS_S[s] for s in ("tests", "run")) <= 8 * 60
-    assert verify.STEP_LIMITS_S["static"] <= 8 * 60
+    assert set(cmds) == set(verify.SEQUENTIAL_STEPS) | set(verify.BACKGROUND_STEPS)
+    assert sum(verify.STEP_LIMITS_S[s] for s in verify.SEQUENTIAL_STEPS) <= 8 * 60
+    assert all(verify.STEP_LIMITS_S[s] <= 8 * 60 for s in verify.BACKGROUND_STEPS)
     # the steps' flags parse as their commands will read them
     static_args = static.parse_args(cmds["static"][3:])
     assert static_args.adapter_dtypes == ("fp32", "base") and static_args.set == "quick"
@@ -252,6 +254,12 @@ def test_verify_dry_run_says_what_it_would_run_and_exits_0(capsys):
     assert [p.name for p in todo["providers"]] == list(verify.RUN_PROVIDERS)
     assert todo["e2e"] is None and todo["embedding"] is None and todo["bias"]
     assert {c.adapter_dtype for c in todo["cases"]} == {"fp32", "base"}
+    qlora_static = static.parse_args(cmds["static-qlora"][3:])
+    assert qlora_static.bases == ("nf4",) and qlora_static.dropout == [0.1]
+    qlora_todo = run.plan(run.parse_args(cmds["run-qlora"][3:] + ["--device", "cpu"]))
+    ((base, providers),) = qlora_todo["provider_sets"]
+    assert base == "nf4" and [p.name for p in providers] == list(verify.QLORA_PROVIDERS)
+    assert [c.tokens for c in qlora_todo["cases"]] == [16, 8192]
 
 
 def test_verify_puts_measured_beside_predicted():
@@ -266,9 +274,15 @@ def test_verify_puts_measured_beside_predicted():
     predicted = [{"K": 64, "N": 32, "M": 16, "r": 4, "dropout": 0.0, "adapter_dtype": "fp32",
                   "provider": "lorakern", "mode": "fwd+bwd", "predicted_ms": 0.2,
                   "bound": "issue"}]
+    # a quantised base's records are joined by base and by bench.static's QLoRA names
+    measured.append({**measured[0], "provider": "peft-qlora", "base": "nf4", "median_ms": 0.8,
+                     "case": "c base=nf4"})
+    predicted += [{**predicted[0], "provider": "peft QLoRA", "base": "nf4",
+                   "predicted_ms": 0.4},
+                  {**predicted[0], "provider": "lorakern", "base": "nf4", "predicted_ms": 9.0}]
     rows = verify.join(measured, predicted)
     assert [(r["provider"], r["measured_over_predicted"]) for r in rows] == [
-        ("lorakern", 1.5), ("linear", None)]
+        ("lorakern", 1.5), ("linear", None), ("peft-qlora", 2.0)]
     doc = {"environment": {"device": "GPU", "git_commit": "abc"}, "date": "2026-12-03",
            "arch": "sm_90", "machine": "H100", "steps": {"tests": {"exit": 0, "seconds": 1}},
            "rows": rows}
