@@ -24,6 +24,18 @@ In the layer's backward (lorakern/functional/fused_linear.py) it makes dA, and d
 trains; dB and db come from the one pass over dY (grad_output.py), which falls
 back to this kernel when its partials would not fit.
 
+dA with the grad-input's LoRA term (``term_rhs``, ``term_out``): the ``cublas``
+strategy's dX0 = c * (G @ A) * m (lora_term.py) has dA's shape of rows and
+columns (M x K), dA's scale and dA's mask, and dA's program already holds each G
+tile and each mask tile. So the same program also writes
+
+    dX0[rows, cols] = c * (G[rows] @ A[:, cols]) * m[rows, cols]      (M, K)
+
+with A's column block loaded once before the loop and the whole rank in one
+BLOCK_Q (one Q block), rounded once on store, as lora_term rounds it: one
+launch reads x and writes dX0, and the mask is made once per element for both
+(bench/NOTES.md: 37 + 28 us as two launches, fp32 adapters, 4096^2, M = 8192).
+
 With fp32 adapters, G and h are fp32 (rank_product.py): the x or dY tile is
 upcast and the product runs in fp32, as PEFT's does, so a 16-bit base never
 rounds G or h (nor overflows fp16 in dB). The mask of dA is the forward's,
@@ -35,25 +47,29 @@ import triton.language as tl
 
 from dataclasses import dataclass
 
-from ._common import (INTERPRET, arrival_counters, empty, launching, mixed_mma,
-                      mixed_precision, sum_partials, target_programs, to_storage)
+from ._common import (INTERPRET, arrival_counters, empty, launching, mixed_mma, mma,
+                      mixed_precision, promote_pair, sum_partials, target_programs,
+                      term_precision, to_storage)
 from .dropout import dropout_keep_tile, dropout_threshold
 
 
 @triton.jit
 def _tn_matmul_kernel(
-    # pointers
+    # pointers (term_rhs: A, (Q, P); term: dX0, (M, P))
     l_ptr, q_ptr, out_ptr, colsum_ptr, part_ptr, colpart_ptr, counter_ptr,
+    term_rhs_ptr, term_ptr,
     # sizes
     M, P, Q, rows_per_split,
     # strides
     stride_lm, stride_lp, stride_qm, stride_qq, stride_op, stride_oq, stride_cp,
+    stride_aq, stride_ap, stride_tm, stride_tp,
     # scalars
     scale, threshold, seed,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, SPLIT_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_TERM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TERM_PRECISION: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -71,6 +87,10 @@ def _tn_matmul_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    if HAS_TERM:  # A[:, cols]: the same for every row of the slice
+        term_rhs = tl.load(term_rhs_ptr + offs_q.to(tl.int64)[:, None] * stride_aq
+                           + cols_p[None, :] * stride_ap,
+                           mask=in_q[:, None] & in_p[None, :], other=0.0)
     for m0 in range(m_start, m_end, BLOCK_M):
         ms = m0 + offs_m
         in_m = ms < m_end
@@ -86,6 +106,15 @@ def _tn_matmul_kernel(
         q = tl.load(q_ptr + rows[:, None] * stride_qm + cols_q[None, :] * stride_qq,
                     mask=in_m[:, None] & in_q[None, :], other=0.0)
         acc = mixed_mma(l_t, q, acc, UPCAST_DOT, DOT_PRECISION)
+        if HAS_TERM:
+            g, a = promote_pair(q, term_rhs)
+            term = mma(g, a, tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), UPCAST_DOT,
+                       TERM_PRECISION) * scale
+            if HAS_DROPOUT:
+                term = tl.where(keep, term, 0.0)
+            tl.store(term_ptr + rows[:, None] * stride_tm + cols_p[None, :] * stride_tp,
+                     to_storage(term, term_ptr.dtype.element_ty, UPCAST_DOT),
+                     mask=in_m[:, None] & in_p[None, :])
 
     if SPLIT_M:
         # fp32 partials (splits, P, Q) and (splits, P), contiguous; the last
@@ -161,6 +190,20 @@ def tn_config_gpu(rank_block, x_bytes):
                     num_stages=stages)
 
 
+def tn_term_config(rank_block, x_bytes):
+    """Tiles of dA with the grad-input's LoRA term beside it (``TERM_RANK_BLOCKS``)."""
+    if INTERPRET:
+        return tn_config(rank_block, x_bytes)
+    return tn_term_config_gpu(rank_block, x_bytes)
+
+
+def tn_term_config_gpu(rank_block, x_bytes):
+    """64 x 64 tiles of dX0 (and 64 x rank of dA): with fp32 G and A, 128 columns at
+    4 warps keep 16-424 bytes a thread in the stack frame (sm_80; fp16 and fp32 x
+    on sm_90), 32 rows are predicted 15% slower (bench/NOTES.md)."""
+    return TnConfig(64, 64, rank_block, num_warps=4, num_stages=3)
+
+
 def tn_candidates(x_bytes):
     """Every config the launcher can pick on a GPU (rank blocks and dW)."""
     return sorted({tn_config_gpu(b, x_bytes) for b in (16, 32, 64, 128, 256, None)}, key=repr)
@@ -183,21 +226,44 @@ def tn_precision(lhs_dtype, rhs_dtype, block_q):
     return "ieee" if precision == "split" and block_q > 16 else precision
 
 
+TERM_RANK_BLOCKS = (16, 32)  # tn_matmul writes the grad-input's term at these rank blocks
+
+
+def term_fits(rank_block, rank_bytes):
+    """Whether tn_matmul writes the grad-input's LoRA term beside dA at this rank
+    block for G of ``rank_bytes`` per element: rank block 16, or 32 in 16 bits (fp32
+    G and A at 32 keep 300-460 bytes a thread in the stack frame, sm_80 and sm_90)."""
+    return rank_block == 16 or (rank_block in TERM_RANK_BLOCKS and rank_bytes <= 2)
+
+
 def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
-              dropout_p=0.0, seed=0):
+              dropout_p=0.0, seed=0, term_rhs=None, term_out=None):
     """out[P, Q] = scale * lhs[M, P]^T @ rhs[M, Q]; colsum[P] = lhs.sum(0) if given.
 
     ``out`` may be any strided (P, Q) view (dA is passed as A's grad transposed).
     With dropout_p > 0, lhs is masked by the keep-mask of element (m, p).
+    With ``term_rhs`` (Q, P) and ``term_out`` (M, P) given (a rank block that
+    ``term_fits``), the same launch also writes term_out = scale *
+    (rhs @ term_rhs) * mask, rounded once to term_out's dtype.
     """
     m, p = lhs.shape
     q = rhs.shape[1]
+    has_term = term_out is not None
+    if has_term and (not term_fits(rank_block, rhs.element_size()) or q > rank_block
+                     or term_rhs.shape != (q, p) or term_out.shape != (m, p)):
+        raise ValueError(f"tn_matmul: a term needs term_rhs ({q}, {p}) and term_out ({m}, "
+                         f"{p}) at a rank block >= {q} that term_fits (16; 32 for a "
+                         f"16-bit G), got {tuple(term_rhs.shape)}, {tuple(term_out.shape)}, "
+                         f"rank block {rank_block}, G {rhs.dtype}")
     if p == 0 or q == 0:
         out.zero_()
         if colsum is not None:
             colsum.copy_(lhs.sum(0, dtype=torch.float32))
+        if has_term:
+            term_out.zero_()
         return out
-    cfg = tn_config(rank_block, max(lhs.element_size(), rhs.element_size()))
+    operand_bytes = max(lhs.element_size(), rhs.element_size())
+    cfg = (tn_term_config if has_term else tn_config)(rank_block, operand_bytes)
     grid_p, grid_q = triton.cdiv(p, cfg.block_p), triton.cdiv(q, cfg.block_q)
     splits, rows_per_split = _split_rows(m, cfg.block_m, grid_p * grid_q, lhs.device)
     has_colsum = colsum is not None
@@ -211,17 +277,23 @@ def tn_matmul(lhs, rhs, out, scale, *, rank_block=None, colsum=None,
         part = colpart = torch.empty(1, dtype=f32, device=lhs.device)
         counter = torch.empty(1, dtype=i32, device=lhs.device)
     threshold = dropout_threshold(dropout_p)
+    term_rhs = term_rhs if has_term else out
+    term_out = term_out if has_term else out
+    term_dtype = torch.promote_types(rhs.dtype, term_rhs.dtype)
     with launching("tn_matmul"):
         _tn_matmul_kernel[(grid_p, grid_q, splits)](
             lhs, rhs, out, colsum if has_colsum else out, part, colpart, counter,
+            term_rhs, term_out,
             m, p, q, rows_per_split,
             lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
             out.stride(0), out.stride(1), colsum.stride(0) if has_colsum else 0,
+            term_rhs.stride(0), term_rhs.stride(1), term_out.stride(0), term_out.stride(1),
             float(scale), threshold, seed,
             BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
             HAS_DROPOUT=threshold > 0, HAS_COLSUM=has_colsum, SPLIT_M=splits > 1,
-            UPCAST_DOT=INTERPRET,
+            HAS_TERM=has_term, UPCAST_DOT=INTERPRET,
             DOT_PRECISION=tn_precision(lhs.dtype, rhs.dtype, cfg.block_q),
+            TERM_PRECISION=term_precision(term_dtype, term_out.dtype, cfg.block_q),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

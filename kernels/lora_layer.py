@@ -13,6 +13,8 @@
                 y   = addmm(y0, x, W^T)               in place, beta = 1
     grad-input  dX0 = lora_term(P = G, Q = A, c = s / (1 - p_eff), mask)
                 dX  = addmm(dX0, dY, W)
+    with dA     dX0 and dA = (s / (1 - p_eff)) G^T (x * m) from one tn_matmul
+                launch (``term_fits``: rank block 16, or 32 in 16 bits), then the addmm
 
 and, shared by both, before dX (``lora_grad_output``):
 
@@ -48,6 +50,7 @@ from . import _common
 from ._common import count_launch, empty, lora_dtype
 from .dropout import keep_scale
 from .grad_output import grad_output
+from .lora_grad_weights import term_fits, tn_matmul
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
                         lora_gemm_tuning_configs, rank_in_kernel, tma_operands)
 from .lora_term import lora_term
@@ -151,11 +154,27 @@ def lora_grad_output(grad_y, lora_a, lora_b, h, scale, grad_b, grad_bias, need_g
     return grad_output(grad_y, lora_b, h, scale, grad_b, grad_bias, g_dtype if need_g else None)
 
 
-def lora_grad_input(grad_y, weight, lora_a, lora_b, g, scale, dropout_p, seed, plan=None):
+def lora_grad_input(grad_y, weight, lora_a, lora_b, g, scale, dropout_p, seed, plan=None,
+                    x=None, grad_a=None):
     """dX for a 2-D dY, in dY's dtype, from G = dY @ B (``lora_grad_output``).
-    ``plan`` defaults to the table's choice for dY."""
+    ``plan`` defaults to the table's choice for dY. With x (2-D) and ``grad_a``
+    given, dA = (s / (1 - p_eff)) G^T (x * m) is written into grad_a too: in
+    ``cublas`` by the launch that makes dX's LoRA term (tn_matmul's term), else
+    by tn_matmul after dX, so that every plan's run makes both."""
     plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b, weight)[0]
-    dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None, scale * keep_scale(dropout_p),
-                         dropout_p, seed)
+    term_scale = scale * keep_scale(dropout_p)
+    rank_block = _common.rank_block(lora_a.shape[0])
+    if grad_a is not None and plan.strategy == "cublas" and term_fits(rank_block,
+                                                                       g.element_size()):
+        dx0 = empty((grad_y.shape[0], lora_a.shape[1]), grad_y.dtype, grad_y.device)
+        tn_matmul(x, g, grad_a.t(), term_scale, rank_block=rank_block, dropout_p=dropout_p,
+                  seed=seed, term_rhs=lora_a, term_out=dx0)
+        dx = _base_plus(dx0, grad_y, weight)
+    else:
+        dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None, term_scale, dropout_p,
+                             seed)
+        if grad_a is not None:
+            tn_matmul(x, g, grad_a.t(), term_scale, rank_block=rank_block,
+                      dropout_p=dropout_p, seed=seed)
     count_launch("lora_grad_input")
     return dx

@@ -114,6 +114,8 @@ GRAD_OUTPUT_UNIT_STRIDES = {"stride_yn", "stride_br", "stride_hr", "stride_gr", 
 TN_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_oq", "stride_cp"}
 # dA^T is written through A's gradient transposed: unit stride along P.
 TN_TRANSPOSED_OUT_UNIT_STRIDES = {"stride_lp", "stride_qq", "stride_op", "stride_cp"}
+# with the grad-input's LoRA term: A (r, K) and dX0 (M, K) have unit stride along K
+TN_TERM_UNIT_STRIDES = TN_TRANSPOSED_OUT_UNIT_STRIDES | {"stride_ap", "stride_tp"}
 KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "lora_gemm",
                   "_lora_gemm_tma_kernel": "lora_gemm",
                   "_lora_term_kernel": "lora_term",
@@ -343,14 +345,19 @@ def term_jobs(x, adapter, rank_precision):
 
 
 def tn_job(cfg, precision, lhs, rhs, out, colsum, dropout, has_colsum, words=(),
-           unit_strides=TN_UNIT_STRIDES, split=True, aligned=True):
+           unit_strides=TN_UNIT_STRIDES, split=True, aligned=True, term=None):
     """tn_matmul; ``split``: rows split across programs, fp32 partials summed by the
-    last program of each tile (the launch at large M), else the direct store."""
+    last program of each tile (the launch at large M), else the direct store;
+    ``term``: (A's dtype, dX0's dtype, the term's precision) of the grad-input's
+    LoRA term written beside dA."""
+    term_rhs, term_out, term_precision = term or (out, out, precision)
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q,
-                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, SPLIT_M=split, UPCAST_DOT=False,
-                DOT_PRECISION=precision)
+                HAS_DROPOUT=dropout, HAS_COLSUM=has_colsum, SPLIT_M=split,
+                HAS_TERM=term is not None, UPCAST_DOT=False, DOT_PRECISION=precision,
+                TERM_PRECISION=term_precision)
     pointers = dict(l_ptr=lhs, q_ptr=rhs, out_ptr=out, colsum_ptr=colsum, part_ptr="fp32",
-                    colpart_ptr="fp32", counter_ptr="i32")
+                    colpart_ptr="fp32", counter_ptr="i32", term_rhs_ptr=term_rhs,
+                    term_ptr=term_out)
     return _job("_tn_matmul_kernel", meta, pointers, cfg, list(words), unit_strides,
                 aligned=aligned)
 
@@ -451,6 +458,21 @@ def tn_jobs(x, precision):
             jobs.append(tn_job(cfg, mixed, x, "fp32", "fp32", "fp32", True,
                                False, ["fp32 adapters", "transposed out (dA)"],
                                TN_TRANSPOSED_OUT_UNIT_STRIDES))
+    # dA with the grad-input's LoRA term (cublas), masked, rows split, at each rank
+    # block it is written for: G in the rank dtype, A and dA in the adapters', dX0 in x's
+    from lorakern.kernels.lora_grad_weights import (TERM_RANK_BLOCKS, term_fits,
+                                                    tn_term_config_gpu)
+    for adapter in ([x] if x == "fp32" else [x, "fp32"]):
+        rank = _promoted(x, adapter)
+        for block_q in (b for b in TERM_RANK_BLOCKS if term_fits(b, ELEMENT_BYTES[rank])):
+            cfg = tn_term_config_gpu(block_q, ELEMENT_BYTES[rank])
+            dot, term = precision, precision
+            if x != adapter:
+                dot = MIXED_PRECISION if block_q <= 16 else FP32_DEFAULT_PRECISION
+                term = MIXED_TERM_PRECISION if block_q <= 16 else FP32_DEFAULT_PRECISION
+            jobs.append(tn_job(cfg, dot, x, rank, adapter, x, True, False,
+                               [f"{adapter} adapters", "dA with dX's term"],
+                               TN_TERM_UNIT_STRIDES, term=(adapter, x, term)))
     # one config: the direct store (rows not split), every flag off, unaligned sizes
     cfg = tn_configs[-1]
     jobs += [tn_job(cfg, precision, x, x, x, x, True, True, split=False),

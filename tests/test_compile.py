@@ -201,6 +201,28 @@ def test_compile_plan_holds_the_segmented_rank_pass_for_every_dtype_pair(compile
                 pointers, block_r)
 
 
+def test_compile_plan_holds_da_with_the_grad_inputs_lora_term(compile_plans):
+    """dA's tn_matmul writing dX's LoRA term (the cublas backward) at every rank block
+    ``term_fits`` takes, in the launcher's config, masked and with rows split, for
+    every x dtype with adapters of its dtype and fp32."""
+    from lorakern.kernels.lora_grad_weights import (TERM_RANK_BLOCKS, term_fits,
+                                                    tn_term_config_gpu)
+    for group, (x, _) in PRECISION_GROUPS.items():
+        if group == "fp32-tf32":
+            continue
+        built = {(e["signature"]["q_ptr"], e["signature"]["term_rhs_ptr"],
+                  _launch_config(e)) for e in compile_plans[group]
+                 if e["kernel"] == TN and e["constexprs"]["HAS_TERM"]
+                 and e["constexprs"]["HAS_DROPOUT"] and e["constexprs"]["SPLIT_M"]}
+        for adapter in ([x] if x == "fp32" else [x, "fp32"]):
+            rank = x if x == adapter else "fp32"
+            for block in TERM_RANK_BLOCKS:
+                if term_fits(block, compile_kernels.ELEMENT_BYTES[rank]):
+                    cfg = tn_term_config_gpu(block, compile_kernels.ELEMENT_BYTES[rank])
+                    assert ("*" + rank, "*" + adapter, _tn_tuple(cfg)) in built, (
+                        group, adapter, block, built)
+
+
 def test_compile_plan_holds_both_passes_flags_off_and_generic_builds(compile_plans):
     for group, (x_dtype, _) in PRECISION_GROUPS.items():
         if group == "fp32-tf32" and not compile_kernels.COMPILE_ALL:

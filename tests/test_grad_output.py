@@ -191,18 +191,19 @@ def test_m_zero_gives_zero_db_and_db_and_an_empty_g(device):
 @pytest.mark.parametrize("strategy", ["fused", "cublas"])
 def test_one_backward_reads_dy_once(strategy, device, monkeypatch):
     """dX, dA, dB and db: the pass over dY runs once and the rank pass does not
-    (the forward's h is its only launch); tn_matmul runs for dA only."""
+    (the forward's h is its only launch); tn_matmul runs for dA only (in cublas
+    it also makes dX's LoRA term: no lora_term launch of its own)."""
     monkeypatch.setenv("LORAKERN_STRATEGY", strategy)
     monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: 5)
     layer = make_layer((300,), 48, 130, 16, torch.float32, device)
     y = lorakern.lora_linear(layer["x"], layer["weight"], layer["lora_A"], layer["lora_B"],
                              0.5, layer["bias"], 0.25)
-    names = ("grad_output", "rank_product", "tn_matmul", "lora_grad_input")
+    names = ("grad_output", "rank_product", "tn_matmul", "lora_grad_input", "lora_term")
     before = dict(kernels.launch_counts)
     y.sum().backward()
     ran = {k: kernels.launch_counts[k] - before.get(k, 0) for k in names}
     assert ran == {"grad_output": 1, "rank_product": 0, "tn_matmul": 1,
-                   "lora_grad_input": 1}, ran
+                   "lora_grad_input": 1, "lora_term": 0}, ran
 
 
 @pytest.mark.parametrize("strategy", ["fused", "cublas"])
@@ -258,6 +259,49 @@ def test_tn_matmul_sums_its_row_slices_in_the_launch(colsum, dropout_p, dtype, d
     assert torch.equal(out, again)
     if colsum:
         assert torch.equal(sums, sums_again)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
+                                                   (torch.float16, torch.float16),
+                                                   (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("r", [5, 16, 20])
+def test_tn_matmul_writes_the_grad_inputs_lora_term_with_da(r, dropout_p, dtype, adapter_dtype,
+                                                            device, monkeypatch):
+    if not lora_grad_weights.term_fits(kernels.rank_block(r),
+                                       torch.promote_types(dtype, adapter_dtype).itemsize):
+        pytest.skip("past term_fits the layer launches lora_term and tn_matmul apart")
+    """dA^T = c (x m)^T G and, from the same launch, dX0 = c (G A) m: the mask of
+    each element once for both, every element of dX0 written once (row slices,
+    odd widths), rounded once to dX0's dtype; against the float64 oracle."""
+    monkeypatch.setattr(lora_grad_weights, "target_programs", lambda device: 64)
+    torch.manual_seed(9)
+    m, k = 300, 37
+    rank_dtype = torch.promote_types(dtype, adapter_dtype)
+    x = torch.randn(m, k).to(device=device, dtype=dtype)
+    g = torch.randn(m, r).to(device=device, dtype=rank_dtype)
+    lora_a = torch.randn(r, k).to(device=device, dtype=adapter_dtype)
+    keep = torch.ones(m, k, dtype=torch.bool)
+    if dropout_p:
+        keep = kernels.dropout_keep_mask(m, k, dropout_p, 13, device).cpu()
+    grad_a = torch.full((r, k), float("nan"), dtype=adapter_dtype, device=device)
+    dx0 = torch.full((m, k), float("nan"), dtype=dtype, device=device)
+    before = dict(kernels.launch_counts)
+    kernels.tn_matmul(x, g, grad_a.t(), 1.25, rank_block=kernels.rank_block(r),
+                      dropout_p=dropout_p, seed=13, term_rhs=lora_a, term_out=dx0)
+    assert {n: kernels.launch_counts[n] - before.get(n, 0) for n in ("tn_matmul", "lora_term")} \
+        == {"tn_matmul": 1, "lora_term": 0}
+    x64, g64, a64 = (t.cpu().to(torch.float64) for t in (x, g, lora_a))
+    assert_matches_oracle(grad_a.cpu(), 1.25 * g64.t() @ (x64 * keep), adapter_dtype, "dA")
+    assert_matches_oracle(dx0.cpu(), 1.25 * (g64 @ a64) * keep, dtype, "dX0")
+
+
+def test_tn_matmul_refuses_a_term_it_cannot_write_in_one_rank_block(device):
+    x, g = torch.randn(8, 4, device=device), torch.randn(8, 40, device=device)
+    with pytest.raises(ValueError, match="rank block"):
+        kernels.tn_matmul(x, g, torch.empty(4, 40, device=device), 1.0, rank_block=64,
+                          term_rhs=torch.randn(40, 4, device=device),
+                          term_out=torch.empty(8, 4, device=device))
 
 
 def _kept_counters():

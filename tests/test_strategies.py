@@ -47,17 +47,19 @@ def _launched(names, before):
     return {name: kernels.launch_counts[name] - before.get(name, 0) for name in names}
 
 
-@pytest.mark.parametrize("strategy,gemms,terms", [("fused", 2, 0), ("cublas", 0, 2)])
+@pytest.mark.parametrize("strategy,gemms,terms", [("fused", 2, 0), ("cublas", 0, 1)])
 def test_each_strategy_launches_its_own_kernels(strategy, gemms, terms, device, monkeypatch):
-    """Forward and grad-input: the fused GEMM twice, or the LoRA term kernel twice
-    (torch's matmul doing the big products); in both, the rank pass in the forward
-    and one pass over dY (G, dB, db) in the backward."""
+    """Forward and grad-input: the fused GEMM twice, or (torch's matmul doing the big
+    products) the LoRA term kernel in the forward and dA's tn_matmul writing dX's
+    term; in both, the rank pass in the forward, one pass over dY (G, dB, db) and
+    one tn_matmul in the backward."""
     monkeypatch.setenv("LORAKERN_STRATEGY", strategy)
     layer = _layer(24, 40, 36, 5, device)
     before = dict(kernels.launch_counts)
     _step(layer, 0.3, monkeypatch)
-    assert _launched(("lora_gemm", "lora_term", "rank_product", "grad_output"), before) == {
-        "lora_gemm": gemms, "lora_term": terms, "rank_product": 1, "grad_output": 1}
+    assert _launched(("lora_gemm", "lora_term", "rank_product", "grad_output", "tn_matmul"),
+                     before) == {"lora_gemm": gemms, "lora_term": terms, "rank_product": 1,
+                                 "grad_output": 1, "tn_matmul": 1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -127,9 +129,9 @@ def tuning(tmp_path, monkeypatch):
     timed = []
 
     def fake_timer(fn):
-        before = kernels.launch_counts["lora_term"]
+        before = kernels.launch_counts["lora_gemm"]
         fn()
-        timed.append("cublas" if kernels.launch_counts["lora_term"] > before else "fused")
+        timed.append("fused" if kernels.launch_counts["lora_gemm"] > before else "cublas")
         return 1e-3 if timed[-1] == "cublas" else 2e-3
 
     previous = autotune.set_timer(fake_timer)
@@ -148,9 +150,10 @@ def test_the_tuner_times_both_strategies_once_and_the_choice_runs(tuning, tmp_pa
     before = dict(kernels.launch_counts)
     tuned = _step(layer, 0.25, monkeypatch)
     assert sorted(tuning) == ["cublas", "cublas", "fused", "fused"]  # forward, grad-input
-    launched = _launched(("lora_term", "lora_gemm"), before)
-    # the timed runs (one of each per direction) plus the chosen cublas runs
-    assert launched == {"lora_term": 4, "lora_gemm": 2}
+    launched = _launched(("lora_term", "lora_gemm", "tn_matmul"), before)
+    # the timed runs (one of each per direction) plus the chosen cublas runs; cublas
+    # launches lora_term in the forward, and dA's tn_matmul writes its dX term
+    assert launched == {"lora_term": 2, "lora_gemm": 2, "tn_matmul": 3}
     document = json.loads((tmp_path / "autotune.json").read_text())
     entries = [json.loads(key) | value for key, value in document["entries"].items()]
     assert sorted(e["direction"] for e in entries) == ["forward", "grad_input"]

@@ -97,18 +97,21 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     if need_g or need_b:
         g = kernels.lora_grad_output(dy, lora_A, lora_B, h, scale, grad_b,
                                      grad_bias if need_b else None, need_g)
+    if need_a:
+        grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
     if need_x:
         w = base.kernel_operand()  # a quantised base's is dequantised here, for dX only
 
+        # dA with dX: the cublas plan makes it in the launch of dX's LoRA term, and
+        # every plan the tuner times makes both (dA^T (K, r) written into dA's storage)
         def run(plan):
             return kernels.lora_grad_input(dy, w, lora_A, lora_B, g, scale, dropout_p, seed,
-                                           plan)
+                                           plan, x=x2 if need_a else None, grad_a=grad_a)
 
         dx = run(choose_plan("grad_input", kernels, dy, w, lora_A, lora_B, dropout_p, run,
                              base.strategy))
         grad_x = dx.reshape(grad_y.shape[:-1] + (base.shape[1],))
-    if need_a:
-        grad_a = kernels.empty(lora_A.shape, lora_A.dtype, device)
+    elif need_a:
         # dA^T (K, r) is written straight into dA's (r, K) storage
         kernels.tn_matmul(x2, g, grad_a.t(), scale * kernels.keep_scale(dropout_p),
                           rank_block=rank_block, dropout_p=dropout_p, seed=seed)
