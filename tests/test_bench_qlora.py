@@ -70,3 +70,16 @@ def test_bench_run_base_times_every_qlora_provider_on_one_bitsandbytes_base(tmp_
         assert set(lorakern["speedup_vs"]) == {"linear", "peft-qlora", "dequant-addmm"}
         # x is excluded, W is quantised: nothing of out x in is saved
         assert lorakern["saved_bytes"] < 64 * 128 * 2
+
+
+def test_a_patched_qlora_decoder_saves_less_than_peft_and_no_copy_of_w():
+    """A training step of a 4-block Llama in NF4 (fp32 adapters on every linear, p =
+    0.1): the patched model saves fewer bytes than PEFT's, no 16-bit copy of any base
+    W, and every saved dimension is one of the model's sizes (so the rescaled
+    Llama-3-8B-shaped prediction counts every tensor)."""
+    record = qlora_memory.measure_decoder(dropout_p=0.1)
+    print(record)
+    assert record["saved_w_copies_peft"] == record["saved_w_copies_lorakern"] == 0
+    assert 0 < record["saved_bytes_lorakern"] < record["saved_bytes_peft"]
+    assert record["unmapped_dims_peft"] == record["unmapped_dims_lorakern"] == []
+    assert 0 < record["predicted_saved_bytes_lorakern"] < record["predicted_saved_bytes_peft"]
