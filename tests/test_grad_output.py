@@ -268,12 +268,10 @@ def test_tn_matmul_sums_its_row_slices_in_the_launch(colsum, dropout_p, dtype, d
 @pytest.mark.parametrize("r", [5, 16, 20])
 def test_tn_matmul_writes_the_grad_inputs_lora_term_with_da(r, dropout_p, dtype, adapter_dtype,
                                                             device, monkeypatch):
-    if not lora_grad_weights.term_fits(kernels.rank_block(r),
-                                       torch.promote_types(dtype, adapter_dtype).itemsize):
-        pytest.skip("past term_fits the layer launches lora_term and tn_matmul apart")
     """dA^T = c (x m)^T G and, from the same launch, dX0 = c (G A) m: the mask of
     each element once for both, every element of dX0 written once (row slices,
-    odd widths), rounded once to dX0's dtype; against the float64 oracle."""
+    odd widths), rounded once to dX0's dtype; against the float64 oracle. Past
+    ``term_fits`` (fp32 G at rank block 32) refused before any launch."""
     monkeypatch.setattr(lora_grad_weights, "target_programs", lambda device: 64)
     torch.manual_seed(9)
     m, k = 300, 37
@@ -287,6 +285,13 @@ def test_tn_matmul_writes_the_grad_inputs_lora_term_with_da(r, dropout_p, dtype,
     grad_a = torch.full((r, k), float("nan"), dtype=adapter_dtype, device=device)
     dx0 = torch.full((m, k), float("nan"), dtype=dtype, device=device)
     before = dict(kernels.launch_counts)
+    if not lora_grad_weights.term_fits(kernels.rank_block(r), rank_dtype.itemsize):
+        with pytest.raises(ValueError, match="rank block 32"):
+            kernels.tn_matmul(x, g, grad_a.t(), 1.25, rank_block=kernels.rank_block(r),
+                              dropout_p=dropout_p, seed=13, term_rhs=lora_a, term_out=dx0)
+        assert kernels.launch_counts["tn_matmul"] == before.get("tn_matmul", 0)
+        assert dx0.isnan().all()  # nothing written
+        return
     kernels.tn_matmul(x, g, grad_a.t(), 1.25, rank_block=kernels.rank_block(r),
                       dropout_p=dropout_p, seed=13, term_rhs=lora_a, term_out=dx0)
     assert {n: kernels.launch_counts[n] - before.get(n, 0) for n in ("tn_matmul", "lora_term")} \
