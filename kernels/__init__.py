@@ -15,7 +15,9 @@ the forward) and G = dY B:
                                                                     r > 16 with fp32
                                                                     adapters on 16 bits)
     dX = dY W + (s / (1 - p_eff)) (G A) * m     lora_gemm          (mask in the epilogue),
-                                                or addmm onto lora_term's masked term
+                                                or addmm onto the masked term, which
+                                                dA's tn_matmul writes (rank block 16,
+                                                32 in 16 bits; else lora_term)
     dA = (s / (1 - p_eff)) G^T (x * m)          tn_matmul          (mask per x tile)
     dW = dY^T x   (only when W trains)          tn_matmul
 
