@@ -34,6 +34,12 @@ def _meta_base(case, base):
 
     class MetaQuantizedWeight(QuantizedWeight):
         def _operand_fields(self):
+            # made once, as a loaded base's tensors are (its code's pair table too)
+            if not hasattr(self, "_fields"):
+                self._fields = self._make_fields()
+            return self._fields
+
+        def _make_fields(self):
             if base == "int8":
                 tensors = (torch.empty(n, k, dtype=torch.int8, **meta),
                            torch.empty(n, dtype=torch.float32, **meta))

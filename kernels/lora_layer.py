@@ -54,6 +54,7 @@ from .lora_grad_weights import term_fits, tn_matmul
 from .lora_gemm import (GemmConfig, config_name, epilogue_rank_block, lora_gemm,
                         lora_gemm_tuning_configs, rank_in_kernel, tma_operands)
 from .lora_term import lora_term
+from .qlora_decode import decodes, qlora_decode
 from .qlora_gemm import QuantizedOperand, qlora_gemm, qlora_gemm_config
 from .rank_product import rank_product
 
@@ -113,10 +114,15 @@ def lora_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, plan=N
                                                    lora_a.shape[0], rank_dtype.itemsize):
         # decode: the GEMM fills h itself, one launch in all
         h = empty((x.shape[0], lora_a.shape[0]), rank_dtype, x.device)
-        gemm = qlora_gemm if isinstance(weight, QuantizedOperand) else lora_gemm
-        y = gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm,
-                 rank_rt=lora_a.t(), rank_scale=keep_scale(dropout_p),
-                 rank_dropout_p=dropout_p, seed=seed)
+        quantised = isinstance(weight, QuantizedOperand)
+        if quantised and decodes(weight.t(), x.shape[0], lora_a.shape[0]):
+            y = qlora_decode(x, weight.t(), h, lora_b.t(), bias, scale, lora_a.t(),
+                             keep_scale(dropout_p), dropout_p, seed)
+        else:
+            gemm = qlora_gemm if quantised else lora_gemm
+            y = gemm(x, weight.t(), h, lora_b.t(), bias, scale, config=plan.gemm,
+                     rank_rt=lora_a.t(), rank_scale=keep_scale(dropout_p),
+                     rank_dropout_p=dropout_p, seed=seed)
     else:
         h = rank_product(x, lora_a.t(), rank_dtype, keep_scale(dropout_p),
                          dropout_p=dropout_p, seed=seed)

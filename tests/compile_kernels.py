@@ -128,6 +128,7 @@ KERNEL_MODULES = {"_rank_product_kernel": "rank_product", "_lora_gemm_kernel": "
                   "_dequant_4bit_kernel": "dequant_bnb",
                   "_dequant_int8_kernel": "dequant_bnb",
                   "_qlora_gemm_kernel": "qlora_gemm",
+                  "_qlora_decode_kernel": "qlora_decode",
                   "_segmented_rank_kernel": "segmented_lora"}
 EMBEDDING_FORWARD_UNIT_STRIDES = {"stride_ids", "stride_ed", "stride_av", "stride_br",
                                   "stride_yd"}                      # ids, E, A, B, y
@@ -658,7 +659,47 @@ def qlora_gemm_jobs():
                                (QLORA_SMALL_M, "dX"))] + [
         job(QLORA_DECODE, "fp16", "fp16", "4bit", "y+h"),
         job(QLORA_DECODE, "bf16", "fp32", "4bit", "y+h", paired=False),
-        job(QLORA_DECODE, "fp16", "fp16", "4bit", "y+h", paired=False)]
+        job(QLORA_DECODE, "fp16", "fp16", "4bit", "y+h", paired=False)] + qlora_decode_jobs()
+
+
+def qlora_decode_jobs():
+    """The 4-bit decode forward (W as the left operand, y and h from K slices): bf16 x
+    with fp32 adapters (QLoRA's default) at rank blocks 16 and 32, with and without the
+    mask, nested and plain absmax; fp16 and bf16 x with adapters of their dtype; the
+    whole-K build (one slice) once."""
+    from lorakern.kernels import qlora_decode as decode
+    from lorakern.kernels.lora_gemm import GemmConfig
+
+    cfg = GemmConfig(decode.DECODE_M, decode.BLOCK_N_GPU, decode.BLOCK_K_GPU,
+                     num_warps=decode.WARPS_GPU, num_stages=decode.STAGES_GPU)
+
+    def job(x, adapter, block_r, dropout, nested, split=True):
+        pq = _promoted(x, adapter)
+        rank_precision = MIXED_PRECISION if x != adapter else "tf32"
+        term = MIXED_TERM_PRECISION if pq == "fp32" and block_r <= 16 else (
+            FP32_DEFAULT_PRECISION if pq == "fp32" else "tf32")
+        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                    BLOCK_R=block_r, BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, STATE=x,
+                    HAS_BIAS=True, RANK_DROPOUT=dropout, SPLIT_K=split, UPCAST_DOT=False,
+                    DOT_PRECISION="tf32", RANK_DOT_PRECISION=rank_precision,
+                    TERM_PRECISION=term)
+        pointers = dict(l_ptr=x, w_ptr="u8", scale_ptr="u8" if nested else "fp32",
+                        code_ptr="fp32", absmax2_ptr="fp32", code2_ptr="fp32",
+                        offset_ptr="fp32", rt_ptr=adapter, h_ptr=pq, q_ptr=adapter,
+                        bias_ptr=x, out_ptr=x, part_ptr="fp32", hpart_ptr="fp32",
+                        counter_ptr="i32")
+        words = ["decode", f"{adapter} adapters"] + (["one slice"] if not split else [])
+        return _job("_qlora_decode_kernel", meta, pointers, cfg, words,
+                    QLORA_DECODE_UNIT_STRIDES)
+
+    return ([job("bf16", "fp32", block_r, dropout, nested)
+             for block_r in (16, 32) for dropout in (False, True) for nested in (True, False)]
+            + [job(x, x, 32, True, True) for x in ("bf16", "fp16")]
+            + [job("bf16", "fp32", 16, True, True, split=False)])
+
+
+# x, A^T and B^T (transposed views of A and B), h, y: the decode forward's unit strides
+QLORA_DECODE_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_hr", "stride_qr", "stride_on"}
 
 
 SEGMENTED_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_hr"}  # x, stacked A, h

@@ -302,3 +302,65 @@ def _check_fused_reads_the_buffer(operand, compute_dtype):
         out = qlora_gemm(eye, rhs, p, q, None, 1.0)
         assert torch.equal(out.view(torch.int16), expected.contiguous().view(torch.int16)), \
             (out - expected).abs().max()
+
+
+# ---- the decode forward (kernels/qlora_decode.py): W as the left operand, K split
+
+@pytest.mark.parametrize("programs", [4, 64], ids=["one-slice", "k-slices"])
+@pytest.mark.parametrize("m,n,k,r,dropout_p,adapter_dtype,quant_type,nested,blocksize", [
+    (5, 200, 128, 5, 0.0, torch.bfloat16, "nf4", True, 64),
+    (16, 96, 256, 16, 0.3, torch.float32, "fp4", False, 64),
+    (1, 70, 192, 3, 0.1, torch.float32, "nf4", True, 32),
+    (9, 64, 512, 20, 0.2, torch.bfloat16, "nf4", True, 128)])
+def test_the_decode_forward_makes_y_and_h_in_one_launch(m, n, k, r, dropout_p, adapter_dtype,
+                                                        quant_type, nested, blocksize,
+                                                        programs, monkeypatch):
+    """At M <= 16 the fused forward over a 4-bit base is one qlora_decode launch
+    (y and h, K split into slices whose partials the last slice sums); y and every
+    gradient (dB from its h) match the float64 oracle, and the counters are left at
+    zero for the next launch."""
+    from lorakern.kernels import _common, qlora_decode
+    monkeypatch.setattr(qlora_decode, "target_programs", lambda device: programs)
+    base, dense = base_4bit(n, k, torch.bfloat16, quant_type=quant_type, nested=nested,
+                            blocksize=blocksize)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(m, k, generator=gen).bfloat16().requires_grad_()
+    lora_A, lora_B = adapters(r, k, n, adapter_dtype)
+    bias = torch.randn(n, generator=gen).bfloat16().requires_grad_()
+    before = dict(kernels.launch_counts)
+    monkeypatch.setattr(lorakern.functional.fused_linear, "draw_seed", lambda: SEED)
+    monkeypatch.setenv("LORAKERN_STRATEGY", "fused")
+    y = quantized_lora_linear(x, base, lora_A, lora_B, 0.7, bias, dropout_p)
+    ran = {name: kernels.launch_counts[name] - before.get(name, 0)
+           for name in ("qlora_decode", "qlora_gemm", "rank_product")}
+    assert ran == {"qlora_decode": 1, "qlora_gemm": 0, "rank_product": 0}, ran
+    grad_y = torch.randn(y.shape, generator=gen).bfloat16()
+    y.backward(grad_y)
+    keep = None
+    if dropout_p > 0:
+        keep = kernels.dropout_keep_mask(m, k, dropout_p, SEED, x.device)
+    y_ref, grads = oracle(x, dense, lora_A, lora_B, 0.7, bias, keep,
+                          kernels.effective_dropout_p(dropout_p), grad_y)
+    assert_matches_oracle(y, y_ref, torch.bfloat16, "y")
+    for name, tensor in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        assert_matches_oracle(tensor.grad, grads[name], tensor.dtype, name)
+    assert all(int(c.abs().sum()) == 0 for c in _common._ARRIVAL_COUNTERS.values())
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_the_decode_forward_dequantises_w_bit_for_bit(quant_type, nested, monkeypatch):
+    """Rows of x that each pick one k (and B = 0, no bias): y is W's column k as
+    bitsandbytes dequantises it, bit for bit, through the code lookups and K slices."""
+    from lorakern.kernels import qlora_decode
+    monkeypatch.setattr(qlora_decode, "target_programs", lambda device: 64)
+    n, k, r = 96, 256, 4
+    base, dense = base_4bit(n, k, torch.bfloat16, quant_type=quant_type, nested=nested)
+    picks = torch.tensor([0, 1, 2, 63, 64, 65, 127, 128, 129, 190, 191, 200, 233, 254, 255, 7])
+    x = torch.zeros(16, k, dtype=torch.bfloat16)
+    x[torch.arange(16), picks] = 1.0
+    h = torch.empty(16, r, dtype=torch.float32)
+    lora_a_t = torch.randn(k, r)
+    y = qlora_decode.qlora_decode(x, base.kernel_operand().t(), h, torch.zeros(r, n), None,
+                                  1.0, lora_a_t, 1.0, 0.0, 0)
+    assert torch.equal(y.view(torch.int16), dense[:, picks].t().contiguous().view(torch.int16))
+    torch.testing.assert_close(h, x.float() @ lora_a_t, rtol=1e-6, atol=1e-6)
