@@ -29,7 +29,9 @@ reset themselves, so no memset launch goes with them.
 dequant_bnb.py dequantises bitsandbytes' 4-bit and 8-bit weights into a buffer
 of the compute dtype, bit-exact with bitsandbytes (QLoRA bases, the cublas
 strategy); qlora_gemm.py is lora_gemm with that dequantisation in its main
-loop (the fused strategy: 4 or 8 bits read a weight, no buffer).
+loop (the fused strategy: 4 or 8 bits read a weight, no buffer), and
+qlora_decode.py the 4-bit decode forward (M <= 16: y and h in one launch, K
+split across programs, W as the dot's left operand).
 A mixed-adapter batch (inference) makes h with each row's own adapter's A
 (segmented_lora.py: zero outside that adapter's columns of the stacked A) and
 runs lora_gemm once with the stacked B.
