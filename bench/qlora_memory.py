@@ -38,21 +38,28 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 
-def saved_bytes(step, parameters):
-    """Bytes of the distinct non-parameter storages autograd saves during ``step()``."""
-    own = {p.untyped_storage().data_ptr() for p in parameters}
+def saved_storages(step, alive):
+    """{storage: (bytes, shape, dtype)} of the distinct storages autograd saves during
+    ``step()`` (which returns the loss, or an output summed as one), leaving out the
+    storages of ``alive`` (parameters, quant states); the backward runs after."""
+    own = {t.untyped_storage().data_ptr() for t in alive}
     storages = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in own and storage.data_ptr() not in storages:
+            storages[storage.data_ptr()] = (storage.nbytes(), tuple(t.shape), t.dtype)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = step()
     out.float().sum().backward()
-    return sum(storages.values())
+    return storages
+
+
+def saved_bytes(step, parameters):
+    """Bytes of the distinct non-parameter storages autograd saves during ``step()``."""
+    return sum(nbytes for nbytes, _, _ in saved_storages(step, parameters).values())
 
 
 def build(m, k, n, r, p, seed=0):
@@ -115,7 +122,7 @@ LARGE_BATCH, LARGE_SEQ, LARGE_RANK = 4, 2048, 16
 
 def size_map():
     """{small size: large size} for every size a saved tensor's dimension can have."""
-    head, kv = SMALL["hidden_size"] // SMALL["num_attention_heads"], None
+    head = SMALL["hidden_size"] // SMALL["num_attention_heads"]
     kv = head * SMALL["num_key_value_heads"]
     large_head = LARGE["hidden_size"] // LARGE["num_attention_heads"]
     pairs = {SMALL["vocab_size"]: LARGE["vocab_size"],
@@ -169,21 +176,9 @@ def _decoder(path, patched, dropout_p, checkpointing):
 
 
 def _saved_tensors(model, ids):
-    """(distinct saved storages {ptr: (bytes, shape, dtype)}) over one training step."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    own |= {t.untyped_storage().data_ptr() for t in _quant_state_tensors(model)}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own and storage.data_ptr() not in storages:
-            storages[storage.data_ptr()] = (storage.nbytes(), tuple(t.shape), t.dtype)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return storages
+    """``saved_storages`` of one training step of the model on ``ids``."""
+    return saved_storages(lambda: model(input_ids=ids, labels=ids).loss,
+                          list(model.parameters()) + _quant_state_tensors(model))
 
 
 def _rescaled_bytes(saved, sizes):

@@ -49,7 +49,7 @@ from .lora_embedding import lora_embedding_backward, lora_embedding_forward
 from .lora_gemm import lora_gemm
 from .lora_grad_weights import tn_matmul
 from .lora_layer import (STRATEGIES, Plan, layer_plans, lora_forward, lora_forward_with_h,
-                         lora_grad_input, lora_grad_output)
+                         lora_grad_a, lora_grad_input, lora_grad_output)
 from .lora_term import lora_term
 from .qlora_gemm import QuantizedOperand
 from .rank_product import rank_product
@@ -58,6 +58,6 @@ from .segmented_lora import segment_config, segment_tiles, segmented_rank_produc
 __all__ = ["SUPPORTED_DTYPES", "empty", "launch_counts", "rank_block", "effective_dropout_p",
            "keep_scale", "dora_weight_norm", "dropout_keep_mask", "lora_embedding_backward", "lora_embedding_forward",
            "lora_gemm", "lora_term", "rank_product", "grad_output", "lora_forward",
-           "lora_forward_with_h", "lora_grad_input", "lora_grad_output", "tn_matmul",
+           "lora_forward_with_h", "lora_grad_a", "lora_grad_input", "lora_grad_output", "tn_matmul",
            "STRATEGIES", "Plan", "layer_plans", "dequantize_4bit", "dequantize_int8",
            "segment_config", "segment_tiles", "segmented_rank_product", "QuantizedOperand"]

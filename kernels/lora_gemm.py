@@ -175,6 +175,21 @@ def _rank_term_in_kernel(
     p = rank_tile(l_ptr, pr_ptr, K, R, stride_lm, stride_lk, stride_prk, stride_prr,
                   offs_m, in_m, threshold, seed, BLOCK_M, BLOCK_K, BLOCK_R, RANK_DROPOUT,
                   UPCAST_DOT, RANK_DOT_PRECISION)
+    term = stored_rank_times_q(p, p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
+                               offs_m, offs_n, in_m, in_n, col_start, rank_scale, BLOCK_M,
+                               BLOCK_N, BLOCK_R, UPCAST_DOT, RANK_DOT_PRECISION)
+    return scaled_and_masked(term, offs_m, col_start, lora_scale, threshold, seed, BLOCK_N,
+                             HAS_DROPOUT)
+
+
+@triton.jit
+def stored_rank_times_q(p, p_ptr, q_ptr, R, stride_pm, stride_pr, stride_qr, stride_qn,
+                        offs_m, offs_n, in_m, in_n, col_start, rank_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                        UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A decode forward's rank product, fp32 ``p`` (BLOCK_M, BLOCK_R), made h:
+    rounded to P's dtype after ``rank_scale`` as the rank pass stores it, written by
+    the first column block (the backward reads it); returns the fp32 h @ Q tile."""
     p = to_storage(p * rank_scale, p_ptr.dtype.element_ty, UPCAST_DOT)
     offs_r = tl.arange(0, BLOCK_R)
     in_r = offs_r < R
@@ -187,10 +202,7 @@ def _rank_term_in_kernel(
     q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n.to(tl.int64)[None, :] * stride_qn,
                 mask=in_r[:, None] & in_n[None, :], other=0.0)
     p, q = promote_pair(p, q)
-    term = mma(p, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT,
-               RANK_DOT_PRECISION)
-    return scaled_and_masked(term, offs_m, col_start, lora_scale, threshold, seed, BLOCK_N,
-                             HAS_DROPOUT)
+    return mma(p, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, PRECISION)
 
 
 @dataclass(frozen=True)

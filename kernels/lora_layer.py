@@ -168,19 +168,25 @@ def lora_grad_input(grad_y, weight, lora_a, lora_b, g, scale, dropout_p, seed, p
     ``cublas`` by the launch that makes dX's LoRA term (tn_matmul's term), else
     by tn_matmul after dX, so that every plan's run makes both."""
     plan = plan or layer_plans(grad_y.shape[0], grad_y, lora_a, lora_b, weight)[0]
-    term_scale = scale * keep_scale(dropout_p)
     rank_block = _common.rank_block(lora_a.shape[0])
     if grad_a is not None and plan.strategy == "cublas" and term_fits(rank_block,
                                                                        g.element_size()):
         dx0 = empty((grad_y.shape[0], lora_a.shape[1]), grad_y.dtype, grad_y.device)
-        tn_matmul(x, g, grad_a.t(), term_scale, rank_block=rank_block, dropout_p=dropout_p,
-                  seed=seed, term_rhs=lora_a, term_out=dx0)
+        lora_grad_a(x, g, lora_a, grad_a, scale, dropout_p, seed, term_out=dx0)
         dx = _base_plus(dx0, grad_y, weight)
     else:
-        dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None, term_scale, dropout_p,
-                             seed)
+        dx = _with_lora_term(plan, grad_y, weight, g, lora_a, None,
+                             scale * keep_scale(dropout_p), dropout_p, seed)
         if grad_a is not None:
-            tn_matmul(x, g, grad_a.t(), term_scale, rank_block=rank_block,
-                      dropout_p=dropout_p, seed=seed)
+            lora_grad_a(x, g, lora_a, grad_a, scale, dropout_p, seed)
     count_launch("lora_grad_input")
     return dx
+
+
+def lora_grad_a(x, g, lora_a, grad_a, scale, dropout_p, seed, term_out=None):
+    """dA = (s / (1 - p_eff)) G^T (x * m) into grad_a (dA^T written into its (r, K)
+    storage); with ``term_out``, dX's LoRA term (s / (1 - p_eff)) (G A) * m into it
+    from the same launch."""
+    tn_matmul(x, g, grad_a.t(), scale * keep_scale(dropout_p),
+              rank_block=_common.rank_block(lora_a.shape[0]), dropout_p=dropout_p, seed=seed,
+              term_rhs=None if term_out is None else lora_a, term_out=term_out)

@@ -30,12 +30,13 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, arrival_counters, dot_precision, empty, launching, mixed_mma,
-                      mixed_precision, mma, promote_pair, sum_partials, target_programs,
-                      term_precision, to_storage)
+                      mixed_precision, mma, rank_block, sum_partials, target_programs,
+                      term_precision)
 from .dequant_bnb import absmax_of, as_bytes
 from .dropout import dropout_keep_tile, dropout_threshold
+from .lora_gemm import stored_rank_times_q
 from .lora_term import store_base_plus_term
-from .qlora_gemm import _STATE_DTYPES, _as_compute
+from .qlora_gemm import _STATE_DTYPES, _as_compute, _paired
 
 
 @triton.jit
@@ -127,32 +128,27 @@ def _qlora_decode_kernel(
                                 BLOCK_M * BLOCK_R)
             _epilogue(acc, hacc, h_ptr, q_ptr, bias_ptr, out_ptr, R, stride_hm, stride_hr,
                       stride_qr, stride_qn, stride_bias, stride_om, stride_on, lora_scale,
-                      rank_scale, offs_m, offs_n, offs_r, in_m, in_n, in_r, pid_n,
-                      BLOCK_M, BLOCK_N, HAS_BIAS, UPCAST_DOT, TERM_PRECISION)
+                      rank_scale, offs_m, offs_n, in_m, in_n, pid_n, BLOCK_M, BLOCK_N,
+                      BLOCK_R, HAS_BIAS, UPCAST_DOT, TERM_PRECISION)
     else:
         _epilogue(acc, hacc, h_ptr, q_ptr, bias_ptr, out_ptr, R, stride_hm, stride_hr,
                   stride_qr, stride_qn, stride_bias, stride_om, stride_on, lora_scale,
-                  rank_scale, offs_m, offs_n, offs_r, in_m, in_n, in_r, pid_n,
-                  BLOCK_M, BLOCK_N, HAS_BIAS, UPCAST_DOT, TERM_PRECISION)
+                  rank_scale, offs_m, offs_n, in_m, in_n, pid_n, BLOCK_M, BLOCK_N, BLOCK_R,
+                  HAS_BIAS, UPCAST_DOT, TERM_PRECISION)
 
 
 @triton.jit
 def _epilogue(acc, hacc, h_ptr, q_ptr, bias_ptr, out_ptr, R, stride_hm, stride_hr,
               stride_qr, stride_qn, stride_bias, stride_om, stride_on, lora_scale, rank_scale,
-              offs_m, offs_n, offs_r, in_m, in_n, in_r, pid_n,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+              offs_m, offs_n, in_m, in_n, pid_n, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr,
               UPCAST_DOT: tl.constexpr, TERM_PRECISION: tl.constexpr):
-    """h rounded to its dtype as the rank pass stores it (written by column block
-    0), the LoRA term h @ B^T from it, and y = x W^T + round(term + bias)."""
-    h = to_storage(hacc * rank_scale, h_ptr.dtype.element_ty, UPCAST_DOT)
-    if pid_n == 0:
-        tl.store(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                 h, mask=in_m[:, None] & in_r[None, :])
-    q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n.to(tl.int64)[None, :] * stride_qn,
-                mask=in_r[:, None] & in_n[None, :], other=0.0)
-    p, q = promote_pair(h, q)
-    term = mma(p, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT,
-               TERM_PRECISION) * lora_scale
+    """h as the rank pass stores it (written by column block 0), the LoRA term
+    h @ B^T from it, and y = x W^T + round(term + bias)."""
+    term = stored_rank_times_q(hacc, h_ptr, q_ptr, R, stride_hm, stride_hr, stride_qr,
+                               stride_qn, offs_m, offs_n, in_m, in_n, pid_n * BLOCK_N,
+                               rank_scale, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST_DOT,
+                               TERM_PRECISION) * lora_scale
     store_base_plus_term(tl.trans(acc), term, bias_ptr, out_ptr, stride_bias, stride_om,
                          stride_on, offs_m, offs_n, in_m, in_n, HAS_BIAS, UPCAST_DOT)
 
@@ -160,14 +156,15 @@ def _epilogue(acc, hacc, h_ptr, q_ptr, bias_ptr, out_ptr, R, stride_hm, stride_h
 DECODE_M = 16
 BLOCK_N_GPU, BLOCK_K_GPU, WARPS_GPU, STAGES_GPU = 128, 64, 4, 3
 BLOCK_N_INTERPRET, BLOCK_K_INTERPRET = 32, 32
+
+
 def decodes(operand, m, rank):
     """Whether the forward of M tokens over a quantised W^T ``operand`` takes this
-    kernel: 4-bit rows of whole absmax blocks (the blocksize at least the tile
-    depth), M <= 16, the whole rank in one block of 32 or fewer."""
+    kernel: a W that qlora_gemm reads by bytes (4-bit rows of whole absmax blocks)
+    with blocks at least this tile deep, M <= 16, N > 0, rank blocks of 16 and 32."""
     block_k = BLOCK_K_INTERPRET if INTERPRET else BLOCK_K_GPU
-    return (operand.transposed and operand.base_kind != "int8" and m <= DECODE_M
-            and operand.blocksize >= block_k and operand.weight_shape[1] % operand.blocksize == 0
-            and operand.weight_shape[0] > 0 and rank <= 32)
+    return (_paired(operand) and operand.blocksize >= block_k and m <= DECODE_M
+            and operand.weight_shape[0] > 0 and rank_block(rank) <= 32)
 
 
 def _splits(n_blocks, k, block_k, device):
@@ -196,7 +193,7 @@ def qlora_decode(x, operand, h, lora_b_t, bias, lora_scale, lora_a_t, rank_scale
         return out
     block_n, block_k = ((BLOCK_N_INTERPRET, BLOCK_K_INTERPRET) if INTERPRET
                         else (BLOCK_N_GPU, BLOCK_K_GPU))
-    block_r = max(16, triton.next_power_of_2(r))
+    block_r = rank_block(r)
     n_blocks = triton.cdiv(n, block_n)
     splits, per_split = _splits(n_blocks, k, block_k, x.device)
     packed, absmax, code, *nested = operand.tensors

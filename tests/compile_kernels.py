@@ -99,7 +99,8 @@ FLOAT_ARGS = {"scale", "lora_scale", "rank_scale"}
 # The aligned specialization: sizes that are multiples of 16 (feature sizes and
 # rank; not the token count M), and per launch the strides that are 1 on
 # contiguous tensors.
-DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split", "D", "cols_per_group"}
+DIVISIBLE_SIZES = {"N", "K", "R", "P", "Q", "rows_per_split", "k_per_split", "D",
+                   "cols_per_group"}
 RANK_H_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_or"}      # x, A^T, h
 RANK_G_UNIT_STRIDES = {"stride_lk", "stride_rr", "stride_or"}      # dY, B, G
 GEMM_Y_UNIT_STRIDES = {"stride_lk", "stride_rk", "stride_pr", "stride_qr", "stride_bias",

@@ -78,7 +78,6 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
     need_x, need_w, need_a, need_b, need_bias = needs
     base = _base_weight(weight)
     kernels = load_kernels(grad_y.device)
-    rank_block = kernels.rank_block(lora_A.shape[0])
     dy = unit_rows(flatten(grad_y), "dY")
     # once: a non-viewable x (a permuted 3-D input) is copied by the reshape
     x2 = unit_rows(flatten(x), "x") if need_a or need_w else None
@@ -112,9 +111,7 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
                              base.strategy))
         grad_x = dx.reshape(grad_y.shape[:-1] + (base.shape[1],))
     elif need_a:
-        # dA^T (K, r) is written straight into dA's (r, K) storage
-        kernels.tn_matmul(x2, g, grad_a.t(), scale * kernels.keep_scale(dropout_p),
-                          rank_block=rank_block, dropout_p=dropout_p, seed=seed)
+        kernels.lora_grad_a(x2, g, lora_A, grad_a, scale, dropout_p, seed)
     if need_w:
         grad_w = base.grad_buffer(kernels.empty)
         kernels.tn_matmul(dy, x2, grad_w, 1.0,
